@@ -1,0 +1,48 @@
+"""p2v: physical Linux servers to OpenStack images, one doit task per stage and host.
+
+Wiring only: the stages live in tasks/, the specs in specs/ (or $P2V_SPECS).
+`doit list --all` shows every `<stage>:<host>`; `doit convert:<host>` runs a
+host's whole chain, and a rerun does only what failed or changed.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from tasks import STAGES
+from tasks.lib.pipeline import convert_tasks, stage_tasks
+from tasks.lib.runner import P2VError
+from tasks.lib.spec import PROJECT_DIR, load_specs
+
+DOIT_CONFIG = {
+    # Per-host dependency state in each host's workdir (see tasks/lib/state.py
+    # and doit.cfg); tasks without a host use the global file below.
+    "backend": "p2v-hosts",
+    "dep_file": str(PROJECT_DIR / "work" / ".doit-global.json"),
+    "default_tasks": [],
+    "action_string_formatting": "new",
+}
+
+try:
+    SPECS = load_specs(Path(os.environ.get("P2V_SPECS", PROJECT_DIR / "specs")))
+except P2VError as error:
+    # One line, no traceback, and no task runs.
+    print(f"p2v: spec error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _stage_creator(stage):
+    def create():
+        yield from stage_tasks(stage, SPECS)
+
+    create.__doc__ = stage.doc
+    return create
+
+
+for _stage in STAGES:
+    globals()[f"task_{_stage.name}"] = _stage_creator(_stage)
+
+
+def task_convert():
+    """convert a host end to end (all stages)"""
+    yield from convert_tasks(STAGES, SPECS)

@@ -1,0 +1,162 @@
+"""Turn stages and specs into doit tasks, and run one stage for one host.
+
+A stage is declared, not coded, here: its target file in the workdir, the
+targets of earlier stages it reads, the part of the spec it depends on, and
+the function that does the work. `stage_tasks` expands it to one doit subtask
+per host. `run_stage` gives every stage the same guarantees:
+
+- a log per host and stage in `<workdir>/logs/<stage>.log`;
+- the target is written as `<target>.partial` and renamed only on success, and
+  an old target is removed first so a failed rerun never leaves one behind;
+- an operator error (`P2VError`) fails the task with one clear line, not a
+  traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from tasks.lib import state
+from tasks.lib.runner import P2VError
+from tasks.lib.spec import Spec
+
+log = logging.getLogger("p2v")
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage's function gets: the host, where to write, and its inputs."""
+
+    spec: Spec
+    stage: str
+    partial: Path  # write the target here; the pipeline renames it
+    log_path: Path
+
+    def input(self, name: str) -> Path:
+        return self.spec.artifact(name)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    doc: str
+    target: str
+    inputs: tuple[str, ...]
+    run: Callable[[StageRun], None]
+    # The spec fields this stage's result depends on; a change reruns it.
+    config: Callable[[Spec], Mapping[str, Any]]
+
+
+def _stage_logger(log_path: Path) -> logging.Handler:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    return handler
+
+
+@contextlib.contextmanager
+def stage_logging(log_path: Path) -> Iterator[None]:
+    root = logging.getLogger()
+    handler = _stage_logger(log_path)
+    previous_level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+
+
+def ensure_console_logging() -> None:
+    """INFO to stderr for operators; DEBUG (commands run) only in the log files."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_p2v_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.INFO)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console._p2v_console = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+
+
+def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
+    ensure_console_logging()
+    target = spec.artifact(stage.target)
+    partial = target.with_name(target.name + ".partial")
+    log_path = spec.log_dir / f"{stage.name}.log"
+    with stage_logging(log_path):
+        log.info("== %s:%s (log: %s)", stage.name, spec.host, log_path)
+        started = time.monotonic()
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        try:
+            spec.workdir.mkdir(parents=True, exist_ok=True)
+            stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
+            if not partial.exists():
+                raise P2VError(f"stage {stage.name} finished without writing {partial.name}")
+            os.replace(partial, target)
+        except P2VError as error:
+            log.error("p2v: %s:%s failed: %s", stage.name, spec.host, error)
+            return TaskFailed(f"{stage.name}:{spec.host}: {error}\n(log: {log_path})")
+        except OSError as error:
+            log.error("p2v: %s:%s failed: %s", stage.name, spec.host, error)
+            return TaskFailed(f"{stage.name}:{spec.host}: {error}\n(log: {log_path})")
+        log.info("== %s:%s done in %.1f s -> %s", stage.name, spec.host, time.monotonic() - started, target)
+    return None
+
+
+def stage_tasks(stage: Stage, specs: Sequence[Spec]) -> Iterator[dict[str, Any]]:
+    """One doit group per stage, one subtask per host, chained by files."""
+    yield {"basename": stage.name, "name": None, "doc": stage.doc}
+    for spec in specs:
+        state.register_host(spec.host, spec.state_dir)
+        yield {
+            "basename": stage.name,
+            "name": spec.host,
+            "doc": f"{stage.doc} ({spec.host})",
+            "actions": [(run_stage, [stage, spec])],
+            "file_dep": [str(spec.artifact(name)) for name in stage.inputs],
+            "targets": [str(spec.artifact(stage.target))],
+            "uptodate": [config_changed(dict(stage.config(spec)))],
+            "clean": True,
+            "verbosity": 2,
+        }
+
+
+def convert_tasks(stages: Sequence[Stage], specs: Sequence[Spec]) -> Iterator[dict[str, Any]]:
+    """`convert:<host>`: the whole chain for one host, up to the last stage."""
+    yield {"basename": "convert", "name": None, "doc": "convert a host end to end (all stages)"}
+    for spec in specs:
+        state.register_host(spec.host, spec.state_dir)
+        task: dict[str, Any] = {
+            "basename": "convert",
+            "name": spec.host,
+            "doc": f"convert {spec.host} end to end",
+            "actions": [(_report_done, [stages, spec])],
+            "uptodate": [True] if stages else [False],
+            "verbosity": 2,
+        }
+        if stages:
+            task["task_dep"] = [f"{stages[-1].name}:{spec.host}"]
+        yield task
+
+
+def _report_done(stages: Sequence[Stage], spec: Spec) -> None:
+    if not stages:
+        print(f"{spec.host}: no stages exist yet; nothing to run")
+        return
+    last = spec.artifact(stages[-1].target)
+    print(f"{spec.host}: {' -> '.join(s.target for s in stages)} complete ({last})")

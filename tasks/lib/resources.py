@@ -1,0 +1,203 @@
+"""Context managers for every kernel resource p2v touches.
+
+Each one undoes exactly what it did, in reverse order, also when the body
+raises. Tests assert that `losetup -a` and `findmnt` are clean afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.lib.runner import CommandError, P2VError, output, run
+
+log = logging.getLogger("p2v.resources")
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    path: str  # /dev/loopN
+    backing: str
+    read_only: bool
+
+    def partition(self, number: int) -> str:
+        return f"{self.path}p{number}"
+
+
+def _wait_for(paths: Sequence[str], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(p) for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p for p in paths if not os.path.exists(p)]
+            raise P2VError(f"device nodes did not appear: {', '.join(missing)}")
+        time.sleep(0.05)
+
+
+def _partition_numbers(loop: str) -> list[int]:
+    text = output(["partx", "-g", "-o", "NR", loop], check=False)
+    return [int(n) for n in text.split() if n.isdigit()]
+
+
+def _sync_partition_nodes(loop: str) -> None:
+    """This kernel does not scan loop partition tables itself: ask partx.
+
+    partx -a adds nodes; where a node is missing afterwards (no udev in a
+    container), we make it from sysfs so that /dev/loopNpM exists.
+    """
+    numbers = _partition_numbers(loop)
+    if not numbers:
+        return
+    run(["partx", "-a", loop], check=False)  # exits 1 when some already exist
+    name = os.path.basename(loop)
+    for nr in numbers:
+        node = f"{loop}p{nr}"
+        sysdev = Path(f"/sys/class/block/{name}p{nr}/dev")
+        deadline = time.monotonic() + 5
+        while not sysdev.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not os.path.exists(node) and sysdev.exists():
+            major, minor = sysdev.read_text().strip().split(":")
+            os.mknod(node, 0o660 | 0o060000, os.makedev(int(major), int(minor)))
+    _wait_for([f"{loop}p{nr}" for nr in numbers])
+
+
+def _drop_partition_nodes(loop: str) -> None:
+    run(["partx", "-d", loop], check=False)
+    name = os.path.basename(loop)
+    for node in Path("/dev").glob(f"{name}p*"):
+        # Nodes we made by hand (or that udev left) outlive the loop device.
+        if not Path(f"/sys/class/block/{node.name}").exists():
+            with contextlib.suppress(FileNotFoundError):
+                node.unlink()
+
+
+def detach_loop(path: str) -> None:
+    _drop_partition_nodes(path)
+    for attempt in range(20):
+        try:
+            run(["losetup", "-d", path])
+            return
+        except CommandError:
+            # EBUSY right after umount is common; the kernel lets go shortly.
+            if attempt == 19:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+@contextlib.contextmanager
+def loop_device(
+    backing: str | os.PathLike[str],
+    *,
+    read_only: bool,
+    offset: int = 0,
+    size: int | None = None,
+    partitions: bool = False,
+    direct_io: bool = False,
+) -> Iterator[LoopDevice]:
+    """Attach a file (or a block device range) to a loop device."""
+    argv = ["losetup", "--find", "--show"]
+    if read_only:
+        argv.append("--read-only")
+    if offset:
+        argv += ["--offset", str(offset)]
+    if size is not None:
+        argv += ["--sizelimit", str(size)]
+    if direct_io:
+        argv.append("--direct-io=on")
+    path = output([*argv, os.fspath(backing)])
+    dev = LoopDevice(path=path, backing=os.fspath(backing), read_only=read_only)
+    try:
+        if read_only:
+            run(["blockdev", "--setro", path])
+        if partitions:
+            _sync_partition_nodes(path)
+            if read_only:
+                for nr in _partition_numbers(path):
+                    run(["blockdev", "--setro", dev.partition(nr)])
+        yield dev
+    finally:
+        detach_loop(path)
+
+
+def rescan_partitions(dev: LoopDevice) -> None:
+    """After writing a new partition table to a loop device."""
+    _drop_partition_nodes(dev.path)
+    _sync_partition_nodes(dev.path)
+
+
+def unmount(target: str | os.PathLike[str]) -> None:
+    run(["sync"], check=False)
+    for attempt in range(20):
+        try:
+            run(["umount", os.fspath(target)])
+            return
+        except CommandError:
+            if attempt == 19:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+@contextlib.contextmanager
+def mounted(
+    source: str,
+    target: str | os.PathLike[str],
+    *,
+    fstype: str | None = None,
+    options: Sequence[str] = (),
+    bind: bool = False,
+) -> Iterator[Path]:
+    """Mount, yield the mount point, unmount (with retries) afterwards."""
+    target_path = Path(target)
+    argv = ["mount"]
+    if bind:
+        argv.append("--bind")
+    if fstype:
+        argv += ["-t", fstype]
+    if options:
+        argv += ["-o", ",".join(options)]
+    run([*argv, source, os.fspath(target_path)])
+    try:
+        yield target_path
+    finally:
+        unmount(target_path)
+
+
+def read_only_mount_options(fstype: str) -> list[str]:
+    """Options that guarantee a mount writes nothing, journal replay included."""
+    if fstype in ("ext3", "ext4"):
+        return ["ro", "noload"]
+    if fstype == "xfs":
+        return ["ro", "norecovery"]
+    if fstype == "btrfs":
+        return ["ro", "nologreplay"]
+    return ["ro"]
+
+
+@contextlib.contextmanager
+def chroot_binds(root: Path) -> Iterator[Path]:
+    """Bind /dev /proc /sys /run into a tree so that chrooted tools work."""
+    with contextlib.ExitStack() as stack:
+        for name in ("dev", "proc", "sys", "run"):
+            point = root / name
+            point.mkdir(exist_ok=True)
+            if name == "proc":
+                stack.enter_context(mounted("proc", point, fstype="proc"))
+            elif name == "sys":
+                stack.enter_context(mounted("sysfs", point, fstype="sysfs"))
+            elif name == "run":
+                stack.enter_context(mounted("tmpfs", point, fstype="tmpfs", options=["mode=755"]))
+            else:
+                stack.enter_context(mounted("/dev", point, bind=True))
+                pts = point / "pts"
+                if pts.is_dir():
+                    stack.enter_context(mounted("/dev/pts", pts, bind=True))
+        yield root
+
+
+def set_block_device_read_only(device: str) -> None:
+    run(["blockdev", "--setro", device])

@@ -1,0 +1,323 @@
+"""Host specs: one YAML file per server, validated once, here, at the edge.
+
+Everything after `load_specs` works with frozen `Spec` objects whose defaults
+are filled in and whose paths are absolute; nothing downstream re-checks.
+Every error is one line: `<file>: <field path>: <what was expected>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from tasks.lib.runner import P2VError
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = PROJECT_DIR / "tasks" / "schemas" / "spec.schema.json"
+
+# One DNS label, lower case: host names become directory names and doit task
+# names (`inspect:<host>`), so no dots, colons, slashes or upper case.
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class SpecError(P2VError):
+    def __init__(self, file: str | os.PathLike[str], field_path: str, message: str):
+        self.file = os.fspath(file)
+        self.field_path = field_path
+        where = f"{self.file}: {field_path}" if field_path else self.file
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Source:
+    devices: tuple[str, ...] = ()
+    images: tuple[Path, ...] = ()
+    root: str | None = None
+
+    @property
+    def live(self) -> bool:
+        return bool(self.devices)
+
+    @property
+    def disks(self) -> tuple[str, ...]:
+        return self.devices or tuple(str(p) for p in self.images)
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    layout: str = "flatten"
+    root_fs: str = "auto"
+    label: str = "msdos"
+    swap: str = "source"
+    size: str = "auto"
+    headroom_percent: int = 20
+    min_headroom: str = "1G"
+    keep_uuids: bool = False
+    format: str = "raw"
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class CloudInitPolicy:
+    install: bool = True
+    source: str = "distro"
+    packages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FixPolicy:
+    network: str = "keep"
+    cloud_init: CloudInitPolicy = field(default_factory=CloudInitPolicy)
+    remove_services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GlancePolicy:
+    cloud: str | None = None
+    image_name: str | None = None
+    visibility: str = "private"
+    properties: tuple[tuple[str, str], ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    host: str
+    path: Path
+    source: Source
+    workdir: Path
+    target: TargetPolicy
+    fix: FixPolicy
+    glance: GlancePolicy
+    verify: bool = True
+    shutdown: bool = True
+    description: str = ""
+
+    @property
+    def state_dir(self) -> Path:
+        """doit's dependency state for this host lives with its work."""
+        return self.workdir / ".p2v"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def artifact(self, name: str) -> Path:
+        return self.workdir / name
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+    return schema
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _field_path(path: Any) -> str:
+    parts: list[str] = []
+    for part in path:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts)
+
+
+def _describe(error: jsonschema.ValidationError) -> tuple[str, str]:
+    """Turn a jsonschema error into (field path, one-line expectation)."""
+    path = _field_path(error.absolute_path)
+    kind = error.validator
+    value = error.validator_value
+    if kind == "additionalProperties":
+        extras = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        key = extras[0] if extras else "?"
+        return _join(path, key), f"unknown key (allowed here: {allowed})"
+    if kind == "required":
+        missing = [k for k in value if k not in error.instance]
+        return _join(path, missing[0] if missing else "?"), "required field is missing"
+    if kind == "type":
+        expected = " or ".join(value) if isinstance(value, list) else value
+        return path, f"expected {expected}, got {type(error.instance).__name__} {error.instance!r}"
+    if kind == "enum":
+        return path, f"expected one of {', '.join(map(repr, value))}, got {error.instance!r}"
+    if kind == "pattern":
+        return path, f"{error.instance!r} does not match the expected form {value}"
+    if kind in ("minItems", "minLength"):
+        return path, "must not be empty"
+    if kind == "uniqueItems":
+        return path, "lists the same item twice"
+    if kind in ("minimum", "maximum"):
+        return path, f"{error.instance!r} is out of range ({kind} {value})"
+    return path, error.message
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(path, "", f"cannot read: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(path, "", f"YAML does not parse: {where}{problem}") from None
+
+
+def _resolve(path_text: str, base: Path) -> Path:
+    path = Path(path_text)
+    return path if path.is_absolute() else (base / path)
+
+
+def _check_source(file: Path, source: Mapping[str, Any], base: Path) -> Source:
+    devices = source.get("devices", [])
+    images = source.get("images", [])
+    if bool(devices) == bool(images):
+        raise SpecError(file, "source", "expected exactly one of source.devices (live) or source.images (offline)")
+    for index, device in enumerate(devices):
+        try:
+            mode = os.stat(device).st_mode
+        except FileNotFoundError:
+            raise SpecError(file, f"source.devices[{index}]", f"{device} does not exist") from None
+        if not stat.S_ISBLK(mode):
+            raise SpecError(file, f"source.devices[{index}]", f"{device} is not a block device")
+    resolved: list[Path] = []
+    for index, image in enumerate(images):
+        image_path = _resolve(image, base)
+        if not image_path.exists():
+            raise SpecError(file, f"source.images[{index}]", f"{image_path} does not exist")
+        if not image_path.is_file():
+            raise SpecError(file, f"source.images[{index}]", f"{image_path} is not a regular file")
+        resolved.append(image_path.resolve())
+    if len(set(resolved)) != len(resolved):
+        raise SpecError(file, "source.images", "the same image file is listed twice")
+    return Source(devices=tuple(devices), images=tuple(resolved), root=source.get("root"))
+
+
+def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
+    """Load and validate one spec file; raise SpecError naming file and field."""
+    host = path.name.rsplit(".", 1)[0]
+    shown = _shown(path, base)
+    if not HOST_NAME.match(host):
+        raise SpecError(
+            shown, "(file name)",
+            f"host name {host!r} must be one lower-case DNS label: a-z, 0-9 and '-', at most 63 characters",
+        )
+    data = _read_yaml(path)
+    if data is None:
+        data = {}
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        field_path, message = _describe(errors[0])
+        raise SpecError(shown, field_path, message)
+    source = _check_source(Path(shown), data["source"], base)
+    target = data.get("target", {})
+    if target.get("compress") and target.get("format", "raw") != "qcow2":
+        raise SpecError(shown, "target.compress", "compression needs target.format: qcow2")
+    fix = data.get("fix", {})
+    cloud_init = fix.get("cloud_init", {})
+    glance = data.get("glance", {})
+    workdir = _resolve(data.get("workdir", f"work/{host}"), base)
+    return Spec(
+        host=host,
+        path=path.resolve(),
+        source=source,
+        workdir=workdir.absolute(),
+        target=TargetPolicy(**target),
+        fix=FixPolicy(
+            network=fix.get("network", "keep"),
+            cloud_init=CloudInitPolicy(
+                install=cloud_init.get("install", True),
+                source=cloud_init.get("source", "distro"),
+                packages=tuple(cloud_init.get("packages", ())),
+            ),
+            remove_services=tuple(fix.get("remove_services", ())),
+        ),
+        glance=GlancePolicy(
+            cloud=glance.get("cloud"),
+            image_name=glance.get("image_name"),
+            visibility=glance.get("visibility", "private"),
+            properties=tuple(sorted((k, str(v)) for k, v in glance.get("properties", {}).items())),
+            tags=tuple(glance.get("tags", ())),
+        ),
+        verify=data.get("verify", True),
+        shutdown=data.get("live", {}).get("shutdown", True),
+        description=data.get("description", ""),
+    )
+
+
+def _shown(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def spec_files(spec_dir: Path) -> list[Path]:
+    return sorted(p for p in spec_dir.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
+
+
+def load_specs(spec_dir: Path, base: Path = PROJECT_DIR) -> list[Spec]:
+    """Every spec in a directory, validated; the first error stops the load."""
+    if not spec_dir.is_dir():
+        raise SpecError(spec_dir, "", "spec directory does not exist")
+    specs: dict[str, Spec] = {}
+    for path in spec_files(spec_dir):
+        spec = parse_spec(path, base)
+        if spec.host in specs:
+            other = _shown(specs[spec.host].path, base)
+            raise SpecError(_shown(path, base), "(file name)", f"duplicate host {spec.host!r}: also defined by {other}")
+        specs[spec.host] = spec
+    _check_shared_resources(list(specs.values()), base)
+    return list(specs.values())
+
+
+def _check_shared_resources(specs: list[Spec], base: Path) -> None:
+    """Two hosts must never share a workdir or a source disk."""
+    owners: dict[str, Spec] = {}
+    for spec in specs:
+        claims = [("workdir", str(spec.workdir))]
+        claims += [(f"source.images[{i}]", str(p)) for i, p in enumerate(spec.source.images)]
+        claims += [(f"source.devices[{i}]", os.path.realpath(d)) for i, d in enumerate(spec.source.devices)]
+        for field_path, key in claims:
+            if key in owners and owners[key] is not spec:
+                raise SpecError(
+                    _shown(spec.path, base), field_path,
+                    f"{key} is also used by host {owners[key].host!r} ({_shown(owners[key].path, base)})",
+                )
+            owners[key] = spec
