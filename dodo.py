@@ -14,17 +14,19 @@ from tasks.lib.pipeline import convert_tasks, stage_tasks
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, load_specs
 
+SPEC_DIR = Path(os.environ.get("P2V_SPECS", PROJECT_DIR / "specs")).resolve()
+
 DOIT_CONFIG = {
     # Per-host dependency state in each host's workdir (see tasks/lib/state.py
     # and doit.cfg); tasks without a host use the global file below.
     "backend": "p2v-hosts",
-    "dep_file": str(PROJECT_DIR / "work" / ".doit-global.json"),
+    "dep_file": str(SPEC_DIR.parent / "work" / ".doit-global.json"),
     "default_tasks": [],
     "action_string_formatting": "new",
 }
 
 try:
-    SPECS = load_specs(Path(os.environ.get("P2V_SPECS", PROJECT_DIR / "specs")))
+    SPECS = load_specs(SPEC_DIR)
 except P2VError as error:
     # One line, no traceback, and no task runs.
     print(f"p2v: spec error: {error}", file=sys.stderr)

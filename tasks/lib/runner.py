@@ -118,13 +118,21 @@ def run(
     return Result(args, proc.returncode, stdout, stderr)
 
 
-def output(argv: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
+def output(argv: Sequence[str | os.PathLike[str]], *, check: bool = True, timeout: float | None = None) -> str:
     """Run and return stdout only, stripped of the trailing newline."""
-    return run(argv, **kwargs).stdout.rstrip("\n")  # type: ignore[arg-type]
+    return run(argv, check=check, timeout=timeout).stdout.rstrip("\n")
 
 
-def chroot_run(root: Path, argv: Sequence[str], **kwargs: object) -> Result:
+def chroot_run(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float | None = None,
+    capture: bool = True,
+) -> Result:
     """Run a command inside a prepared chroot (see resources.chroot_binds)."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"}
-    extra = kwargs.pop("env", None) or {}
-    return run(["chroot", str(root), *argv], env={**env, **extra}, **kwargs)  # type: ignore[arg-type]
+    chroot_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", **(env or {})}
+    return run(["chroot", str(root), *argv], check=check, env=chroot_env, input=input, timeout=timeout, capture=capture)

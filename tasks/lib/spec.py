@@ -126,14 +126,18 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys instead of keeping the last."""
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: str, mark: yaml.Mark):
+        super().__init__(None, None, f"duplicate key {key!r}", mark)
+        self.key = key
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
+            raise _DuplicateKeyError(str(key), key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -155,14 +159,16 @@ def _describe(error: jsonschema.ValidationError) -> tuple[str, str]:
     """Turn a jsonschema error into (field path, one-line expectation)."""
     path = _field_path(error.absolute_path)
     kind = error.validator
-    value = error.validator_value
+    value: Any = error.validator_value
+    instance: Any = error.instance
+    schema: Any = error.schema
     if kind == "additionalProperties":
-        extras = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        extras = sorted(set(instance) - set(schema.get("properties", {})))
+        allowed = ", ".join(sorted(schema.get("properties", {})))
         key = extras[0] if extras else "?"
         return _join(path, key), f"unknown key (allowed here: {allowed})"
     if kind == "required":
-        missing = [k for k in value if k not in error.instance]
+        missing = [k for k in value if k not in instance]
         return _join(path, missing[0] if missing else "?"), "required field is missing"
     if kind == "type":
         expected = " or ".join(value) if isinstance(value, list) else value
@@ -184,18 +190,21 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, shown: str) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SpecError(path, "", f"cannot read: {exc.strerror}") from None
+        raise SpecError(shown, "", f"cannot read: {exc.strerror}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        raise SpecError(shown, exc.key, f"duplicate key {exc.key!r} (line {line}); YAML keeps only one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(path, "", f"YAML does not parse: {where}{problem}") from None
+        raise SpecError(shown, "", f"YAML does not parse: {where}{problem}") from None
 
 
 def _resolve(path_text: str, base: Path) -> Path:
@@ -237,7 +246,7 @@ def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
             shown, "(file name)",
             f"host name {host!r} must be one lower-case DNS label: a-z, 0-9 and '-', at most 63 characters",
         )
-    data = _read_yaml(path)
+    data = _read_yaml(path, shown)
     if data is None:
         data = {}
     validator = jsonschema.Draft202012Validator(_schema())
@@ -292,8 +301,13 @@ def spec_files(spec_dir: Path) -> list[Path]:
     return sorted(p for p in spec_dir.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
 
 
-def load_specs(spec_dir: Path, base: Path = PROJECT_DIR) -> list[Spec]:
-    """Every spec in a directory, validated; the first error stops the load."""
+def load_specs(spec_dir: Path, base: Path | None = None) -> list[Spec]:
+    """Every spec in a directory, validated; the first error stops the load.
+
+    Relative paths in a spec are relative to `base`, by default the directory
+    that holds the spec directory (the project, for `specs/`).
+    """
+    base = base or spec_dir.resolve().parent
     if not spec_dir.is_dir():
         raise SpecError(spec_dir, "", "spec directory does not exist")
     specs: dict[str, Spec] = {}

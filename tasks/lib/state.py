@@ -63,6 +63,7 @@ class HostStateDB:
     desc = "p2v: one JSON state file per host, in the host's workdir"
 
     def __init__(self, name: str, codec: Any, *, module_name: str | None = None):
+        self.name = name  # doit reads it back
         self.codec = codec
         self.global_path = Path(name)
         self._files: dict[Path, _StateFile] = {}

@@ -1,0 +1,236 @@
+"""Boot disk images in qemu and run commands on the serial console.
+
+Used by the tests (do the source fixtures really boot?) and by the `verify`
+stage (does the converted image boot on virtio?). The images are never
+written: qemu runs with `-snapshot`, so every write goes to a throw-away
+overlay.
+
+Acceleration is always TCG. `/dev/kvm` on these machines is a paravirtual KVM
+that hangs ordinary guests, and a hang is not a failure qemu would fall back
+from, so we never let qemu pick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import pexpect
+
+from tasks.lib.runner import P2VError, which
+
+log = logging.getLogger("p2v.bootcheck")
+
+DiskBus = Literal["ide", "sata", "virtio"]
+NicModel = Literal["e1000", "virtio"]
+
+# The serial console echoes what we type. Markers are typed split in two
+# (`==P2V-E''ND`) so that only the shell's output, never the echo, matches.
+_BEGIN = "==P2V-BEGIN=="
+_END = re.compile(rb"==P2V-END (\d+)==")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+TAIL_LINES = 40
+
+
+class BootCheckError(P2VError):
+    """The guest did not reach a state in time; carries the serial log tail."""
+
+
+@dataclass(frozen=True)
+class CommandOutput:
+    command: str
+    output: str
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class BootResult:
+    outputs: tuple[CommandOutput, ...]
+    serial_log: Path
+    seconds_to_login: float
+    powered_off: bool
+
+    def output_of(self, command: str) -> CommandOutput:
+        for item in self.outputs:
+            if item.command == command:
+                return item
+        raise KeyError(command)
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    disks: tuple[Path, ...]
+    disk_bus: DiskBus = "ide"
+    nic_model: NicModel = "e1000"
+    mac: str | None = None
+    memory_mib: int = 1024
+    cpus: int = 2
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def image_format(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return "qcow2" if handle.read(4) == b"QFI\xfb" else "raw"
+
+
+def qemu_argv(config: BootConfig) -> list[str]:
+    """The qemu command line for a boot check (pure; unit-tested)."""
+    # IDE needs the i440fx 'pc' machine; SATA (AHCI) and virtio use q35.
+    machine = "pc" if config.disk_bus == "ide" else "q35"
+    argv = [
+        "qemu-system-x86_64",
+        "-machine", machine,
+        "-accel", "tcg,thread=multi",
+        "-cpu", "max",
+        "-smp", str(config.cpus),
+        "-m", str(config.memory_mib),
+        "-display", "none",
+        "-monitor", "none",
+        "-no-reboot",
+        "-snapshot",
+        "-chardev", "stdio,id=serial0,signal=off",
+        "-serial", "chardev:serial0",
+    ]
+    if config.disk_bus == "sata":
+        argv += ["-device", "ahci,id=ahci"]
+    for index, disk in enumerate(config.disks):
+        fmt = image_format(disk)
+        if config.disk_bus == "ide":
+            argv += ["-drive", f"file={disk},format={fmt},if=ide,index={index},media=disk"]
+        elif config.disk_bus == "sata":
+            argv += [
+                "-drive", f"file={disk},format={fmt},if=none,id=disk{index}",
+                "-device", f"ide-hd,drive=disk{index},bus=ahci.{index}" + (",bootindex=0" if index == 0 else ""),
+            ]
+        else:
+            argv += [
+                "-drive", f"file={disk},format={fmt},if=none,id=disk{index}",
+                "-device", f"virtio-blk-pci,drive=disk{index}" + (",bootindex=0" if index == 0 else ""),
+            ]
+    nic = "e1000" if config.nic_model == "e1000" else "virtio-net-pci"
+    # restrict=on: the guest gets a NIC but can reach no network at all.
+    mac = f",mac={config.mac}" if config.mac else ""
+    argv += ["-netdev", "user,id=net0,restrict=on", "-device", f"{nic},netdev=net0{mac}"]
+    argv += list(config.extra_args)
+    return argv
+
+
+def clean_serial_text(raw: bytes) -> str:
+    return _ANSI.sub("", raw.decode("utf-8", errors="replace"))
+
+
+def serial_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        text = clean_serial_text(path.read_bytes())
+    except FileNotFoundError:
+        return "(no serial output)"
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no serial output)"
+
+
+class _Guest:
+    """A running qemu whose serial console we drive."""
+
+    def __init__(self, child: pexpect.spawn, serial_log: Path):
+        self.child = child
+        self.serial_log = serial_log
+
+    def expect(self, pattern: str | re.Pattern[bytes] | list[object], timeout: float, waiting_for: str) -> int:
+        try:
+            return int(self.child.expect(pattern, timeout=timeout))
+        except pexpect.TIMEOUT:
+            raise BootCheckError(
+                f"timed out after {timeout:.0f} s waiting for {waiting_for}\n"
+                f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}"
+            ) from None
+        except pexpect.EOF:
+            raise BootCheckError(
+                f"qemu exited while waiting for {waiting_for}\n"
+                f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}"
+            ) from None
+
+    def login(self, user: str, password: str, timeout: float) -> None:
+        self.expect([re.compile(rb"login: ?$", re.M)], timeout, "the login: prompt")
+        self.child.sendline(user)
+        index = self.expect([re.compile(rb"[Pp]assword: ?"), re.compile(rb"[#$] ?$", re.M)], 60, "the password prompt")
+        if index == 0:
+            self.child.sendline(password)
+        # A shell is ready once it runs a command; that also proves the password.
+        self.run("stty -echo cols 1000; dmesg -n 1 2>/dev/null; export TERM=dumb PAGER=cat SYSTEMD_PAGER=", 120)
+
+    def run(self, command: str, timeout: float) -> CommandOutput:
+        begin = _BEGIN.replace("BEGIN", "BEG''IN")
+        self.child.sendline(f"echo {begin}; {command}; echo ==P2V-E''ND $?==")
+        self.expect([re.compile(re.escape(_BEGIN.encode()) + rb"\r?\n")], timeout, f"the start of: {command}")
+        self.expect([_END], timeout, f"the end of: {command}")
+        before = self.child.before if isinstance(self.child.before, bytes) else b""
+        exit_code = int(self.child.match.group(1))
+        text = clean_serial_text(before).strip("\n")
+        return CommandOutput(command=command, output=text, exit_code=exit_code)
+
+    def poweroff(self, timeout: float) -> bool:
+        self.child.sendline("poweroff || systemctl poweroff --force")
+        try:
+            self.child.expect(pexpect.EOF, timeout=timeout)
+            return True
+        except pexpect.TIMEOUT:
+            return False
+
+
+@contextlib.contextmanager
+def _spawn(argv: list[str], serial_log: Path) -> Iterator[_Guest]:
+    which(argv[0])
+    serial_log.parent.mkdir(parents=True, exist_ok=True)
+    logfile: IO[bytes] = open(serial_log, "wb")  # closed in finally
+    log.debug("+ %s", " ".join(argv))
+    child = pexpect.spawn(argv[0], argv[1:], timeout=30, maxread=65536, searchwindowsize=None)
+    child.logfile_read = logfile
+    try:
+        yield _Guest(child, serial_log)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close(force=True)
+        logfile.close()
+
+
+def boot_check(
+    disks: Sequence[Path],
+    commands: Sequence[str],
+    *,
+    disk_bus: DiskBus = "ide",
+    nic_model: NicModel = "e1000",
+    mac: str | None = None,
+    login: tuple[str, str] = ("root", "p2v"),
+    timeout: float = 600,
+    command_timeout: float = 120,
+    serial_log: Path | None = None,
+    memory_mib: int = 1024,
+) -> BootResult:
+    """Boot, log in on ttyS0, run each command, power off; never write the disks.
+
+    Raises BootCheckError, with the serial log tail, when the guest does not
+    reach `login:` within `timeout` seconds or a command does not finish.
+    Commands that exit non-zero are returned, not raised: the caller decides.
+    """
+    if not disks:
+        raise P2VError("boot_check needs at least one disk image")
+    for disk in disks:
+        if not Path(disk).is_file():
+            raise P2VError(f"boot_check: disk image {disk} does not exist")
+    config = BootConfig(disks=tuple(Path(d) for d in disks), disk_bus=disk_bus, nic_model=nic_model, mac=mac,
+                        memory_mib=memory_mib)
+    log_path = serial_log or Path(disks[0]).with_suffix(".serial.log")
+    started = time.monotonic()
+    with _spawn(qemu_argv(config), log_path) as guest:
+        guest.login(*login, timeout=timeout)
+        seconds_to_login = time.monotonic() - started
+        log.info("guest reached a shell after %.0f s", seconds_to_login)
+        outputs = tuple(guest.run(command, command_timeout) for command in commands)
+        powered_off = guest.poweroff(120)
+    return BootResult(outputs=outputs, serial_log=log_path, seconds_to_login=seconds_to_login, powered_off=powered_off)

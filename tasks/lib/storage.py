@@ -1,0 +1,431 @@
+"""The source server's storage: attach it read-only, discover it, reach its volumes.
+
+Block devices get stable names that do not depend on which loop device the
+kernel hands out this time, so that layout.json is the same bytes for the same
+source: `disk1`, `disk1p2`, `lv:<vg>/<lv>`, `md:<name>`. A `DeviceMap` ties
+those names to the device nodes of the current run.
+
+Without device-mapper or md in the kernel (this project's CI, and containers)
+LVM and md are reached read-only through loop devices: a linear LV at its
+offset on its PV, a RAID1 array through one member at its data offset.
+Anything else is a clear error that names what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.lib.resources import loop_device, set_block_device_read_only
+from tasks.lib.runner import CommandError, P2VError, output, run
+from tasks.lib.spec import Source
+
+log = logging.getLogger("p2v.storage")
+
+SECTOR = 512
+
+
+@dataclass
+class DeviceMap:
+    """Stable device name -> device node for this run (mutable while attaching)."""
+
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def node(self, name: str) -> str:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise P2VError(f"device {name} is not attached in this run") from None
+
+    def name_of(self, node: str) -> str | None:
+        real = os.path.realpath(node)
+        for name, path in self.nodes.items():
+            if os.path.realpath(path) == real:
+                return name
+        return None
+
+
+# ---------------------------------------------------------------- attaching
+
+
+@dataclass(frozen=True)
+class AttachedDisk:
+    name: str  # disk1, disk2, ... in spec order
+    source: str  # image file or /dev/sdX as the spec names it
+    node: str  # device node in this run
+    size: int
+
+
+def _partition_nodes(disk_node: str) -> dict[int, str]:
+    """Partition number -> node, from sysfs (works for loop and real disks)."""
+    base = os.path.basename(os.path.realpath(disk_node))
+    found: dict[int, str] = {}
+    sys_dir = Path("/sys/class/block") / base
+    if not sys_dir.exists():
+        return found
+    for child in sys_dir.iterdir():
+        number_file = child / "partition"
+        if number_file.exists():
+            found[int(number_file.read_text())] = f"/dev/{child.name}"
+    return found
+
+
+def block_size(node: str) -> int:
+    return int(output(["blockdev", "--getsize64", node]))
+
+
+@contextlib.contextmanager
+def attached_source(source: Source) -> Iterator[tuple[list[AttachedDisk], DeviceMap]]:
+    """The spec's disks, read-only: loop devices for images, --setro for devices."""
+    devices = DeviceMap()
+    disks: list[AttachedDisk] = []
+    with contextlib.ExitStack() as stack:
+        for index, disk_source in enumerate(source.disks, start=1):
+            name = f"disk{index}"
+            if source.live:
+                mode = os.stat(disk_source).st_mode
+                if not stat.S_ISBLK(mode):
+                    raise P2VError(f"source device {disk_source} is not a block device")
+                set_block_device_read_only(disk_source)
+                node = disk_source
+                for partition_node in _partition_nodes(node).values():
+                    set_block_device_read_only(partition_node)
+            else:
+                loop = stack.enter_context(loop_device(disk_source, read_only=True, partitions=True))
+                node = loop.path
+            devices.nodes[name] = node
+            for number, partition_node in _partition_nodes(node).items():
+                devices.nodes[f"{name}p{number}"] = partition_node
+            disks.append(AttachedDisk(name=name, source=disk_source, node=node, size=block_size(node)))
+        yield disks, devices
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def partition_table(node: str) -> dict[str, Any] | None:
+    """sfdisk's view of the table, in bytes; None for a disk without one."""
+    result = run(["sfdisk", "--json", node], check=False)
+    if result.returncode != 0:
+        if "does not contain a recognized partition table" in result.stderr:
+            return None
+        raise CommandError(result.argv, result.returncode, result.stdout + result.stderr)
+    table = json.loads(result.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", SECTOR))
+    partitions = []
+    for entry in table.get("partitions", []):
+        number = int(re.search(r"(\d+)$", entry["node"]).group(1))  # type: ignore[union-attr]
+        partitions.append({
+            "number": number,
+            "start": int(entry["start"]) * sector,
+            "size": int(entry["size"]) * sector,
+            "type": str(entry["type"]).lower(),
+            "bootable": bool(entry.get("bootable", False)),
+            **({"uuid": entry["uuid"].lower()} if "uuid" in entry else {}),
+            **({"name": entry["name"]} if entry.get("name") else {}),
+        })
+    label = table["label"]
+    return {
+        "type": "msdos" if label == "dos" else label,
+        "id": str(table.get("id", "")).lower(),
+        "sector_size": sector,
+        "partitions": sorted(partitions, key=lambda p: p["number"]),
+    }
+
+
+def boot_code(node: str) -> str | None:
+    """What the first sectors say: ReaR's guess, by strings in the boot code."""
+    with open(node, "rb") as handle:
+        head = handle.read(2048)
+    if b"GRUB" in head:
+        return "grub"
+    if b"LILO" in head:
+        return "lilo"
+    if b"SYSLINUX" in head or b"EXTLINUX" in head:
+        return "syslinux"
+    return None if not head.strip(b"\0") else "unknown"
+
+
+def probe(node: str) -> dict[str, str]:
+    """blkid's low-level probe of one device (no cache): TYPE, UUID, LABEL, ..."""
+    result = run(["blkid", "-p", "-o", "export", node], check=False)
+    if result.returncode == 2:  # nothing found on the device
+        return {}
+    if result.returncode != 0:
+        raise CommandError(result.argv, result.returncode, result.stdout + result.stderr)
+    values = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        values[key] = value
+    return values
+
+
+def lsblk_tree(nodes: Sequence[str]) -> list[dict[str, Any]]:
+    text = output(["lsblk", "--json", "--bytes", "-o", "NAME,PATH,TYPE,SIZE,PKNAME,RO", *nodes])
+    devices: list[dict[str, Any]] = json.loads(text)["blockdevices"]
+    return devices
+
+
+def ext_features(node: str) -> dict[str, Any]:
+    text = output(["tune2fs", "-l", node])
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return {
+        "features": sorted(fields.get("Filesystem features", "").split()),
+        "block_size": int(fields.get("Block size", "0") or 0),
+        "inode_size": int(fields.get("Inode size", "0") or 0),
+        "revision": fields.get("Filesystem revision #", ""),
+    }
+
+
+_XFS_KEYS = ("crc", "finobt", "sparse", "rmapbt", "reflink", "bigtime", "inobtcount", "nrext64", "ftype", "isize",
+             "bsize", "attr", "projid32bit")
+
+
+def xfs_features(node: str) -> dict[str, Any]:
+    text = output(["xfs_db", "-r", "-c", "info", node])
+    values: dict[str, Any] = {}
+    section = ""
+    for line in text.splitlines():
+        head = re.match(r"^(\S+)\s*=", line)
+        if head:
+            section = head.group(1)
+        for key, value in re.findall(r"([a-z0-9_-]+)=(\S+)", line):
+            name = f"{section}.{key}" if key == "bsize" else key
+            if key in _XFS_KEYS and name not in values:
+                values[name] = int(value) if value.isdigit() else value
+    return {"features": {k: values[k] for k in sorted(values)}}
+
+
+def fs_features(fstype: str, node: str) -> dict[str, Any]:
+    if fstype in ("ext2", "ext3", "ext4"):
+        return ext_features(node)
+    if fstype == "xfs":
+        return xfs_features(node)
+    return {}
+
+
+# ---------------------------------------------------------------- LVM
+
+
+def _lvm_env(config_dir: Path) -> dict[str, str]:
+    return {"LVM_SYSTEM_DIR": str(config_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+
+# Ignore the inspecting machine's LVM configuration: our own, no devices file,
+# no udev, and never touch anything but the devices we name with --devices.
+_LVM_CONF = """\
+devices { use_devicesfile = 0 obtain_device_list_from_udev = 0 }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 read_only_volume_list = [ "@*", "*" ] }
+global { event_activation = 0 }
+"""
+
+
+@contextlib.contextmanager
+def lvm_config() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="p2v-lvm-") as directory:
+        Path(directory, "lvm.conf").write_text(_LVM_CONF)
+        yield Path(directory)
+
+
+def _lvm_report(command: str, pv_nodes: Sequence[str], fields: str, config_dir: Path,
+                extra: Sequence[str] = ()) -> list[dict[str, str]]:
+    argv = [command, "--readonly", "--reportformat", "json", "--units", "b", "--nosuffix",
+            "--devices", ",".join(pv_nodes), "-o", fields, *extra]
+    report = json.loads(run(argv, env=_lvm_env(config_dir)).stdout)["report"]
+    rows: list[dict[str, str]] = []
+    for block in report:
+        for value in block.values():
+            rows.extend(value)
+    return rows
+
+
+def discover_lvm(pv_nodes: Mapping[str, str], config_dir: Path) -> dict[str, Any]:
+    """PVs, VGs and LVs with segment maps, from metadata only (no activation)."""
+    if not pv_nodes:
+        return {"pvs": [], "vgs": [], "lvs": []}
+    nodes = list(pv_nodes.values())
+    name_of = {os.path.realpath(node): name for name, node in pv_nodes.items()}
+    pvs = _lvm_report("pvs", nodes, "pv_name,pv_uuid,vg_name,pe_start,pv_size", config_dir)
+    vgs = _lvm_report("vgs", nodes, "vg_name,vg_uuid,vg_extent_size,vg_size,vg_free", config_dir)
+    segments = _lvm_report(
+        "lvs", nodes, "vg_name,lv_name,lv_uuid,lv_size,segtype,seg_start_pe,seg_size_pe,seg_pe_ranges,stripes",
+        config_dir, extra=["--segments", "--all"],
+    )
+    lvs: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in segments:
+        key = (row["vg_name"], row["lv_name"])
+        lv = lvs.setdefault(key, {
+            "vg": row["vg_name"], "name": row["lv_name"], "uuid": row["lv_uuid"], "size": int(row["lv_size"]),
+            "device": f"lv:{row['vg_name']}/{row['lv_name']}", "segments": [],
+        })
+        ranges = []
+        for pe_range in row["seg_pe_ranges"].split():
+            node, _, span = pe_range.rpartition(":")
+            first, _, last = span.partition("-")
+            ranges.append({"pv": name_of.get(os.path.realpath(node), node), "first_extent": int(first),
+                           "last_extent": int(last)})
+        lv["segments"].append({
+            "type": row["segtype"], "start_extent": int(row["seg_start_pe"]), "extents": int(row["seg_size_pe"]),
+            "stripes": int(row.get("stripes") or 1), "pv_ranges": ranges,
+        })
+    return {
+        "pvs": sorted(({"device": name_of.get(os.path.realpath(p["pv_name"]), p["pv_name"]), "uuid": p["pv_uuid"],
+                        "vg": p["vg_name"], "pe_start": int(p["pe_start"]), "size": int(p["pv_size"])} for p in pvs),
+                      key=lambda p: p["device"]),
+        "vgs": sorted(({"name": v["vg_name"], "uuid": v["vg_uuid"], "extent_size": int(v["vg_extent_size"]),
+                        "size": int(v["vg_size"]), "free": int(v["vg_free"])} for v in vgs), key=lambda v: v["name"]),
+        "lvs": [lvs[key] for key in sorted(lvs)],
+    }
+
+
+def kernel_has_device_mapper() -> bool:
+    if not Path("/dev/mapper/control").exists():
+        return False
+    return run(["dmsetup", "version"], check=False).returncode == 0
+
+
+def kernel_has_md() -> bool:
+    return Path("/proc/mdstat").exists()
+
+
+def linear_lv_extent(lv: Mapping[str, Any], lvm: Mapping[str, Any]) -> tuple[str, int, int]:
+    """(pv device name, byte offset on the PV device, byte size) of a one-segment linear LV.
+
+    Raises P2VError for anything the loop-device fallback cannot represent.
+    """
+    name = f"{lv['vg']}/{lv['name']}"
+    segments = lv["segments"]
+    kinds = sorted({s["type"] for s in segments})
+    if kinds != ["linear"]:
+        raise P2VError(
+            f"LV {name} has segment type {', '.join(kinds)}; reading it needs device-mapper, which this "
+            "kernel lacks (only linear LVs have a read-only fallback)",
+            hint="run p2v from the live system, whose kernel has device-mapper",
+        )
+    if len(segments) != 1 or len(segments[0]["pv_ranges"]) != 1:
+        raise P2VError(
+            f"LV {name} is spread over {sum(len(s['pv_ranges']) for s in segments)} extent ranges; the read-only "
+            "fallback without device-mapper handles one contiguous range",
+            hint="run p2v from the live system, whose kernel has device-mapper",
+        )
+    pv_range = segments[0]["pv_ranges"][0]
+    pv = next(p for p in lvm["pvs"] if p["device"] == pv_range["pv"])
+    extent_size = next(v["extent_size"] for v in lvm["vgs"] if v["name"] == lv["vg"])
+    offset = pv["pe_start"] + pv_range["first_extent"] * extent_size
+    size = segments[0]["extents"] * extent_size
+    return pv["device"], offset, size
+
+
+@contextlib.contextmanager
+def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) -> Iterator[None]:
+    """Make every LV reachable read-only; add `lv:<vg>/<lv>` to the device map.
+
+    With device-mapper: `vgchange -ay` restricted to our PVs, with every LV
+    activated read-only, and deactivated afterwards. Without: loop devices at
+    the LV's offset on its PV.
+    """
+    if not lvm["lvs"]:
+        yield
+        return
+    pv_nodes = [devices.node(pv["device"]) for pv in lvm["pvs"]]
+    added: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if kernel_has_device_mapper():
+            vg_names = sorted({lv["vg"] for lv in lvm["lvs"]})
+            argv = ["vgchange", "--devices", ",".join(pv_nodes)]
+            stack.callback(run, [*argv, "-an", *vg_names], env=_lvm_env(config_dir))
+            run([*argv, "-ay", *vg_names], env=_lvm_env(config_dir))
+            for lv in lvm["lvs"]:
+                node = f"/dev/{lv['vg']}/{lv['name']}"
+                devices.nodes[lv["device"]] = node
+                added.append(lv["device"])
+        else:
+            for lv in lvm["lvs"]:
+                pv_device, offset, size = linear_lv_extent(lv, lvm)
+                loop = stack.enter_context(
+                    loop_device(devices.node(pv_device), read_only=True, offset=offset, size=size)
+                )
+                devices.nodes[lv["device"]] = loop.path
+                added.append(lv["device"])
+        try:
+            yield
+        finally:
+            for name in added:
+                devices.nodes.pop(name, None)
+
+
+# ---------------------------------------------------------------- md RAID
+
+
+def md_member_info(node: str) -> dict[str, Any]:
+    """mdadm's view of one member: array UUID, level, name, data offset."""
+    exported = output(["mdadm", "--examine", "--export", node])
+    values = dict(line.split("=", 1) for line in exported.splitlines() if "=" in line)
+    text = output(["mdadm", "--examine", node])
+    offset_match = re.search(r"Data Offset\s*:\s*(\d+) sectors", text)
+    size_match = re.search(r"Array Size\s*:\s*(\d+)(?: \(|\s*$| KiB)", text, re.M)
+    return {
+        "uuid": values.get("MD_UUID", ""),
+        "level": values.get("MD_LEVEL", ""),
+        "name": values.get("MD_NAME", values.get("MD_UUID", "")).split(":")[-1],
+        "metadata": values.get("MD_METADATA", ""),
+        "devices": int(values.get("MD_DEVICES", "0") or 0),
+        "data_offset": int(offset_match.group(1)) * SECTOR if offset_match else 0,
+        "array_size": int(size_match.group(1)) * 1024 if size_match else 0,
+    }
+
+
+def group_md_members(members: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    arrays: dict[str, dict[str, Any]] = {}
+    for device, info in sorted(members.items()):
+        array = arrays.setdefault(info["uuid"], {
+            "uuid": info["uuid"], "name": info["name"], "level": info["level"], "metadata": info["metadata"],
+            "device": f"md:{info['name'] or info['uuid']}", "members": [], "data_offset": info["data_offset"],
+            "size": info["array_size"], "raid_devices": info["devices"],
+        })
+        array["members"].append(device)
+    return [arrays[key] for key in sorted(arrays)]
+
+
+@contextlib.contextmanager
+def assembled_md(arrays: Sequence[Mapping[str, Any]], devices: DeviceMap) -> Iterator[None]:
+    """Reach every md array read-only; add `md:<name>` to the device map."""
+    added: list[str] = []
+    with contextlib.ExitStack() as stack:
+        for index, array in enumerate(arrays):
+            member_nodes = [devices.node(m) for m in array["members"]]
+            if kernel_has_md():
+                node = f"/dev/md/p2v-{index}"
+                run(["mdadm", "--assemble", "--readonly", "--run", node, *member_nodes])
+                stack.callback(run, ["mdadm", "--stop", node])
+            elif array["level"] == "raid1":
+                loop = stack.enter_context(loop_device(
+                    member_nodes[0], read_only=True, offset=array["data_offset"], size=array["size"] or None,
+                ))
+                node = loop.path
+            else:
+                raise P2VError(
+                    f"md array {array['name']} is {array['level']}; reading it needs the md driver, which this "
+                    "kernel lacks (only RAID1 has a read-only fallback, through one member)",
+                    hint="run p2v from the live system, whose kernel has md",
+                )
+            devices.nodes[array["device"]] = node
+            added.append(array["device"])
+        try:
+            yield
+        finally:
+            for name in added:
+                devices.nodes.pop(name, None)
