@@ -34,6 +34,7 @@ NicModel = Literal["e1000", "virtio"]
 # (`==P2V-E''ND`) so that only the shell's output, never the echo, matches.
 _BEGIN = "==P2V-BEGIN=="
 _END = re.compile(rb"==P2V-END (\d+)==")
+_PROMPT = re.compile(rb"[#$] ?$", re.M)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 TAIL_LINES = 40
 
@@ -157,16 +158,28 @@ class _Guest:
     def login(self, user: str, password: str, timeout: float) -> None:
         self.expect([re.compile(rb"login: ?$", re.M)], timeout, "the login: prompt")
         self.child.sendline(user)
-        index = self.expect([re.compile(rb"[Pp]assword: ?"), re.compile(rb"[#$] ?$", re.M)], 60, "the password prompt")
+        index = self.expect([re.compile(rb"[Pp]assword: ?"), _PROMPT], 60, "the password prompt")
         if index == 0:
             self.child.sendline(password)
-        # A shell is ready once it runs a command; that also proves the password.
-        self.run("stty -echo cols 1000; dmesg -n 1 2>/dev/null; export TERM=dumb PAGER=cat SYSTEMD_PAGER=", 120)
+            index = self.expect([_PROMPT, re.compile(rb"Login incorrect")], 120, "a shell prompt after login")
+            if index == 1:
+                raise BootCheckError(f"login as {user} was refused on the serial console\n"
+                                     f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+        # login flushes the tty as the shell starts, so a line typed too early
+        # can vanish: repeat the first command until the shell answers.
+        setup = "stty -echo cols 1000; dmesg -n 1 2>/dev/null; export TERM=dumb PAGER=cat SYSTEMD_PAGER="
+        for attempt in range(5):
+            try:
+                self.run(setup, 20 if attempt < 4 else 120)
+                return
+            except BootCheckError:
+                if attempt == 4:
+                    raise
 
     def run(self, command: str, timeout: float) -> CommandOutput:
         begin = _BEGIN.replace("BEGIN", "BEG''IN")
         self.child.sendline(f"echo {begin}; {command}; echo ==P2V-E''ND $?==")
-        self.expect([re.compile(re.escape(_BEGIN.encode()) + rb"\r?\n")], timeout, f"the start of: {command}")
+        self.expect([re.compile(re.escape(_BEGIN.encode()) + rb"[\r\n]+")], timeout, f"the start of: {command}")
         self.expect([_END], timeout, f"the end of: {command}")
         before = self.child.before if isinstance(self.child.before, bytes) else b""
         exit_code = int(self.child.match.group(1))

@@ -117,7 +117,8 @@ def mount_order(mountpoints: list[str]) -> list[str]:
 
 def source_kind(spec: str) -> tuple[str, str]:
     """Classify fs_spec: ('uuid', value), ('label', value), ('partuuid', …), ('path', /dev/…)."""
-    for prefix, kind in (("UUID=", "uuid"), ("LABEL=", "label"), ("PARTUUID=", "partuuid"), ("PARTLABEL=", "partlabel")):
+    prefixes = (("UUID=", "uuid"), ("LABEL=", "label"), ("PARTUUID=", "partuuid"), ("PARTLABEL=", "partlabel"))
+    for prefix, kind in prefixes:
         if spec.startswith(prefix):
             return kind, spec[len(prefix):].strip('"')
     return "path", spec

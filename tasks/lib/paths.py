@@ -55,8 +55,8 @@ def resolve_in_root(root: Path, path: str | PurePosixPath, *, follow_last: bool 
 
 def read_text_in_root(root: Path, path: str) -> str | None:
     """A file's text as the server sees it, or None if absent (never the host's)."""
-    real = resolve_in_root(root, path)
     try:
+        real = resolve_in_root(root, path)
         return real.read_text(errors="surrogateescape")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
+    except (P2VError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None  # absent, or a symlink loop: unreadable on the server too

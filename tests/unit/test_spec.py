@@ -25,7 +25,8 @@ class BadSpec:
 
 
 BAD_SPECS = [
-    BadSpec("unknown top-level key", {"web1.yaml": GOOD_SOURCE + "colour: blue\n"}, "web1.yaml", "colour", "unknown key"),
+    BadSpec("unknown top-level key", {"web1.yaml": GOOD_SOURCE + "colour: blue\n"},
+            "web1.yaml", "colour", "unknown key"),
     BadSpec("unknown nested key", {"web1.yaml": GOOD_SOURCE + "target:\n  layot: keep\n"},
             "web1.yaml", "target.layot", "unknown key"),
     BadSpec("wrong type", {"web1.yaml": GOOD_SOURCE + "target:\n  headroom_percent: twenty\n"},

@@ -1,0 +1,396 @@
+"""Inspect stage: the source server, read-only, described in layout.json.
+
+    inspect:<host>  ->  <workdir>/layout.json
+
+Attach the disks read-only, discover partitions, filesystems, md and LVM,
+find the root by its /etc/fstab, mount the tree the way that fstab says,
+describe the OS, and write a deterministic, versioned layout.json
+(tasks/schemas/layout.schema.json) that every later stage plans from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.lib import storage
+from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, source_kind
+from tasks.lib.paths import read_text_in_root, resolve_in_root
+from tasks.lib.pipeline import Stage, StageRun
+from tasks.lib.resources import mounted, read_only_mount_options
+from tasks.lib.runner import P2VError
+from tasks.lib.spec import Spec
+from tasks.lib.system import describe_system
+
+log = logging.getLogger("p2v.inspect")
+
+LAYOUT_FORMAT = "p2v-layout"
+LAYOUT_VERSION = 1
+OS_RELEASE_FILES = ("etc/os-release", "usr/lib/os-release", "etc/redhat-release", "etc/debian_version")
+RUN_DIR = Path("/run/p2v")
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+@dataclass(frozen=True)
+class Resolution:
+    device: str | None  # stable device name, or None
+    how: str  # what matched, for the record
+
+
+def resolve_fstab_source(entry: FstabEntry, devices: Mapping[str, Mapping[str, Any]],
+                         disk_sources: Sequence[str], lvs: Sequence[Mapping[str, Any]],
+                         md_arrays: Sequence[Mapping[str, Any]]) -> Resolution:
+    """Which discovered device an fstab source names (pure; unit-tested).
+
+    `devices` maps stable names to their probe (TYPE, UUID, LABEL, PARTUUID...).
+    """
+    kind, value = source_kind(entry.spec)
+    if kind in ("uuid", "label", "partuuid", "partlabel"):
+        key = {"uuid": "UUID", "label": "LABEL", "partuuid": "PART_ENTRY_UUID", "partlabel": "PART_ENTRY_NAME"}[kind]
+        matches = sorted(name for name, info in devices.items() if info.get(key, "").lower() == value.lower()
+                         and not info.get("TYPE", "").endswith("_member"))
+        if len(matches) > 1:
+            raise P2VError(f"fstab line {entry.line}: {entry.spec} matches several devices: {', '.join(matches)}")
+        return Resolution(matches[0] if matches else None, kind)
+    path = value
+    for lv in lvs:
+        vg, name = lv["vg"], lv["name"]
+        mapper = f"/dev/mapper/{vg.replace('-', '--')}-{name.replace('-', '--')}"
+        if path in (mapper, f"/dev/{vg}/{name}"):
+            return Resolution(lv["device"], "lvm path")
+    for index, array in enumerate(md_arrays):
+        if path in (f"/dev/md{index}", f"/dev/md/{array['name']}", f"/dev/md/{index}"):
+            return Resolution(array["device"], "md path")
+    # /dev/sdb2 on a live system is the spec's /dev/sdb, partition 2. Offline,
+    # the old name is a guess from the disk order (sda = disk1), said so.
+    for index, source in enumerate(disk_sources, start=1):
+        if path.startswith(source) and path[len(source):].lstrip("p").isdigit():
+            return Resolution(f"disk{index}p{path[len(source):].lstrip('p')}", "device path")
+    legacy = _legacy_disk_name(path)
+    if legacy is not None:
+        disk_index, part = legacy
+        name = f"disk{disk_index}" + (f"p{part}" if part else "")
+        if name in devices:
+            return Resolution(name, "device path (guessed from disk order)")
+    return Resolution(None, kind)
+
+
+def _legacy_disk_name(path: str) -> tuple[int, int] | None:
+    """/dev/sdb2 -> (2, 2); /dev/hda1, /dev/vda1, /dev/xvda1 alike; cciss c0d1p2 -> (2, 2)."""
+    import re
+
+    match = re.fullmatch(r"/dev/(?:s|h|v|xv)d([a-z])(\d*)", path)
+    if match:
+        return ord(match.group(1)) - ord("a") + 1, int(match.group(2) or 0)
+    match = re.fullmatch(r"/dev/(?:cciss|ida)/c\d+d(\d+)(?:p(\d+))?", path)
+    if match:
+        return int(match.group(1)) + 1, int(match.group(2) or 0)
+    return None
+
+
+def looks_like_root(tree: Path) -> bool:
+    has_fstab = (tree / "etc" / "fstab").is_file() or (tree / "etc" / "fstab").is_symlink()
+    return has_fstab and any(os.path.lexists(tree / name) for name in OS_RELEASE_FILES)
+
+
+def choose_root(candidates: Sequence[str], devices: Mapping[str, Mapping[str, Any]], wanted: str | None,
+                spec_file: str) -> str:
+    if wanted:
+        kind, value = source_kind(wanted)
+        for name in candidates:
+            info = devices[name]
+            if (kind == "uuid" and info.get("UUID", "").lower() == value.lower()) or \
+               (kind == "label" and info.get("LABEL") == value) or (kind == "path" and value == name):
+                return name
+        raise P2VError(f"{spec_file}: source.root: {wanted} is not one of the root candidates "
+                       f"({', '.join(_describe_candidates(candidates, devices)) or 'none'})")
+    if not candidates:
+        raise P2VError(
+            "no root filesystem found: no filesystem on the source disks holds etc/fstab and an OS release file",
+            hint="check source.devices/source.images in the spec names the server's system disks",
+        )
+    if len(candidates) > 1:
+        raise P2VError(
+            f"several root filesystems found: {', '.join(_describe_candidates(candidates, devices))}",
+            hint=f"pick one in {spec_file} with source.root: UUID=<uuid>",
+        )
+    return candidates[0]
+
+
+def _describe_candidates(candidates: Sequence[str], devices: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return [f"{name} (UUID={devices[name].get('UUID', '?')})" for name in candidates]
+
+
+# ---------------------------------------------------------------- steps
+
+
+@dataclass
+class Discovery:
+    disks: list[dict[str, Any]]
+    probes: dict[str, dict[str, str]]  # stable device name -> blkid probe
+    lvm: dict[str, Any]
+    md_arrays: list[dict[str, Any]]
+
+
+def _scratch_dir(host: str, purpose: str) -> Path:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{host}-{purpose}-", dir=RUN_DIR))
+
+
+@contextlib.contextmanager
+def scratch_dir(host: str, purpose: str) -> Iterator[Path]:
+    path = _scratch_dir(host, purpose)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+@contextlib.contextmanager
+def reachable_source(spec: Spec) -> Iterator[tuple[Discovery, storage.DeviceMap]]:
+    """Attach the spec's disks read-only and make every volume on them reachable."""
+    with contextlib.ExitStack() as stack:
+        attached, devices = stack.enter_context(storage.attached_source(spec.source))
+        disks = []
+        probes: dict[str, dict[str, str]] = {}
+        for disk in attached:
+            table = storage.partition_table(disk.node)
+            disks.append({"name": disk.name, "source": disk.source, "size": disk.size, "table": table,
+                          "boot_code": storage.boot_code(disk.node)})
+            if table is None:
+                probes[disk.name] = storage.probe(disk.node)
+            for part in (table or {}).get("partitions", []):
+                name = f"{disk.name}p{part['number']}"
+                if name in devices.nodes:
+                    probes[name] = storage.probe(devices.node(name))
+        md_members = {name: storage.md_member_info(devices.node(name))
+                      for name, info in probes.items() if info.get("TYPE") == "linux_raid_member"}
+        md_arrays = storage.group_md_members(md_members)
+        stack.enter_context(storage.assembled_md(md_arrays, devices))
+        for array in md_arrays:
+            probes[array["device"]] = storage.probe(devices.node(array["device"]))
+        config_dir = stack.enter_context(storage.lvm_config())
+        pv_nodes = {name: devices.node(name) for name, info in probes.items() if info.get("TYPE") == "LVM2_member"}
+        lvm = storage.discover_lvm(pv_nodes, config_dir)
+        stack.enter_context(storage.activated_lvs(lvm, devices, config_dir))
+        for lv in lvm["lvs"]:
+            probes[lv["device"]] = storage.probe(devices.node(lv["device"]))
+        yield Discovery(disks=disks, probes=probes, lvm=lvm, md_arrays=md_arrays), devices
+
+
+def _filesystem_names(probes: Mapping[str, Mapping[str, str]]) -> list[str]:
+    return sorted(name for name, info in probes.items() if info.get("USAGE") == "filesystem")
+
+
+def measure_filesystems(
+    spec: Spec, discovery: Discovery, devices: storage.DeviceMap
+) -> tuple[dict[str, Any], list[str]]:
+    """Mount every filesystem read-only once: usage, features, and whether it is a root."""
+    records: dict[str, Any] = {}
+    roots: list[str] = []
+    with scratch_dir(spec.host, "probe") as point:
+        for name in _filesystem_names(discovery.probes):
+            info = discovery.probes[name]
+            fstype = info["TYPE"]
+            node = devices.node(name)
+            record: dict[str, Any] = {
+                "device": name, "type": fstype, "uuid": info.get("UUID", "").lower(), "label": info.get("LABEL", ""),
+                "size": storage.block_size(node), **storage.fs_features(fstype, node),
+            }
+            with mounted(node, point, fstype=fstype, options=read_only_mount_options(fstype)):
+                usage = os.statvfs(point)
+                record["fs_size"] = usage.f_blocks * usage.f_frsize
+                record["used_bytes"] = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+                record["inodes"] = usage.f_files
+                record["used_inodes"] = usage.f_files - usage.f_ffree
+                if looks_like_root(point):
+                    roots.append(name)
+            records[name] = record
+    return records, roots
+
+
+def _swaps(probes: Mapping[str, Mapping[str, str]], devices: storage.DeviceMap) -> list[dict[str, Any]]:
+    return [{"device": name, "uuid": info.get("UUID", "").lower(), "label": info.get("LABEL", ""),
+             "size": storage.block_size(devices.node(name))}
+            for name, info in sorted(probes.items()) if info.get("TYPE") == "swap"]
+
+
+def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
+                filesystems: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Resolve each fstab entry; return (fstab records, mounts in mount order)."""
+    disk_sources = [d["source"] for d in discovery.disks]
+    records = []
+    mount_by_point: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        record: dict[str, Any] = entry.to_json()
+        reason = skip_reason(entry)
+        if reason:
+            record.update(status="skipped", reason=reason)
+            records.append(record)
+            continue
+        resolution = resolve_fstab_source(entry, discovery.probes, disk_sources, discovery.lvm["lvs"],
+                                          discovery.md_arrays)
+        record["resolved_by"] = resolution.how
+        if resolution.device is None:
+            if entry.nofail:
+                record.update(status="unresolved", reason="no such device on the source disks (nofail)")
+                records.append(record)
+                continue
+            raise P2VError(
+                f"fstab line {entry.line}: {entry.spec} ({entry.file}) matches no device on the source disks",
+                hint="add the missing disk to the spec's source, or mark the entry nofail on the server",
+            )
+        record["device"] = resolution.device
+        if entry.is_swap:
+            record["status"] = "swap"
+        elif resolution.device not in filesystems:
+            raise P2VError(f"fstab line {entry.line}: {entry.spec} ({entry.file}) is {resolution.device}, "
+                           "which holds no filesystem p2v can read")
+        elif entry.file in mount_by_point:
+            raise P2VError(f"fstab line {entry.line}: {entry.file} is mounted twice")
+        else:
+            record["status"] = "mounted"
+            mount_by_point[entry.file] = {"mountpoint": entry.file, "device": resolution.device,
+                                          "fstype": filesystems[resolution.device]["type"],
+                                          "options": list(entry.options), "fstab_line": entry.line}
+        records.append(record)
+    if "/" not in mount_by_point:
+        raise P2VError(f"the root's fstab has no entry for / (root filesystem is {root})")
+    if mount_by_point["/"]["device"] != root:
+        raise P2VError(f"fstab mounts {mount_by_point['/']['device']} on /, but the root found is {root}",
+                       hint="set source.root in the spec to the root the server boots")
+    mounts = [mount_by_point[point] for point in mount_order(list(mount_by_point))]
+    return records, mounts
+
+
+@contextlib.contextmanager
+def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: storage.DeviceMap) -> Iterator[Path]:
+    """The server's tree, read-only, mounted the way its fstab says."""
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(scratch_dir(spec.host, "tree"))
+        for mount in mounts:
+            point = resolve_in_root(tree, mount["mountpoint"])
+            if not point.is_dir():
+                raise P2VError(f"mount point {mount['mountpoint']} does not exist on the source "
+                               f"(needed for {mount['device']})")
+            stack.enter_context(mounted(devices.node(mount["device"]), point, fstype=mount["fstype"],
+                                        options=read_only_mount_options(mount["fstype"])))
+        yield tree
+
+
+def later_work(layout: Mapping[str, Any]) -> list[str]:
+    """What fix and disk will have to handle, for the summary and the report."""
+    notes = []
+    if layout["lvm"]["lvs"]:
+        notes.append("LVM on the source: flatten drops it; rd.lvm.* arguments must go")
+    if layout["md"]:
+        notes.append("md RAID on the source: flatten drops it; rd.md.* arguments must go")
+    system = layout["system"]
+    bindings = system.get("network", {}).get("mac_bindings", [])
+    if bindings:
+        notes.append(f"{len(bindings)} MAC binding(s) to remove: " + ", ".join(sorted({b['file'] for b in bindings})))
+    kernels = system.get("kernels", [])
+    if kernels and not any(k.get("virtio", {}).get("virtio_blk") in ("module", "builtin") for k in kernels):
+        notes.append("no kernel with virtio_blk: the image cannot boot on KVM without a new kernel")
+    if any(d["table"] is None for d in layout["disks"]):
+        notes.append("a disk without a partition table (whole-disk filesystem or PV)")
+    for entry in layout["fstab"]:
+        if entry.get("status") in ("skipped", "unresolved"):
+            notes.append(f"fstab {entry['file']} ({entry['spec']}): {entry['status']}, {entry['reason']}")
+    return notes
+
+
+def build_layout(spec: Spec) -> dict[str, Any]:
+    with reachable_source(spec) as (discovery, devices):
+        filesystems, roots = measure_filesystems(spec, discovery, devices)
+        spec_file = os.path.relpath(spec.path)
+        root = choose_root(roots, discovery.probes, spec.source.root, spec_file)
+        with scratch_dir(spec.host, "root") as point:
+            fstype = filesystems[root]["type"]
+            with mounted(devices.node(root), point, fstype=fstype, options=read_only_mount_options(fstype)):
+                fstab_text = read_text_in_root(point, "/etc/fstab") or ""
+        entries, fstab_warnings = parse_fstab(fstab_text)
+        fstab_records, mounts = plan_mounts(entries, discovery, root, filesystems)
+        for mount in mounts:
+            filesystems[mount["device"]]["mountpoint"] = mount["mountpoint"]
+        with mounted_tree(spec, mounts, devices) as tree:
+            system = describe_system(tree).to_json()
+        swaps = _swaps(discovery.probes, devices)
+        swap_devices = {r["device"] for r in fstab_records if r.get("status") == "swap"}
+        for swap in swaps:
+            swap["in_fstab"] = swap["device"] in swap_devices
+    layout: dict[str, Any] = {
+        "format": LAYOUT_FORMAT,
+        "version": LAYOUT_VERSION,
+        "host": spec.host,
+        "source": {"mode": "live" if spec.source.live else "offline"},
+        "disks": discovery.disks,
+        "md": discovery.md_arrays,
+        "lvm": discovery.lvm,
+        "filesystems": [filesystems[name] for name in sorted(filesystems)],
+        "swaps": swaps,
+        "root": root,
+        "fstab": fstab_records,
+        "mounts": mounts,
+        "used_bytes": sum(filesystems[m["device"]]["used_bytes"] for m in mounts),
+        "system": system,
+        "warnings": sorted(fstab_warnings + list(system.get("warnings", []))),
+    }
+    layout["later"] = later_work(layout)
+    return layout
+
+
+def summary(layout: Mapping[str, Any]) -> str:
+    gib = 1 << 30
+    lines = [f"{layout['host']}: {len(layout['disks'])} disk(s), root {layout['root']}, "
+             f"{layout['used_bytes'] / gib:.2f} GiB used"]
+    for disk in layout["disks"]:
+        table = disk["table"]
+        parts = len(table["partitions"]) if table else 0
+        kind = table["type"] if table else "no partition table"
+        lines.append(f"  {disk['name']}: {disk['source']} {disk['size'] / gib:.1f} GiB, {kind}, "
+                     f"{parts} partition(s), boot code {disk['boot_code']}")
+    by_device = {fs["device"]: fs for fs in layout["filesystems"]}
+    for mount in layout["mounts"]:
+        fs = by_device[mount["device"]]
+        lines.append(f"  {mount['mountpoint']:<12} {mount['device']:<24} {fs['type']:<5} "
+                     f"{fs['used_bytes'] / gib:6.2f} GiB used  UUID={fs['uuid']}")
+    system = layout["system"]
+    osinfo = system.get("os", {})
+    boot = system.get("bootloader", {})
+    lines.append(f"  OS: {osinfo.get('pretty_name') or osinfo.get('id')}; kernels: "
+                 f"{', '.join(k['version'] for k in system.get('kernels', []))}; "
+                 f"bootloader: {boot.get('kind')} ({boot.get('config_path')}), {boot.get('firmware')}")
+    for note in layout["later"]:
+        lines.append(f"  later: {note}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def inspect_host(run: StageRun) -> None:
+    layout = build_layout(run.spec)
+    write_json(run.partial, layout)
+    log.info("%s", summary(layout))
+
+
+STAGE = Stage(
+    name="inspect",
+    doc="inspect the source server read-only -> layout.json",
+    target="layout.json",
+    inputs=(),
+    run=inspect_host,
+    config=lambda spec: {"source": [spec.source.disks, spec.source.root], "layout_version": LAYOUT_VERSION},
+)

@@ -1,0 +1,59 @@
+"""The qemu command line of a boot check (pure); booting itself is e2e."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.bootcheck import BootConfig, boot_check, clean_serial_text, qemu_argv
+from tasks.lib.runner import P2VError
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> tuple[Path, Path]:
+    raw = tmp_path / "disk1.img"
+    raw.write_bytes(b"\0" * 1024)
+    qcow = tmp_path / "disk2.qcow2"
+    qcow.write_bytes(b"QFI\xfb" + b"\0" * 1020)
+    return raw, qcow
+
+
+def test_always_tcg_snapshot_and_restricted_network(disks: tuple[Path, Path]) -> None:
+    argv = qemu_argv(BootConfig(disks=disks))
+    joined = " ".join(argv)
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert "kvm" not in joined
+    assert "-snapshot" in argv
+    assert "user,id=net0,restrict=on" in argv
+
+
+def test_source_servers_boot_on_ide_and_e1000_with_their_mac(disks: tuple[Path, Path]) -> None:
+    argv = qemu_argv(BootConfig(disks=disks, disk_bus="ide", nic_model="e1000", mac="52:54:00:aa:bb:cc"))
+    assert argv[argv.index("-machine") + 1] == "pc"
+    assert f"file={disks[0]},format=raw,if=ide,index=0,media=disk" in argv
+    assert f"file={disks[1]},format=qcow2,if=ide,index=1,media=disk" in argv
+    assert "e1000,netdev=net0,mac=52:54:00:aa:bb:cc" in argv
+
+
+def test_converted_images_boot_on_virtio(disks: tuple[Path, Path]) -> None:
+    argv = qemu_argv(BootConfig(disks=disks[:1], disk_bus="virtio", nic_model="virtio"))
+    assert argv[argv.index("-machine") + 1] == "q35"
+    assert "virtio-blk-pci,drive=disk0,bootindex=0" in argv
+    assert "virtio-net-pci,netdev=net0" in argv
+    assert not any("if=ide" in arg for arg in argv)
+
+
+def test_sata_uses_ahci(disks: tuple[Path, Path]) -> None:
+    argv = qemu_argv(BootConfig(disks=disks, disk_bus="sata"))
+    assert "ahci,id=ahci" in argv
+    assert "ide-hd,drive=disk1,bus=ahci.1" in argv
+
+
+def test_missing_disk_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(P2VError, match="disk image .*nope.img does not exist"):
+        boot_check([tmp_path / "nope.img"], [])
+
+
+def test_serial_text_loses_escape_codes() -> None:
+    assert clean_serial_text(b"\x1b[0;32m  OK  \x1b[0m login:\r\n") == "  OK   login:\n"

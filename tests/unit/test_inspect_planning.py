@@ -1,0 +1,175 @@
+"""Pure parts of inspection: fstab, device resolution, root choice, LV offsets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.inspect import choose_root, plan_mounts, resolve_fstab_source, Discovery
+from tasks.lib.fstab import mount_order, parse_fstab, skip_reason
+from tasks.lib.paths import read_text_in_root, resolve_in_root
+from tasks.lib.runner import P2VError
+from tasks.lib.storage import group_md_members, linear_lv_extent
+
+CENTOS7_FSTAB = """\
+#
+# /etc/fstab
+# Created by anaconda on Tue Mar  3 10:00:00 2020
+#
+/dev/mapper/centos-root /                       xfs     defaults        0 0
+UUID=0b3c4d5e-aaaa-bbbb-cccc-0123456789ab /boot                   xfs     defaults        0 0
+/dev/mapper/centos-swap swap                    swap    defaults        0 0
+LABEL=data /srv/my\\040data ext4 defaults,nofail 1 2
+nas:/export/home /home nfs defaults,_netdev 0 0
+/srv/a /var/a none bind 0 0
+tmpfs /dev/shm tmpfs defaults 0 0
+/dev/sr0 /media/cdrom iso9660 noauto,ro 0 0
+"""
+
+PROBES = {
+    "disk1p1": {"TYPE": "xfs", "UUID": "0b3c4d5e-aaaa-bbbb-cccc-0123456789ab", "USAGE": "filesystem"},
+    "disk1p2": {"TYPE": "LVM2_member", "UUID": "pv-uuid"},
+    "lv:centos/root": {"TYPE": "xfs", "UUID": "1111", "USAGE": "filesystem"},
+    "lv:centos/swap": {"TYPE": "swap", "UUID": "2222"},
+    "disk2p1": {"TYPE": "ext4", "UUID": "3333", "LABEL": "data", "USAGE": "filesystem"},
+}
+LVS = [{"vg": "centos", "name": "root", "device": "lv:centos/root"},
+       {"vg": "centos", "name": "swap", "device": "lv:centos/swap"}]
+
+
+def test_parse_fstab_keeps_every_field_and_unescapes_paths() -> None:
+    entries, warnings = parse_fstab(CENTOS7_FSTAB + "broken-line\n")
+    assert [e.file for e in entries][:4] == ["/", "/boot", "swap", "/srv/my data"]
+    assert entries[3].options == ("defaults", "nofail") and entries[3].passno == 2
+    assert warnings == ["fstab line 13: too few fields, ignored: 'broken-line'"]
+
+
+def test_skip_reasons() -> None:
+    entries, _ = parse_fstab(CENTOS7_FSTAB)
+    reasons = {e.file: skip_reason(e) for e in entries}
+    assert reasons["/"] is None and reasons["swap"] is None
+    assert reasons["/home"] == "network filesystem"
+    assert reasons["/var/a"] == "bind mount"
+    assert reasons["/dev/shm"] == "pseudo filesystem"
+    assert reasons["/media/cdrom"] == "noauto"
+
+
+@pytest.mark.parametrize(("spec", "device"), [
+    ("/dev/mapper/centos-root", "lv:centos/root"),
+    ("/dev/centos/swap", "lv:centos/swap"),
+    ("UUID=0B3C4D5E-AAAA-BBBB-CCCC-0123456789AB", "disk1p1"),
+    ("LABEL=data", "disk2p1"),
+    ("/dev/sdb1", "disk2p1"),
+    ("/dev/hda1", "disk1p1"),
+    ("/dev/cciss/c0d1p1", "disk2p1"),
+    ("UUID=pv-uuid", None),  # a PV is never a mount source
+    ("UUID=nope", None),
+])
+def test_resolve_fstab_source(spec: str, device: str | None) -> None:
+    (entry,), _ = parse_fstab(f"{spec} /x ext4 defaults 0 0\n")
+    got = resolve_fstab_source(entry, PROBES, ["/img/a", "/img/b"], LVS, [])
+    assert got.device == device
+
+
+def test_live_device_names_resolve_through_the_spec() -> None:
+    (entry,), _ = parse_fstab("/dev/sdc1 /x ext4 defaults 0 0\n")
+    assert resolve_fstab_source(entry, PROBES, ["/dev/sdc", "/dev/sdd"], LVS, []).device == "disk1p1"
+
+
+def test_mapper_names_double_dashes() -> None:
+    (entry,), _ = parse_fstab("/dev/mapper/vg--data-lv--home /home ext4 defaults 0 0\n")
+    lvs = [{"vg": "vg-data", "name": "lv-home", "device": "lv:vg-data/lv-home"}]
+    assert resolve_fstab_source(entry, {}, [], lvs, []).device == "lv:vg-data/lv-home"
+
+
+def test_choose_root() -> None:
+    assert choose_root(["disk1p2"], PROBES, None, "specs/x.yaml") == "disk1p2"
+    with pytest.raises(P2VError, match="no root filesystem found"):
+        choose_root([], PROBES, None, "specs/x.yaml")
+    with pytest.raises(P2VError, match=r"several root filesystems found: .*source.root: UUID="):
+        choose_root(["disk1p1", "disk2p1"], PROBES, None, "specs/x.yaml")
+    assert choose_root(["disk1p1", "disk2p1"], PROBES, "UUID=3333", "specs/x.yaml") == "disk2p1"
+    assert choose_root(["disk1p1", "disk2p1"], PROBES, "LABEL=data", "specs/x.yaml") == "disk2p1"
+    with pytest.raises(P2VError, match=r"specs/x.yaml: source.root: UUID=9 is not one of"):
+        choose_root(["disk1p1", "disk2p1"], PROBES, "UUID=9", "specs/x.yaml")
+
+
+def _discovery() -> Discovery:
+    return Discovery(disks=[{"source": "/img/a"}, {"source": "/img/b"}], probes=PROBES,
+                     lvm={"lvs": LVS}, md_arrays=[])
+
+
+FILESYSTEMS = {name: {"type": info["TYPE"]} for name, info in PROBES.items() if info.get("USAGE") == "filesystem"}
+
+
+def test_plan_mounts_orders_and_records_what_it_skips() -> None:
+    entries, _ = parse_fstab(CENTOS7_FSTAB)
+    records, mounts = plan_mounts(entries, _discovery(), "lv:centos/root", FILESYSTEMS)
+    assert [m["mountpoint"] for m in mounts] == ["/", "/boot", "/srv/my data"]
+    statuses = {r["file"]: r["status"] for r in records}
+    assert statuses == {"/": "mounted", "/boot": "mounted", "swap": "swap", "/srv/my data": "mounted",
+                        "/home": "skipped", "/var/a": "skipped", "/dev/shm": "skipped", "/media/cdrom": "skipped"}
+
+
+def test_missing_device_is_an_error_unless_nofail() -> None:
+    entries, _ = parse_fstab("/dev/mapper/centos-root / xfs defaults 0 0\nUUID=gone /opt ext4 defaults 0 2\n")
+    with pytest.raises(P2VError, match=r"fstab line 2: UUID=gone \(/opt\) matches no device on the source disks"):
+        plan_mounts(entries, _discovery(), "lv:centos/root", FILESYSTEMS)
+    entries, _ = parse_fstab("/dev/mapper/centos-root / xfs defaults 0 0\nUUID=gone /opt ext4 nofail 0 2\n")
+    records, mounts = plan_mounts(entries, _discovery(), "lv:centos/root", FILESYSTEMS)
+    assert [m["mountpoint"] for m in mounts] == ["/"]
+    assert records[1]["status"] == "unresolved"
+
+
+def test_mount_order_parents_first() -> None:
+    assert mount_order(["/var/log", "/", "/var", "/boot", "/var/log/audit"]) == [
+        "/", "/boot", "/var", "/var/log", "/var/log/audit"]
+
+
+LVM = {
+    "pvs": [{"device": "disk1p2", "pe_start": 1 << 20}],
+    "vgs": [{"name": "vg", "extent_size": 4 << 20}],
+}
+
+
+def test_linear_lv_offset() -> None:
+    lv = {"vg": "vg", "name": "root", "segments": [
+        {"type": "linear", "start_extent": 0, "extents": 25, "pv_ranges": [{"pv": "disk1p2", "first_extent": 10}]}]}
+    assert linear_lv_extent(lv, LVM) == ("disk1p2", (1 << 20) + 10 * (4 << 20), 25 * (4 << 20))
+
+
+def test_lv_types_without_fallback_name_what_is_missing() -> None:
+    thin = {"vg": "vg", "name": "pool", "segments": [{"type": "thin", "pv_ranges": []}]}
+    with pytest.raises(P2VError, match="LV vg/pool has segment type thin; reading it needs device-mapper"):
+        linear_lv_extent(thin, LVM)
+    split = {"vg": "vg", "name": "big", "segments": [
+        {"type": "linear", "extents": 1, "pv_ranges": [{"pv": "disk1p2", "first_extent": 0}]},
+        {"type": "linear", "extents": 1, "pv_ranges": [{"pv": "disk1p2", "first_extent": 5}]}]}
+    with pytest.raises(P2VError, match="spread over 2 extent ranges"):
+        linear_lv_extent(split, LVM)
+
+
+def test_md_members_group_into_arrays() -> None:
+    member = {"uuid": "u1", "name": "0", "level": "raid1", "metadata": "1.2", "data_offset": 2 << 20,
+              "array_size": 100 << 20, "devices": 2}
+    arrays = group_md_members({"disk2p1": member, "disk1p1": member})
+    assert len(arrays) == 1
+    assert arrays[0]["members"] == ["disk1p1", "disk2p1"] and arrays[0]["device"] == "md:0"
+
+
+def test_resolve_in_root_never_escapes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "boot" / "grub").mkdir(parents=True)
+    (root / "boot" / "grub" / "grub.conf").write_text("inside")
+    os.symlink("/boot/grub/grub.conf", root / "etc" / "grub.conf")
+    os.symlink("../../../../../../etc/passwd", root / "etc" / "escape")
+    os.symlink("/etc/hostname", root / "etc" / "hostname")
+    assert resolve_in_root(root, "/etc/grub.conf") == root / "boot" / "grub" / "grub.conf"
+    assert read_text_in_root(root, "/etc/grub.conf") == "inside"
+    assert resolve_in_root(root, "/etc/escape") == root / "etc" / "passwd"
+    assert read_text_in_root(root, "/etc/escape") is None
+    assert read_text_in_root(root, "/etc/hostname") is None  # a loop to itself, inside the root
+    assert resolve_in_root(root, "/../../etc") == root / "etc"
