@@ -51,7 +51,7 @@ def test_sata_uses_ahci(disks: tuple[Path, Path]) -> None:
 
 
 def test_missing_disk_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(P2VError, match="disk image .*nope.img does not exist"):
+    with pytest.raises(P2VError, match=r"disk image .*nope.img does not exist"):
         boot_check([tmp_path / "nope.img"], [])
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.inspect import choose_root, plan_mounts, resolve_fstab_source, Discovery
+from tasks.inspect import Discovery, choose_root, plan_mounts, resolve_fstab_source
 from tasks.lib.fstab import mount_order, parse_fstab, skip_reason
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.runner import P2VError
