@@ -7,10 +7,12 @@ host's whole chain, and a rerun does only what failed or changed.
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tasks import STAGES
-from tasks.lib.pipeline import convert_tasks, stage_tasks
+from tasks.lib.pipeline import Stage, convert_tasks, stage_tasks
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, load_specs
 
@@ -33,8 +35,8 @@ except P2VError as error:
     raise SystemExit(2) from None
 
 
-def _stage_creator(stage):
-    def create():
+def _stage_creator(stage: Stage) -> Callable[[], Iterator[dict[str, Any]]]:
+    def create() -> Iterator[dict[str, Any]]:
         yield from stage_tasks(stage, SPECS)
 
     create.__doc__ = stage.doc
@@ -45,6 +47,6 @@ for _stage in STAGES:
     globals()[f"task_{_stage.name}"] = _stage_creator(_stage)
 
 
-def task_convert():
+def task_convert() -> Iterator[dict[str, Any]]:
     """convert a host end to end (all stages)"""
     yield from convert_tasks(STAGES, SPECS)

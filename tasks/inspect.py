@@ -27,7 +27,7 @@ from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.resources import mounted, read_only_mount_options
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
-from tasks.lib.system import describe_system
+from tasks.lib.system import combine_bootloader, describe_system, guess_boot_sector
 
 log = logging.getLogger("p2v.inspect")
 
@@ -166,7 +166,7 @@ def reachable_source(spec: Spec) -> Iterator[tuple[Discovery, storage.DeviceMap]
         for disk in attached:
             table = storage.partition_table(disk.node)
             disks.append({"name": disk.name, "source": disk.source, "size": disk.size, "table": table,
-                          "boot_code": storage.boot_code(disk.node)})
+                          "boot_code": guess_boot_sector(storage.boot_sector(disk.node))})
             if table is None:
                 probes[disk.name] = storage.probe(disk.node)
             for part in (table or {}).get("partitions", []):
@@ -324,7 +324,10 @@ def build_layout(spec: Spec) -> dict[str, Any]:
         for mount in mounts:
             filesystems[mount["device"]]["mountpoint"] = mount["mountpoint"]
         with mounted_tree(spec, mounts, devices) as tree:
-            system = describe_system(tree).to_json()
+            description = describe_system(tree)
+        system = description.to_json()
+        boot_disk = discovery.disks[0]
+        bootloader, boot_warnings = combine_bootloader(description.bootloader, boot_disk["boot_code"])
         swaps = _swaps(discovery.probes, devices)
         swap_devices = {r["device"] for r in fstab_records if r.get("status") == "swap"}
         for swap in swaps:
@@ -340,11 +343,13 @@ def build_layout(spec: Spec) -> dict[str, Any]:
         "filesystems": [filesystems[name] for name in sorted(filesystems)],
         "swaps": swaps,
         "root": root,
+        "boot": {"disk": boot_disk["name"], "boot_code": boot_disk["boot_code"], "bootloader": bootloader,
+                 "config_path": description.bootloader.config_path, "firmware": description.bootloader.firmware},
         "fstab": fstab_records,
         "mounts": mounts,
         "used_bytes": sum(filesystems[m["device"]]["used_bytes"] for m in mounts),
         "system": system,
-        "warnings": sorted(fstab_warnings + list(system.get("warnings", []))),
+        "warnings": sorted(fstab_warnings + boot_warnings + list(system.get("warnings", []))),
     }
     layout["later"] = later_work(layout)
     return layout
@@ -366,11 +371,12 @@ def summary(layout: Mapping[str, Any]) -> str:
         lines.append(f"  {mount['mountpoint']:<12} {mount['device']:<24} {fs['type']:<5} "
                      f"{fs['used_bytes'] / gib:6.2f} GiB used  UUID={fs['uuid']}")
     system = layout["system"]
-    osinfo = system.get("os", {})
-    boot = system.get("bootloader", {})
-    lines.append(f"  OS: {osinfo.get('pretty_name') or osinfo.get('id')}; kernels: "
-                 f"{', '.join(k['version'] for k in system.get('kernels', []))}; "
-                 f"bootloader: {boot.get('kind')} ({boot.get('config_path')}), {boot.get('firmware')}")
+    osinfo = system["os"]
+    boot = layout["boot"]
+    kernels = ", ".join(f"{k['version']} (virtio_blk {k['virtio']['virtio_blk']})" for k in system["kernels"])
+    lines.append(f"  OS: {osinfo['pretty_name'] or osinfo['id']}; kernels: {kernels}")
+    lines.append(f"  boot: {boot['bootloader']} ({boot['config_path']}) on {boot['disk']}, {boot['firmware']}; "
+                 f"network: {', '.join(system['network']['styles']) or 'none found'}")
     for note in layout["later"]:
         lines.append(f"  later: {note}")
     return "\n".join(lines)

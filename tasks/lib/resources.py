@@ -112,8 +112,9 @@ def loop_device(
     path = output([*argv, os.fspath(backing)])
     dev = LoopDevice(path=path, backing=os.fspath(backing), read_only=read_only)
     try:
-        if read_only:
-            run(["blockdev", "--setro", path])
+        # losetup --read-only already makes the loop device read-only, and a
+        # `blockdev --setro` on it would outlive the detach and turn the next
+        # user of /dev/loopN read-only. Its partitions are set read-only below.
         if partitions:
             _sync_partition_nodes(path)
             if read_only:

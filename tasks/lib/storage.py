@@ -142,17 +142,10 @@ def partition_table(node: str) -> dict[str, Any] | None:
     }
 
 
-def boot_code(node: str) -> str | None:
-    """What the first sectors say: ReaR's guess, by strings in the boot code."""
+def boot_sector(node: str) -> bytes:
+    """The first 2 KiB of a disk: MBR boot code and what follows it."""
     with open(node, "rb") as handle:
-        head = handle.read(2048)
-    if b"GRUB" in head:
-        return "grub"
-    if b"LILO" in head:
-        return "lilo"
-    if b"SYSLINUX" in head or b"EXTLINUX" in head:
-        return "syslinux"
-    return None if not head.strip(b"\0") else "unknown"
+        return handle.read(2048)
 
 
 def probe(node: str) -> dict[str, str]:
