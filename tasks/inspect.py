@@ -313,8 +313,7 @@ def later_work(layout: Mapping[str, Any]) -> list[str]:
 def build_layout(spec: Spec) -> dict[str, Any]:
     with reachable_source(spec) as (discovery, devices):
         filesystems, roots = measure_filesystems(spec, discovery, devices)
-        spec_file = os.path.relpath(spec.path)
-        root = choose_root(roots, discovery.probes, spec.source.root, spec_file)
+        root = choose_root(roots, discovery.probes, spec.source.root, spec.file)
         with scratch_dir(spec.host, "root") as point:
             fstype = filesystems[root]["type"]
             with mounted(devices.node(root), point, fstype=fstype, options=read_only_mount_options(fstype)):

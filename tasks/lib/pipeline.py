@@ -89,6 +89,8 @@ def ensure_console_logging() -> None:
         console.setLevel(logging.INFO)
         console.setFormatter(logging.Formatter("%(message)s"))
         console._p2v_console = True  # type: ignore[attr-defined]
+        # A stage failure reaches the console once, as doit's TaskFailed line.
+        console.addFilter(lambda record: getattr(record, "console", True))
         root.addHandler(console)
 
 
@@ -109,11 +111,11 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
                 raise P2VError(f"stage {stage.name} finished without writing {partial.name}")
             os.replace(partial, target)
         except P2VError as error:
-            log.error("p2v: %s:%s failed: %s", stage.name, spec.host, error)
-            return TaskFailed(f"{stage.name}:{spec.host}: {error}\n(log: {log_path})")
+            log.error("%s:%s failed: %s", stage.name, spec.host, error, extra={"console": False})
+            return TaskFailed(f"{stage.name}:{spec.host}: {error} [log: {log_path}]")
         except OSError as error:
-            log.error("p2v: %s:%s failed: %s", stage.name, spec.host, error)
-            return TaskFailed(f"{stage.name}:{spec.host}: {error}\n(log: {log_path})")
+            log.error("%s:%s failed: %s", stage.name, spec.host, error, extra={"console": False})
+            return TaskFailed(f"{stage.name}:{spec.host}: {error} [log: {log_path}]")
         log.info("== %s:%s done in %.1f s -> %s", stage.name, spec.host, time.monotonic() - started, target)
     return None
 

@@ -94,6 +94,7 @@ class GlancePolicy:
 class Spec:
     host: str
     path: Path
+    file: str  # the spec file as shown in messages: specs/<host>.yaml
     source: Source
     workdir: Path
     target: TargetPolicy
@@ -265,6 +266,7 @@ def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
     return Spec(
         host=host,
         path=path.resolve(),
+        file=shown,
         source=source,
         workdir=workdir.absolute(),
         target=TargetPolicy(**target),
