@@ -268,3 +268,10 @@ def test_unsupported_lvm_segment_type_names_what_is_missing(tmp_path: Path) -> N
     assert result.returncode != 0
     assert f"LV {vg}/data has segment type striped; reading it needs device-mapper" in result.stdout
     assert leftovers([image]) == []
+
+
+def test_layout_matches_its_documented_schema(inspected: dict[str, Any]) -> None:
+    import jsonschema
+
+    schema = json.loads((PROJECT_DIR / "tasks" / "schemas" / "layout.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(inspected["layout"])
