@@ -195,7 +195,8 @@ def xfs_features(node: str) -> dict[str, Any]:
         head = re.match(r"^(\S+)\s*=", line)
         if head:
             section = head.group(1)
-        for key, value in re.findall(r"([a-z0-9_-]+)=(\S+)", line):
+        for key, raw in re.findall(r"([a-z0-9_-]+)=([^\s,]+)", line):
+            value = raw.strip()
             name = f"{section}.{key}" if key == "bsize" else key
             if key in _XFS_KEYS and name not in values:
                 values[name] = int(value) if value.isdigit() else value
