@@ -15,6 +15,7 @@ from tasks import STAGES
 from tasks.lib.pipeline import Stage, convert_tasks, stage_tasks
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, load_specs
+from tasks.plan import plan_tasks
 
 SPEC_DIR = Path(os.environ.get("P2V_SPECS", PROJECT_DIR / "specs")).resolve()
 
@@ -50,3 +51,8 @@ for _stage in STAGES:
 def task_convert() -> Iterator[dict[str, Any]]:
     """convert a host end to end (all stages)"""
     yield from convert_tasks(STAGES, SPECS)
+
+
+def task_plan() -> Iterator[dict[str, Any]]:
+    """show the target disk plan, source -> target (writes nothing)"""
+    yield from plan_tasks(SPECS)

@@ -99,6 +99,11 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     target = spec.artifact(stage.target)
     partial = target.with_name(target.name + ".partial")
     log_path = spec.log_dir / f"{stage.name}.log"
+    try:
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return TaskFailed(f"{stage.name}:{spec.host}: cannot create the log directory {spec.log_dir}: "
+                          f"{error.strerror} (hint: the workdir must be writable)")
     with stage_logging(log_path):
         log.info("== %s:%s (log: %s)", stage.name, spec.host, log_path)
         started = time.monotonic()

@@ -173,7 +173,10 @@ def read_only_mount_options(fstype: str) -> list[str]:
     if fstype in ("ext3", "ext4"):
         return ["ro", "noload"]
     if fstype == "xfs":
-        return ["ro", "norecovery"]
+        # nouuid: XFS refuses a second mount of the same UUID, and the target
+        # may carry the source's UUID (keep_uuids), or another run may read
+        # the same source.
+        return ["ro", "norecovery", "nouuid"]
     if fstype == "btrfs":
         return ["ro", "nologreplay"]
     return ["ro"]

@@ -1,0 +1,516 @@
+"""A manifest of a tree: per entry, everything a faithful copy must keep.
+
+    build_manifest(root, excludes, omit=..., mounts=...) -> Manifest
+    compare(source, target) -> list[Difference]
+    manifest.digest() -> "sha256:<hex>"
+
+One `Entry` per file, directory, symlink, FIFO, socket or device node under
+`root`, keyed by its path as the server sees it (`/`, `/etc/shadow`). Paths are
+bytes-safe: names that are not UTF-8 are kept as surrogate-escaped `str`
+(`os.fsdecode`), which JSON carries as `\\udcXX` escapes and which turns back
+into the same bytes.
+
+The walk stays on the root's filesystem. A directory on another device is a
+mount point: it is recorded (with the attributes of the mounted root, as
+`rsync -x` and `tar --one-file-system` copy it) and entered only when listed in
+`mounts`. `excludes` names directories whose *contents* are left out
+(`/proc`, `/tmp`: the directory itself stays); `omit` names entries left out
+altogether (swap files).
+
+What is recorded, and compared:
+- type, mode (with setuid/setgid/sticky), uid and gid as numbers, mtime in ns;
+- regular files: size and SHA-256 of the content; symlinks: the target;
+  device nodes: major and minor;
+- POSIX ACLs (access and default) decoded from their xattrs, and every other
+  xattr (`security.selinux`, `security.capability`, `user.*`), sorted;
+- hard links: `link`, the first path (in byte order) of the entry's inode
+  group, set on every member when at least two recorded paths share an inode.
+  Link counts are not compared: a link outside the recorded area changes them.
+- sparse files: `sparse`, whether the file has a hole (SEEK_HOLE before its
+  end). It is compared one way only: a sparse source file must stay sparse,
+  but a target may be sparser than its source, because `rsync -S` and
+  `tar --sparse` punch holes where the source had allocated zeros. Exact
+  block counts differ between filesystems anyway.
+
+Directories: the size (a filesystem's bookkeeping) is not recorded; the mtime
+is, and compared, because both copy methods set directory times after filling
+the directory (copy.py checks this). atime and ctime are never compared: reading
+changes the one, and nothing can set the other. The root entry `/` of a tree is
+the mounted filesystem's root, so its mode, owner, xattrs and mtime count too.
+
+The digest is the SHA-256 of the canonical JSON of every compared field
+(everything but `sparse`, the one-way property), so two trees that compare
+equal have the same digest.
+
+Hashing runs in a thread pool (hashlib and read() release the GIL); on two
+cores, 4 threads keep both busy while others wait for the disk.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+import json
+import os
+import stat
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tasks.lib.runner import P2VError
+
+MANIFEST_FORMAT = "p2v-manifest"
+MANIFEST_VERSION = 1
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+
+# Work handed to one pool task: many small files, or one slice of big ones.
+BATCH_ENTRIES = 256
+BATCH_BYTES = 64 << 20
+READ_CHUNK = 1 << 20
+DEFAULT_WORKERS = 4
+
+_TYPES = (
+    (stat.S_ISREG, "file"),
+    (stat.S_ISDIR, "dir"),
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "char"),
+    (stat.S_ISBLK, "block"),
+)
+
+# POSIX ACL xattr layout (linux/posix_acl_xattr.h): a version, then (tag, perm, id) entries.
+_ACL_VERSION = 2
+_ACL_TAGS = {0x01: ("user", False), 0x02: ("user", True), 0x04: ("group", False), 0x08: ("group", True),
+             0x10: ("mask", False), 0x20: ("other", False)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str  # "/" or "/etc/shadow", surrogate-escaped
+    type: str  # file dir symlink fifo socket char block
+    mode: int  # permission bits with setuid/setgid/sticky
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0  # regular files only
+    sha256: str | None = None  # regular files only
+    target: str | None = None  # symlinks only, surrogate-escaped
+    rdev: tuple[int, int] | None = None  # char and block devices: (major, minor)
+    acl_access: str | None = None  # "user::rw-,user:4242:rw-,group::r--,mask::rw-,other::r--"
+    acl_default: str | None = None
+    xattrs: tuple[tuple[str, str], ...] = ()  # (name, hex value), sorted, without the ACLs
+    link: str | None = None  # first path of the hard-link group
+    sparse: bool = False  # regular file with a hole
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "rdev" and value is not None:
+                value = list(value)
+            elif spec.name == "xattrs":
+                value = dict(value)
+            data[spec.name] = value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Entry:
+        rdev = data.get("rdev")
+        return cls(**{**data, "rdev": tuple(rdev) if rdev is not None else None,
+                      "xattrs": tuple(sorted(data.get("xattrs", {}).items()))})
+
+    def comparable(self) -> dict[str, Any]:
+        """The fields that must be equal in a faithful copy (the digest's input)."""
+        data = self.to_json()
+        del data["sparse"]
+        return data
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: str  # where it was read, for messages only (not in the digest)
+    entries: dict[str, Entry]  # path -> entry, in path byte order
+    excludes: tuple[str, ...] = ()
+    omit: tuple[str, ...] = ()
+    mounts: tuple[str, ...] = ()
+    stats: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def files(self) -> int:
+        """Entries of every type, the root included."""
+        return len(self.entries)
+
+    @property
+    def regular_files(self) -> int:
+        return sum(1 for e in self.entries.values() if e.type == "file")
+
+    @property
+    def total_bytes(self) -> int:
+        """Apparent size of the regular files, each inode counted once."""
+        return sum(e.size for e in self.entries.values() if e.type == "file" and e.link in (None, e.path))
+
+    def canonical_json(self) -> bytes:
+        rows = [entry.comparable() for entry in self.entries.values()]
+        return json.dumps(rows, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "root": self.root, "digest": self.digest(),
+            "excludes": list(self.excludes), "omit": list(self.omit), "mounts": list(self.mounts),
+            "entries": [entry.to_json() for entry in self.entries.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+            raise P2VError(f"not a version {MANIFEST_VERSION} p2v manifest: format {data.get('format')!r}, "
+                           f"version {data.get('version')!r}")
+        entries = [Entry.from_json(row) for row in data["entries"]]
+        return cls(root=data["root"], entries=_sorted(entries), excludes=tuple(data["excludes"]),
+                   omit=tuple(data["omit"]), mounts=tuple(data["mounts"]))
+
+    def write(self, path: Path) -> None:
+        # ensure_ascii keeps surrogate-escaped names intact (as \\udcXX).
+        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=True) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls.from_json(json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class Difference:
+    path: str
+    what: str  # "missing", "extra", or the field that differs ("mode", "xattr user.x", ...)
+    source: str = ""  # rendered values
+    target: str = ""
+
+    def __str__(self) -> str:
+        if self.what in ("missing", "extra"):
+            return f"{self.what}: {shown(self.path)}"
+        return f"{shown(self.path)}: {self.what} {self.source} != {self.target}"
+
+
+# ---------------------------------------------------------------- paths
+
+
+def shown(path: str) -> str:
+    """A path for a message: non-UTF-8 bytes as \\xNN, newlines as \\n."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").replace("\n", "\\n")
+
+
+def normalize(path: str) -> str:
+    """`proc`, `/proc/`, `./proc` -> `/proc`; `` and `.` -> `/`."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise P2VError(f"path {path!r} must not contain '..'")
+    return "/" + "/".join(parts)
+
+
+def _sort_key(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def _sorted(entries: Iterable[Entry]) -> dict[str, Entry]:
+    return {e.path: e for e in sorted(entries, key=lambda e: _sort_key(e.path))}
+
+
+# ---------------------------------------------------------------- reading one entry
+
+
+def acl_text(value: bytes) -> str:
+    """A POSIX ACL xattr in getfacl's short form; undecodable values as hex."""
+    if len(value) < 4 or (len(value) - 4) % 8 or struct.unpack_from("<I", value)[0] != _ACL_VERSION:
+        return "hex:" + value.hex()
+    parts = []
+    for offset in range(4, len(value), 8):
+        tag, perm, ident = struct.unpack_from("<HHI", value, offset)
+        if tag not in _ACL_TAGS:
+            return "hex:" + value.hex()
+        name, qualified = _ACL_TAGS[tag]
+        perms = "".join(char if perm & bit else "-" for bit, char in ((4, "r"), (2, "w"), (1, "x")))
+        parts.append(f"{name}:{ident if qualified else ''}:{perms}")
+    return ",".join(parts)
+
+
+def _type_of(mode: int) -> str:
+    for test, name in _TYPES:
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def _xattrs(full: bytes) -> tuple[str | None, str | None, tuple[tuple[str, str], ...]]:
+    try:
+        names = os.listxattr(full, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None, None, ()
+        raise
+    access = default = None
+    others = []
+    for name in sorted(names):
+        try:
+            value = os.getxattr(full, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:  # removed meanwhile
+                continue
+            raise
+        if name == ACL_ACCESS:
+            access = acl_text(value)
+        elif name == ACL_DEFAULT:
+            default = acl_text(value)
+        else:
+            others.append((name, value.hex()))
+    return access, default, tuple(others)
+
+
+def _open_for_reading(full: bytes) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(full, flags | os.O_NOATIME)
+    except PermissionError:  # O_NOATIME needs the owner or CAP_FOWNER
+        return os.open(full, flags)
+
+
+def _content(full: bytes, size: int, buffer: bytearray) -> tuple[str, bool]:
+    """(sha256, has a hole) of a regular file."""
+    digest = hashlib.sha256()
+    fd = _open_for_reading(full)
+    try:
+        sparse = False
+        if size:
+            try:
+                sparse = os.lseek(fd, 0, os.SEEK_HOLE) < size
+            except OSError:
+                sparse = False
+            os.lseek(fd, 0, os.SEEK_SET)
+        view = memoryview(buffer)
+        while True:
+            count = os.readv(fd, [buffer])
+            if not count:
+                break
+            digest.update(view[:count])
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), sparse
+
+
+def _describe(root: bytes, path: bytes, info: os.stat_result, buffer: bytearray) -> Entry:
+    full = root + path if path != b"/" else root  # root "/" gives "//etc": fine for the kernel
+    kind = _type_of(info.st_mode)
+    access, default, xattrs = _xattrs(full)
+    entry = Entry(
+        path=os.fsdecode(path), type=kind, mode=stat.S_IMODE(info.st_mode), uid=info.st_uid, gid=info.st_gid,
+        mtime_ns=info.st_mtime_ns, acl_access=access, acl_default=default, xattrs=xattrs,
+    )
+    if kind == "file":
+        sha, sparse = _content(full, info.st_size, buffer)
+        entry = replace(entry, size=info.st_size, sha256=sha, sparse=sparse)
+    elif kind == "symlink":
+        entry = replace(entry, target=os.fsdecode(os.readlink(full)))
+    elif kind in ("char", "block"):
+        entry = replace(entry, rdev=(os.major(info.st_rdev), os.minor(info.st_rdev)))
+    return entry
+
+
+def _describe_batch(root: bytes, batch: list[tuple[bytes, os.stat_result]]) -> list[Entry]:
+    buffer = bytearray(READ_CHUNK)
+    entries = []
+    for path, info in batch:
+        try:
+            entries.append(_describe(root, path, info, buffer))
+        except FileNotFoundError:
+            continue  # removed since the walk saw it (a live tree); the compare will tell
+        except OSError as exc:
+            raise P2VError(f"cannot read {shown(os.fsdecode(path))} under {os.fsdecode(root)}: {exc.strerror}") \
+                from None
+    return entries
+
+
+# ---------------------------------------------------------------- walking
+
+
+def _walk(root: bytes, excludes: frozenset[bytes], omit: frozenset[bytes],
+          mounts: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) of every entry, staying on the filesystems asked for."""
+    top = os.lstat(root)
+    if not stat.S_ISDIR(top.st_mode):
+        raise P2VError(f"{os.fsdecode(root)} is not a directory")
+    yield b"/", top
+    pending: list[tuple[bytes, int]] = [(b"", top.st_dev)]
+    while pending:
+        directory, device = pending.pop()
+        if (directory or b"/") in excludes:
+            continue
+        try:
+            scan = os.scandir(root + directory if directory else root)
+        except OSError as exc:
+            raise P2VError(f"cannot list {shown(os.fsdecode(directory or b'/'))} under {os.fsdecode(root)}: "
+                           f"{exc.strerror}") from None
+        with scan:
+            children = sorted(scan, key=lambda d: d.name)
+        for child in children:
+            path = directory + b"/" + child.name
+            if path in omit:
+                continue
+            try:
+                info = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield path, info
+            if stat.S_ISDIR(info.st_mode) and path not in excludes and (info.st_dev == device or path in mounts):
+                pending.append((path, info.st_dev))
+
+
+def _batches(items: Iterable[tuple[bytes, os.stat_result]]) -> Iterator[list[tuple[bytes, os.stat_result]]]:
+    batch: list[tuple[bytes, os.stat_result]] = []
+    size = 0
+    for item in items:
+        info = item[1]
+        if stat.S_ISREG(info.st_mode):
+            size += info.st_size
+        batch.append(item)
+        if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _link_groups(items: Iterable[tuple[bytes, os.stat_result]]) -> dict[bytes, bytes]:
+    """path -> first path of its inode, for inodes that two or more recorded paths share."""
+    groups: dict[tuple[int, int], list[bytes]] = {}
+    for path, info in items:
+        if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+            groups.setdefault((info.st_dev, info.st_ino), []).append(path)
+    first: dict[bytes, bytes] = {}
+    for paths in groups.values():
+        if len(paths) > 1:
+            leader = min(paths)
+            for path in paths:
+                first[path] = leader
+    return first
+
+
+def build_manifest(
+    root: str | os.PathLike[str],
+    excludes: Sequence[str] = (),
+    *,
+    omit: Sequence[str] = (),
+    mounts: Sequence[str] = (),
+    workers: int = DEFAULT_WORKERS,
+) -> Manifest:
+    """Read every entry under `root` (see the module doc for what each argument leaves out)."""
+    started = time.monotonic()
+    top = os.fsencode(os.path.abspath(root))
+    norm_excludes = tuple(normalize(p) for p in excludes)
+    norm_omit = tuple(normalize(p) for p in omit)
+    norm_mounts = tuple(normalize(p) for p in mounts)
+    walked = list(_walk(top, frozenset(map(os.fsencode, norm_excludes)), frozenset(map(os.fsencode, norm_omit)),
+                        frozenset(map(os.fsencode, norm_mounts))))
+    walk_seconds = time.monotonic() - started
+    links = _link_groups(walked)
+    entries: list[Entry] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="manifest") as pool:
+        for described in pool.map(lambda batch: _describe_batch(top, batch), _batches(walked)):
+            entries.extend(described)
+    entries = [replace(e, link=os.fsdecode(links[key])) if (key := os.fsencode(e.path)) in links else e
+               for e in entries]
+    return Manifest(
+        root=os.fsdecode(top), entries=_sorted(entries), excludes=norm_excludes, omit=norm_omit, mounts=norm_mounts,
+        stats={"walk_seconds": walk_seconds, "seconds": time.monotonic() - started},
+    )
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def _mtime(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    try:
+        moment = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return f"{ns} ns"
+    return f"{moment}.{fraction:09d}Z"
+
+
+def _render(name: str, value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if name == "mode":
+        return f"{value:04o}"
+    if name == "mtime_ns":
+        return _mtime(value)
+    if name == "sha256":
+        return str(value)[:16]
+    if name in ("target", "link"):
+        return shown(value)
+    if name == "rdev":
+        return f"{value[0]}:{value[1]}"
+    if name == "sparse":
+        return "yes" if value else "no"
+    if name == "xattr":
+        return str(value) if len(value) <= 40 else str(value)[:40] + "…"
+    return str(value)
+
+
+_LABELS = {"mtime_ns": "mtime", "acl_access": "access ACL", "acl_default": "default ACL", "link": "hard link to",
+           "rdev": "device"}
+_COMPARED = ("mode", "uid", "gid", "size", "sha256", "target", "rdev", "acl_access", "acl_default", "link",
+             "mtime_ns")
+
+
+def compare_entries(source: Entry, target: Entry) -> list[Difference]:
+    path = source.path
+    if source.type != target.type:
+        return [Difference(path, "type", source.type, target.type)]
+    found = []
+    for name in _COMPARED:
+        a, b = getattr(source, name), getattr(target, name)
+        if a != b:
+            found.append(Difference(path, _LABELS.get(name, name), _render(name, a), _render(name, b)))
+    theirs = dict(target.xattrs)
+    ours = dict(source.xattrs)
+    for name in sorted(set(ours) | set(theirs)):
+        if ours.get(name) != theirs.get(name):
+            found.append(Difference(path, f"xattr {name}", _render("xattr", ours.get(name)),
+                                    _render("xattr", theirs.get(name))))
+    if source.sparse and not target.sparse:
+        found.append(Difference(path, "sparse", "yes", "no"))
+    return found
+
+
+def compare(source: Manifest, target: Manifest) -> list[Difference]:
+    """What the target lacks or has differently, in path order. Empty when the copy is faithful."""
+    found: list[Difference] = []
+    for path in sorted(set(source.entries) | set(target.entries), key=_sort_key):
+        ours, theirs = source.entries.get(path), target.entries.get(path)
+        if theirs is None:
+            found.append(Difference(path, "missing"))
+        elif ours is None:
+            found.append(Difference(path, "extra"))
+        else:
+            found.extend(compare_entries(ours, theirs))
+    return found
+
+
+def render_differences(differences: Sequence[Difference], limit: int = 20) -> str:
+    lines = [str(d) for d in differences[:limit]]
+    if len(differences) > limit:
+        lines.append(f"... and {len(differences) - limit} more")
+    return "\n".join(lines)
