@@ -177,9 +177,7 @@ def _warn_about_space(spec: Spec, plan: DiskPlan) -> None:
 def make_disk(stage_run: StageRun) -> None:
     spec = stage_run.spec
     image = stage_run.partial
-    plan_path = spec.artifact(plan_io.PLAN_FILE)
-    # disk.img is gone (the pipeline removed it); its old plan goes too.
-    plan_path.unlink(missing_ok=True)
+    plan_path = spec.artifact(plan_io.PLAN_FILE)  # the pipeline removed the old one
     plan = plan_io.plan_for(spec)
     log.info("%s", render_plan(plan))
     _warn_about_space(spec, plan)
@@ -220,4 +218,5 @@ STAGE = Stage(
     inputs=("layout.json",),
     run=make_disk,
     config=_config,
+    outputs=(plan_io.PLAN_FILE,),
 )

@@ -238,6 +238,11 @@ def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
             record.update(status="skipped", reason=reason)
             records.append(record)
             continue
+        if entry.is_swap and entry.spec.startswith("/") and not entry.spec.startswith("/dev/"):
+            # A swap file lives in a filesystem; sync leaves it out, fix plans swap anew.
+            record.update(status="swapfile")
+            records.append(record)
+            continue
         resolution = resolve_fstab_source(entry, discovery.probes, disk_sources, discovery.lvm["lvs"],
                                           discovery.md_arrays)
         record["resolved_by"] = resolution.how
@@ -286,6 +291,28 @@ def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: stora
             stack.enter_context(mounted(devices.node(mount["device"]), point, fstype=mount["fstype"],
                                         options=read_only_mount_options(mount["fstype"])))
         yield tree
+
+
+@contextlib.contextmanager
+def source_tree(spec: Spec, layout: Mapping[str, Any]) -> Iterator[Path]:
+    """The source tree, read-only, as inspect found it (for sync and later stages).
+
+    Refuses to go on if a filesystem is not the one layout.json recorded:
+    the disks changed since inspect, and the layout must be made again.
+    """
+    recorded = {fs["device"]: fs for fs in layout["filesystems"]}
+    with reachable_source(spec) as (discovery, devices):
+        for mount in layout["mounts"]:
+            found = discovery.probes.get(mount["device"], {})
+            want = recorded[mount["device"]]
+            if found.get("UUID", "").lower() != want["uuid"] or found.get("TYPE") != want["type"]:
+                raise P2VError(
+                    f"{mount['device']} ({mount['mountpoint']}) is no longer the {want['type']} filesystem "
+                    f"UUID={want['uuid']} that inspect recorded",
+                    hint=f"the source changed since inspect: remove layout.json and run inspect:{spec.host} again",
+                )
+        with mounted_tree(spec, layout["mounts"], devices) as tree:
+            yield tree
 
 
 def later_work(layout: Mapping[str, Any]) -> list[str]:

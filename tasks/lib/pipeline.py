@@ -56,6 +56,10 @@ class Stage:
     run: Callable[[StageRun], None]
     # The spec fields this stage's result depends on; a change reruns it.
     config: Callable[[Spec], Mapping[str, Any]]
+    # Further files the stage writes next to its target (each atomically, by
+    # itself, before the target is renamed into place), so that later stages
+    # can depend on them.
+    outputs: tuple[str, ...] = ()
 
 
 def _stage_logger(log_path: Path) -> logging.Handler:
@@ -107,13 +111,15 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     with stage_logging(log_path):
         log.info("== %s:%s (log: %s)", stage.name, spec.host, log_path)
         started = time.monotonic()
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()
+        for stale in (target, *(spec.artifact(name) for name in stage.outputs)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         try:
             spec.workdir.mkdir(parents=True, exist_ok=True)
             stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
-            if not partial.exists():
-                raise P2VError(f"stage {stage.name} finished without writing {partial.name}")
+            for written in (partial, *(spec.artifact(name) for name in stage.outputs)):
+                if not written.exists():
+                    raise P2VError(f"stage {stage.name} finished without writing {written.name}")
             os.replace(partial, target)
         except P2VError as error:
             log.error("%s:%s failed: %s", stage.name, spec.host, error, extra={"console": False})
@@ -136,7 +142,7 @@ def stage_tasks(stage: Stage, specs: Sequence[Spec]) -> Iterator[dict[str, Any]]
             "doc": f"{stage.doc} ({spec.host})",
             "actions": [(run_stage, [stage, spec])],
             "file_dep": [str(spec.artifact(name)) for name in stage.inputs],
-            "targets": [str(spec.artifact(stage.target))],
+            "targets": [str(spec.artifact(name)) for name in (stage.target, *stage.outputs)],
             "uptodate": [config_changed(dict(stage.config(spec)))],
             "clean": True,
             "verbosity": 2,
@@ -153,7 +159,7 @@ def convert_tasks(stages: Sequence[Stage], specs: Sequence[Spec]) -> Iterator[di
             "name": spec.host,
             "doc": f"convert {spec.host} end to end",
             "actions": [(_report_done, [stages, spec])],
-            "uptodate": [True] if stages else [False],
+            "uptodate": [False],  # only prints where the host stands; the stages decide what runs
             "verbosity": 2,
         }
         if stages:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import facts, layout, oddities, system
+from tests.fixtures.cache import all_names
 from tests.fixtures.description import (
     REST,
     DescriptionError,
     GiB,
     MiB,
-    all_names,
     load_description,
     parse_description,
     parse_size,

@@ -25,6 +25,7 @@ LABEL=data /srv/my\\040data ext4 defaults,nofail 1 2
 nas:/export/home /home nfs defaults,_netdev 0 0
 /srv/a /var/a none bind 0 0
 tmpfs /dev/shm tmpfs defaults 0 0
+/swapfile none swap sw 0 0
 /dev/sr0 /media/cdrom iso9660 noauto,ro 0 0
 """
 
@@ -43,7 +44,7 @@ def test_parse_fstab_keeps_every_field_and_unescapes_paths() -> None:
     entries, warnings = parse_fstab(CENTOS7_FSTAB + "broken-line\n")
     assert [e.file for e in entries][:4] == ["/", "/boot", "swap", "/srv/my data"]
     assert entries[3].options == ("defaults", "nofail") and entries[3].passno == 2
-    assert warnings == ["fstab line 13: too few fields, ignored: 'broken-line'"]
+    assert warnings == ["fstab line 14: too few fields, ignored: 'broken-line'"]
 
 
 def test_skip_reasons() -> None:
@@ -110,7 +111,8 @@ def test_plan_mounts_orders_and_records_what_it_skips() -> None:
     assert [m["mountpoint"] for m in mounts] == ["/", "/boot", "/srv/my data"]
     statuses = {r["file"]: r["status"] for r in records}
     assert statuses == {"/": "mounted", "/boot": "mounted", "swap": "swap", "/srv/my data": "mounted",
-                        "/home": "skipped", "/var/a": "skipped", "/dev/shm": "skipped", "/media/cdrom": "skipped"}
+                        "/home": "skipped", "/var/a": "skipped", "/dev/shm": "skipped", "/media/cdrom": "skipped",
+                        "none": "swapfile"}
 
 
 def test_missing_device_is_an_error_unless_nofail() -> None:

@@ -1,0 +1,331 @@
+"""tasks.lib.manifest on small trees in tmp_path: what is recorded, what compare says, digest stability."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.manifest import (
+    HASH_BLOCK,
+    Difference,
+    Entry,
+    Manifest,
+    acl_text,
+    build_manifest,
+    compare,
+    normalize,
+    render_differences,
+    shown,
+)
+from tasks.lib.runner import P2VError, run
+
+MTIME = 1_234_567_890_123_456_789
+
+
+def user_xattrs_work(path: Path) -> bool:
+    probe = path / ".xattr-probe"
+    probe.write_text("")
+    try:
+        os.setxattr(probe, "user.p2v.probe", b"1")
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            return False
+        raise
+    finally:
+        probe.unlink()
+
+
+def make_tree(root: Path) -> Path:
+    """A small tree with one of each kind that a user (no root) can make."""
+    root.mkdir()
+    (root / "etc").mkdir()
+    (root / "etc" / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (root / "etc" / "shadow").chmod(0o640)
+    (root / "bin").mkdir()
+    tool = root / "bin" / "tool"
+    tool.write_bytes(b"\x7fELF" + bytes(100))
+    tool.chmod(0o4755)
+    sticky = root / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    # hard links: three names, two directories
+    (root / "links").mkdir()
+    (root / "links" / "other").mkdir()
+    first = root / "links" / "a"
+    first.write_text("one inode\n")
+    os.link(first, root / "links" / "b")
+    os.link(first, root / "links" / "other" / "c")
+    # symlinks, one dangling, one to a directory
+    os.symlink("../etc/shadow", root / "bin" / "relative")
+    os.symlink("/nowhere", root / "bin" / "dangling")
+    os.symlink("links", root / "to-dir")
+    os.mkfifo(root / "fifo", 0o600)
+    # a name that is not UTF-8
+    (root / os.fsdecode(b"caf\xe9")).write_text("latin-1\n")
+    # sparse: data at the start and in the last block, a hole between
+    sparse = root / "sparse.img"
+    with sparse.open("wb") as handle:
+        handle.write(b"head")
+        handle.seek(8 * HASH_BLOCK)
+        handle.write(b"tail")
+    (root / "empty").write_bytes(b"")
+    (root / "proc").mkdir()
+    (root / "proc" / "1").mkdir()
+    (root / "proc" / "1" / "status").write_text("pid 1\n")
+    (root / "swapfile").write_bytes(bytes(4096))
+    for path in [*root.rglob("*"), root]:
+        os.utime(path, ns=(MTIME, MTIME), follow_symlinks=False)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "tree")
+
+
+def cp_a(tree: Path, where: Path) -> Path:
+    """A faithful copy by the obvious tool: links, modes, times, xattrs and holes kept."""
+    run(["cp", "-a", "--sparse=always", str(tree), str(where)])
+    return where
+
+
+# ---------------------------------------------------------------- what is recorded
+
+
+def test_entries_of_every_kind(tree: Path) -> None:
+    manifest = build_manifest(tree)
+    entries = manifest.entries
+    assert entries["/"].type == "dir"
+    assert entries["/etc/shadow"].mode == 0o640
+    assert entries["/bin/tool"].mode == 0o4755
+    assert entries["/shared"].mode == 0o1777
+    assert entries["/bin/relative"].type == "symlink" and entries["/bin/relative"].target == "../etc/shadow"
+    assert entries["/bin/dangling"].target == "/nowhere"
+    assert entries["/to-dir"].type == "symlink"
+    assert entries["/fifo"].type == "fifo" and entries["/fifo"].mode == 0o600
+    assert entries["/etc/shadow"].uid == os.getuid() and entries["/etc/shadow"].gid == os.getgid()
+    assert entries["/etc/shadow"].mtime_ns == MTIME
+    assert entries["/etc"].mtime_ns == MTIME  # directory mtimes are recorded
+    assert entries["/empty"].size == 0 and entries["/empty"].sha256 is not None
+    assert not entries["/empty"].sparse
+    assert entries["/bin/tool"].size == 104
+
+
+def test_non_utf8_names_round_trip(tree: Path, tmp_path: Path) -> None:
+    manifest = build_manifest(tree)
+    name = os.fsdecode(b"/caf\xe9")
+    assert name in manifest.entries
+    assert shown(name) == "/caf\\xe9"
+    saved = tmp_path / "manifest.json"
+    manifest.write(saved)
+    json.loads(saved.read_text())  # plain ASCII JSON
+    again = Manifest.read(saved)
+    assert again.entries == manifest.entries
+    assert again.digest() == manifest.digest()
+
+
+def test_hard_link_groups_name_their_first_path(tree: Path) -> None:
+    entries = build_manifest(tree).entries
+    assert entries["/links/a"].link == "/links/a"
+    assert entries["/links/b"].link == "/links/a"
+    assert entries["/links/other/c"].link == "/links/a"
+    assert entries["/etc/shadow"].link is None
+
+
+def test_a_link_outside_the_recorded_area_is_not_a_group(tree: Path) -> None:
+    manifest = build_manifest(tree, omit=["/links/b", "/links/other/c"])
+    assert manifest.entries["/links/a"].link is None
+
+
+def test_sparse_file_is_sparse_and_hashed_without_reading_holes(tree: Path) -> None:
+    entries = build_manifest(tree).entries
+    sparse = entries["/sparse.img"]
+    assert sparse.size == 8 * HASH_BLOCK + 4
+    if os.stat(tree / "sparse.img").st_blocks * 512 >= sparse.size:
+        pytest.skip("this filesystem does not keep holes")
+    assert sparse.sparse
+    # Same bytes, no holes: same hash.
+    dense = tree / "dense.img"
+    dense.write_bytes((tree / "sparse.img").read_bytes())
+    assert build_manifest(tree).entries["/dense.img"].sha256 == sparse.sha256
+    assert not build_manifest(tree).entries["/dense.img"].sparse
+
+
+def test_excludes_keep_the_directory_and_omit_drops_the_entry(tree: Path) -> None:
+    manifest = build_manifest(tree, ["proc"], omit=["/swapfile"])
+    assert "/proc" in manifest.entries
+    assert "/proc/1" not in manifest.entries
+    assert "/swapfile" not in manifest.entries
+    assert manifest.excludes == ("/proc",) and manifest.omit == ("/swapfile",)
+
+
+def test_user_xattrs_sorted(tree: Path) -> None:
+    if not user_xattrs_work(tree):
+        pytest.skip("no user xattrs on this filesystem")
+    os.setxattr(tree / "etc" / "shadow", "user.z", b"\x00\xff")
+    os.setxattr(tree / "etc" / "shadow", "user.a", b"text")
+    entry = build_manifest(tree).entries["/etc/shadow"]
+    assert entry.xattrs == (("user.a", b"text".hex()), ("user.z", "00ff"))
+
+
+def acl_value(text: str) -> bytes:
+    tags = {"user": (0x01, 0x02), "group": (0x04, 0x08), "mask": (0x10, 0x10), "other": (0x20, 0x20)}
+    body = b""
+    for item in text.split(","):
+        tag, qualifier, perms = item.split(":")
+        bits = sum(bit for bit, char in zip((4, 2, 1), perms, strict=True) if char != "-")
+        body += struct.pack("<HHI", tags[tag][1 if qualifier else 0], bits,
+                            int(qualifier) if qualifier else 0xFFFFFFFF)
+    return struct.pack("<I", 2) + body
+
+
+def test_acl_text_decodes_the_xattr() -> None:
+    text = "user::rw-,user:4242:rw-,group::r--,group:4343:r--,mask::rw-,other::r--"
+    assert acl_text(acl_value(text)) == text
+    assert acl_text(b"\x01\x02").startswith("hex:")
+
+
+def test_posix_acls_recorded_apart_from_xattrs(tree: Path) -> None:
+    value = acl_value(f"user::rw-,user:{os.getuid() + 1}:rw-,group::r--,mask::rw-,other::---")
+    try:
+        os.setxattr(tree / "etc" / "shadow", "system.posix_acl_access", value)
+    except OSError:
+        pytest.skip("no POSIX ACLs here")
+    entry = build_manifest(tree).entries["/etc/shadow"]
+    assert entry.acl_access is not None and f"user:{os.getuid() + 1}:rw-" in entry.acl_access
+    assert all(not name.startswith("system.posix_acl") for name, _ in entry.xattrs)
+
+
+def test_socket_recorded(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    root.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "sock"))
+        assert build_manifest(root).entries["/sock"].type == "socket"
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_a_faithful_copy_compares_equal_with_the_same_digest(tree: Path, tmp_path: Path) -> None:
+    copy = cp_a(tree, tmp_path / "copy")
+    source, target = build_manifest(tree), build_manifest(copy)
+    assert compare(source, target) == []
+    assert source.digest() == target.digest()
+    assert source.digest().startswith("sha256:")
+
+
+def test_differences_read_well(tree: Path, tmp_path: Path) -> None:
+    copy = cp_a(tree, tmp_path / "copy")
+    (copy / "etc" / "shadow").chmod(0o600)
+    os.utime(copy / "etc" / "shadow", ns=(MTIME, MTIME))
+    (copy / "bin" / "relative").unlink()
+    (copy / "extra").write_text("x")
+    os.utime(copy, ns=(MTIME, MTIME))
+    os.utime(copy / "bin", ns=(MTIME, MTIME))
+    (copy / "links" / "b").unlink()
+    shutil.copy2(copy / "links" / "a", copy / "links" / "b")  # same content, no longer a link
+    os.utime(copy / "links", ns=(MTIME, MTIME))
+    lines = [str(d) for d in compare(build_manifest(tree), build_manifest(copy))]
+    assert "/etc/shadow: mode 0640 != 0600" in lines
+    assert "missing: /bin/relative" in lines
+    assert "extra: /extra" in lines
+    assert "/links/b: hard link to /links/a != (none)" in lines
+
+
+def test_content_size_mtime_and_type_differences(tree: Path, tmp_path: Path) -> None:
+    copy = cp_a(tree, tmp_path / "copy")
+    (copy / "etc" / "shadow").write_text("root:changed\n")
+    os.utime(copy / "etc" / "shadow", ns=(MTIME, MTIME))
+    os.utime(copy / "bin" / "tool", ns=(0, 0))
+    os.unlink(copy / "fifo")
+    (copy / "fifo").write_text("")
+    os.utime(copy / "fifo", ns=(MTIME, MTIME))
+    os.utime(copy, ns=(MTIME, MTIME))
+    found = {(d.path, d.what): d for d in compare(build_manifest(tree), build_manifest(copy))}
+    assert ("/etc/shadow", "sha256") in found and ("/etc/shadow", "size") in found
+    assert str(found[("/bin/tool", "mtime")]) == \
+        "/bin/tool: mtime 2009-02-13T23:31:30.123456789Z != 1970-01-01T00:00:00.000000000Z"
+    assert str(found[("/fifo", "type")]) == "/fifo: type fifo != file"
+
+
+def test_sparse_is_compared_one_way() -> None:
+    base = Entry(path="/f", type="file", mode=0o644, uid=0, gid=0, mtime_ns=0, size=10, sha256="x")
+    holey = Entry(**{**base.__dict__, "sparse": True})
+    one = Manifest(root="a", entries={"/f": holey})
+    other = Manifest(root="b", entries={"/f": base})
+    assert [str(d) for d in compare(one, other)] == ["/f: sparse yes != no"]
+    assert compare(other, one) == []  # a target sparser than its source is fine
+    assert one.digest() == other.digest()  # sparse-ness is not in the digest
+
+
+def test_xattr_differences_name_the_attribute() -> None:
+    base = Entry(path="/f", type="file", mode=0o644, uid=0, gid=0, mtime_ns=0,
+                 xattrs=(("security.selinux", b"system_u:object_r:etc_t:s0\x00".hex()),))
+    bare = Entry(**{**base.__dict__, "xattrs": ()})
+    (difference,) = compare(Manifest("a", {"/f": base}), Manifest("b", {"/f": bare}))
+    assert difference.what == "xattr security.selinux"
+    assert str(difference).endswith("!= (none)")
+
+
+def test_render_differences_keeps_the_first_lines_and_counts() -> None:
+    many = [Difference(f"/f{i}", "missing") for i in range(25)]
+    text = render_differences(many, 20)
+    assert text.splitlines()[0] == "missing: /f0"
+    assert text.splitlines()[-1] == "... and 5 more"
+    assert len(text.splitlines()) == 21
+
+
+# ---------------------------------------------------------------- digest
+
+
+def test_digest_is_stable_and_ignores_where_the_tree_is(tree: Path, tmp_path: Path) -> None:
+    first = build_manifest(tree)
+    again = build_manifest(tree, workers=1)
+    assert first.digest() == again.digest()
+    moved = tmp_path / "elsewhere"
+    tree.rename(moved)
+    assert build_manifest(moved).digest() == first.digest()
+
+
+def test_digest_changes_with_any_compared_field(tree: Path) -> None:
+    before = build_manifest(tree).digest()
+    os.chmod(tree / "etc" / "shadow", 0o600)
+    assert build_manifest(tree).digest() != before
+
+
+def test_canonical_json_is_sorted_by_path_bytes(tree: Path) -> None:
+    rows = json.loads(build_manifest(tree).canonical_json())
+    paths = [os.fsencode(row["path"]) for row in rows]
+    assert paths == sorted(paths)
+    assert paths[0] == b"/"
+
+
+# ---------------------------------------------------------------- walking
+
+
+def test_normalize() -> None:
+    assert normalize("proc") == "/proc"
+    assert normalize("./var//log/") == "/var/log"
+    assert normalize("") == "/"
+    with pytest.raises(P2VError):
+        normalize("/var/../etc")
+
+
+def test_root_must_be_a_directory(tree: Path) -> None:
+    with pytest.raises(P2VError, match="is not a directory"):
+        build_manifest(tree / "etc" / "shadow")
+
+
+def test_modes_of_special_kinds_are_permission_bits_only(tree: Path) -> None:
+    for entry in build_manifest(tree).entries.values():
+        assert entry.mode == stat.S_IMODE(entry.mode)
