@@ -24,7 +24,7 @@ from tasks.lib import storage
 from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, source_kind
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.resources import mounted, read_only_mount_options
+from tasks.lib.resources import host_run_dir, mounted, read_only_mount_options
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 from tasks.lib.system import combine_bootloader, describe_system, guess_boot_sector
@@ -34,7 +34,6 @@ log = logging.getLogger("p2v.inspect")
 LAYOUT_FORMAT = "p2v-layout"
 LAYOUT_VERSION = 1
 OS_RELEASE_FILES = ("etc/os-release", "usr/lib/os-release", "etc/redhat-release", "etc/debian_version")
-RUN_DIR = Path("/run/p2v")
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -142,8 +141,8 @@ class Discovery:
 
 
 def _scratch_dir(host: str, purpose: str) -> Path:
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{host}-{purpose}-", dir=RUN_DIR))
+    host_run_dir(host).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=host_run_dir(host)))
 
 
 @contextlib.contextmanager

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tasks.disk import supports_direct_io
 from tasks.inspect import source_tree
 from tasks.lib.copy import console_progress, copy_tree
 from tasks.lib.pipeline import Stage, StageRun
+from tasks.lib.plan import DiskPlan
+from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 from tasks.lib.target import mounted_target
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
@@ -47,12 +51,30 @@ def swap_files(layout: Mapping[str, Any]) -> list[str]:
     return sorted(entry["spec"] for entry in layout["fstab"] if entry.get("status") == "swapfile")
 
 
+def check_work_area(image: Path, plan: DiskPlan) -> None:
+    """Refuse to start a copy the work area cannot hold (disk.img is sparse)."""
+    usage = os.statvfs(image.parent)
+    free = usage.f_bavail * usage.f_frsize
+    data = sum(fs.used_bytes for fs in plan.filesystems)
+    already = image.stat().st_blocks * 512  # what a resumed copy has written so far
+    needed = max(0, data - already)
+    if free < needed:
+        raise P2VError(
+            f"the work area {image.parent} has {free >> 20} MiB free, and the copy needs about {needed >> 20} MiB "
+            f"more in {image.name} ({data >> 20} MiB of data, {already >> 20} MiB already written)",
+            hint="free space on the work area or move the workdir, then rerun; the copy resumes",
+        )
+
+
 def sync_host(run: StageRun) -> None:
     spec = run.spec
     layout = read_layout(run.input(LAYOUT_FILE))
     plan = read_disk_plan(run.input(PLAN_FILE))
     image = spec.artifact("disk.img")
     mountpoints = [mount["mountpoint"] for mount in layout["mounts"]]
+    if not image.is_file():
+        raise P2VError(f"{image} does not exist", hint=f"run disk:{spec.host} first")
+    check_work_area(image, plan)
     started = time.monotonic()
     with source_tree(spec, layout) as source, \
             mounted_target(image, plan, host=spec.host, direct_io=supports_direct_io(image.parent)) as target:

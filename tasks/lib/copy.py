@@ -53,6 +53,7 @@ goes to `log_file`, with the command lines.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -86,11 +87,18 @@ ALWAYS_EXCLUDED = ("/proc", "/sys", "/dev", "/run", "/tmp")
 RECEIPT_FORMAT = "p2v-copy-receipt"
 RECEIPT_VERSION = 1
 
+# XFS lists its on-disk ACLs as trusted.SGI_ACL_FILE/DEFAULT for root. Copied,
+# they would be junk xattrs on ext4; worse, an rsync rerun into XFS from a
+# source without them deletes them, and with them the target's ACLs. Neither
+# tool copies or deletes them: the ACLs travel as ACLs. An rsync xattr filter
+# replaces rsync's own "everything but system.*" rule, so that is restated.
+XATTRS_NOT_COPIED = ("system.*", "trusted.SGI_ACL_*")
 RSYNC_OPTIONS = (
     "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids", "--one-file-system",
-    "--inplace",
+    "--inplace", *(f"--filter=-x {name}" for name in XATTRS_NOT_COPIED),
 )
-TAR_COMMON = ("--xattrs", "--xattrs-include=*", "--acls", "--selinux", "--numeric-owner")
+TAR_COMMON = ("--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_ACL_*", "--acls", "--selinux",
+              "--numeric-owner")
 TAR_CREATE = ("--create", "--file=-", "--format=posix", "--one-file-system", "--sparse", "--totals",
               *TAR_COMMON)
 # -p and --same-owner are tar's defaults for root; said here so that nobody wonders.
@@ -485,6 +493,20 @@ def _failed(mountpoint: str, argv: Sequence[str], code: int, text: str, free_bef
     return CommandError(argv, code, text, hint=f"full log: {log_file.path}")
 
 
+def _prewarm(*trees: Path) -> None:
+    """Read every inode of the trees at once (du), before rsync's one-file-at-a-time walk of both.
+
+    rsync's sender and generator stat the two trees in turn, in name order:
+    on a cold cache each stat waits for its own small read. Two du's issue the
+    same reads side by side. On the fixture tree, a cold no-change resync went
+    from 3.4 s to 1.4 s (du 0.7 s, then rsync 0.7 s).
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(trees), thread_name_prefix="prewarm") as pool:
+        for result in pool.map(lambda tree: run(["du", "-sx", "--", str(tree)], check=False), trees):
+            if result.returncode != 0:
+                log.debug("prewarm: %s", result.stderr.strip())
+
+
 def _copy_rsync(source: Path, target: Path, excluded: Sequence[str], omitted: Sequence[str], log_file: _Log,
                 sample: Callable[[], None]) -> tuple[str, int, int, str]:
     """(tool, bytes, files, log text) of an rsync pass; raises on failure."""
@@ -578,12 +600,12 @@ def copy_tree(
 ) -> CopyResult:
     """Copy every filesystem of `source` (mounted as the server mounts them) into `target`.
 
-    `mountpoints`: the source's mounted filesystems ("/", "/boot", ...).
-    `exclude_contents`: directories whose contents stay behind, on top of
-    ALWAYS_EXCLUDED (pseudo and network mount points). `swap_files`: files
-    left out. With `verify`, both trees' manifests must be equal, or P2VError
-    lists the differences. A rerun into the same target continues a copy that
-    failed or was killed.
+    `mountpoints`: the source's mounted filesystems ("/", "/boot", ...); the
+    target has the same ones mounted. `exclude_contents`: directories whose
+    contents stay behind, on top of ALWAYS_EXCLUDED (pseudo and network mount
+    points). `swap_files`: files left out. With `verify`, both trees'
+    manifests must be equal, or P2VError lists the differences. A rerun into
+    the same target continues a copy that failed or was killed.
     """
     if method not in METHODS:
         raise P2VError(f"unknown copy method {method!r} (known: {', '.join(METHODS)})")
@@ -599,35 +621,34 @@ def copy_tree(
     sizes = {mp: _used(source / mp.lstrip("/")) for mp in points}
     watch = _Watch(total_bytes=sum(s[0] for s in sizes.values()), total_files=sum(s[1] for s in sizes.values()),
                    callback=progress)
-    log_file_ = _Log(log_file)
-    passes: list[PassResult] = []
-    started = time.monotonic()
+    log_ = _Log(log_file)
     try:
-        log_file_.write(f"copy {source} -> {target} by {method}: filesystems {' '.join(points)}; "
-                        f"contents excluded: {' '.join(excluded)}; swap files left out: {' '.join(swaps) or 'none'}; "
-                        f"{tools['rsync']}; {tools['tar']}")
+        log_.write(f"copy {source} -> {target} by {method}: filesystems {' '.join(points)}; "
+                   f"contents excluded: {' '.join(excluded)}; swap files left out: {' '.join(swaps) or 'none'}; "
+                   f"{tools['rsync']}; {tools['tar']}")
+        started = time.monotonic()
+        passes = []
         with tempfile.TemporaryDirectory(prefix="p2v-copy-") as scratch:
             for mp in points:
                 passes.append(_copy_filesystem(source, target, mp, method, excluded_by_fs[mp], swaps_by_fs[mp],
-                                               sizes[mp], log_file_, watch, Path(scratch)))
+                                               sizes[mp], log_, watch, Path(scratch)))
         copy_seconds = time.monotonic() - started
         log.info("copied %s in %.1f s (%s)", " ".join(points), copy_seconds,
                  ", ".join(f"{p.mountpoint} by {p.tool}{' (resumed)' if p.resumed else ''}" for p in passes))
-        if not verify:
-            return CopyResult(method=method, passes=tuple(passes), started=started_at, copy_seconds=copy_seconds,
-                              verify_seconds=0.0, files=None, regular_files=None, bytes=None, manifest_digest=None,
-                              tools=tools, excluded_contents=tuple(excluded), swap_files=tuple(swaps))
-        verify_started = time.monotonic()
-        source_manifest = verify_copy(source, target, points, excluded, swaps, log_file_)
-        verify_seconds = time.monotonic() - verify_started
+        source_manifest = None
+        if verify:
+            source_manifest = _verify(source, target, points, excluded, swaps, log_)
+            passes = _with_tar_figures(passes, source_manifest, points)
+        verify_seconds = time.monotonic() - started - copy_seconds
     finally:
-        log_file_.close()
-    passes = _with_tar_figures(passes, source_manifest, points)
+        log_.close()
     return CopyResult(
         method=method, passes=tuple(passes), started=started_at, copy_seconds=copy_seconds,
-        verify_seconds=verify_seconds, files=source_manifest.files, regular_files=source_manifest.regular_files,
-        bytes=source_manifest.total_bytes, manifest_digest=source_manifest.digest(), tools=tools,
-        excluded_contents=tuple(excluded), swap_files=tuple(swaps),
+        verify_seconds=verify_seconds, tools=tools, excluded_contents=tuple(excluded), swap_files=tuple(swaps),
+        files=source_manifest.files if source_manifest else None,
+        regular_files=source_manifest.regular_files if source_manifest else None,
+        bytes=source_manifest.total_bytes if source_manifest else None,
+        manifest_digest=source_manifest.digest() if source_manifest else None,
     )
 
 
@@ -650,6 +671,8 @@ def _copy_filesystem(source_root: Path, target_root: Path, mp: str, method: Meth
     sockets = 0
     try:
         if tool == "rsync":
+            if resumed:
+                _prewarm(source, target)
             tool, moved, files, _ = _copy_rsync(source, target, excluded, omitted, log_file, sample)
         else:
             tool, moved, files, _, sockets = _copy_tar(source, target, excluded, omitted, log_file, sample, scratch)
@@ -681,15 +704,31 @@ def _with_tar_figures(passes: Sequence[PassResult], source: Manifest, points: Se
     return result
 
 
-def verify_copy(source: Path, target: Path, mountpoints: Sequence[str], excluded: Sequence[str],
-                swaps: Sequence[str], log_file: _Log) -> Manifest:
-    """Both trees' manifests, restricted the same way, must be equal; return the source's."""
+def verify_copy(source: Path, target: Path, mountpoints: Sequence[str], *, log_file: Path,
+                exclude_contents: Sequence[str] = (), swap_files: Sequence[str] = ()) -> Manifest:
+    """Check a copy made by copy_tree (same arguments) again; return the source's manifest."""
     points = _order(mountpoints)
+    excluded = sorted({normalize(p) for p in (*ALWAYS_EXCLUDED, *exclude_contents)})
+    swaps = sorted({normalize(p) for p in swap_files})
+    log_ = _Log(log_file)
+    try:
+        return _verify(source, target, points, excluded, swaps, log_)
+    finally:
+        log_.close()
+
+
+def _verify(source: Path, target: Path, points: Sequence[str], excluded: Sequence[str], swaps: Sequence[str],
+            log_file: _Log) -> Manifest:
+    """Both trees' manifests, restricted the same way, must be equal; return the source's."""
     # mkfs.ext4 makes lost+found; a source filesystem without one (xfs) does not need it copied.
     made_by_mkfs = [f"{mp.rstrip('/')}/lost+found" for mp in points
                     if not os.path.lexists(source / mp.lstrip("/") / "lost+found")]
-    ours = manifests.build_manifest(source, excluded, omit=swaps, mounts=points[1:])
-    theirs = manifests.build_manifest(target, excluded, omit=[*swaps, *made_by_mkfs], mounts=points[1:])
+    # Both trees at once: while one waits for its disk, the other hashes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify") as pool:
+        source_job = pool.submit(manifests.build_manifest, source, excluded, omit=swaps, mounts=points[1:])
+        target_job = pool.submit(manifests.build_manifest, target, excluded, omit=[*swaps, *made_by_mkfs],
+                                 mounts=points[1:])
+        ours, theirs = source_job.result(), target_job.result()
     differences = compare(ours, theirs)
     log_file.write(f"verify: source {ours.files} entries ({ours.stats.get('seconds', 0):.1f} s), "
                    f"target {theirs.files} entries ({theirs.stats.get('seconds', 0):.1f} s), "

@@ -24,7 +24,8 @@ What is recorded, and compared:
   holes are not read); symlinks: the target;
   device nodes: major and minor;
 - POSIX ACLs (access and default) decoded from their xattrs, and every other
-  xattr (`security.selinux`, `security.capability`, `user.*`), sorted;
+  xattr (`security.selinux`, `security.capability`, `user.*`), sorted, except
+  XFS's own copies of the ACLs (XFS_ACL_XATTRS);
 - hard links: `link`, the first path (in byte order) of the entry's inode
   group, set on every member when at least two recorded paths share an inode.
   Link counts are not compared: a link outside the recorded area changes them.
@@ -71,6 +72,11 @@ MANIFEST_VERSION = 1
 
 ACL_ACCESS = "system.posix_acl_access"
 ACL_DEFAULT = "system.posix_acl_default"
+# XFS shows root its on-disk form of the POSIX ACLs as these trusted.* names
+# next to the system.posix_acl_* ones: the same ACLs, already recorded. An
+# ext4 tree has them only if a copy carried them over as plain xattrs (copy.py
+# does not), so they are left out on every filesystem.
+XFS_ACL_XATTRS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
 
 # Work handed to one pool task: many small files, or one slice of big ones.
 BATCH_ENTRIES = 256
@@ -272,6 +278,8 @@ def _xattrs(full: bytes) -> tuple[str | None, str | None, tuple[tuple[str, str],
     access = default = None
     others = []
     for name in sorted(names):
+        if name in XFS_ACL_XATTRS:
+            continue
         try:
             value = os.getxattr(full, name, follow_symlinks=False)
         except OSError as exc:

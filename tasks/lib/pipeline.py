@@ -28,6 +28,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from tasks.lib import state
+from tasks.lib.resources import host_run_dir, release_stale
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 
@@ -111,10 +112,14 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     with stage_logging(log_path):
         log.info("== %s:%s (log: %s)", stage.name, spec.host, log_path)
         started = time.monotonic()
-        for stale in (target, *(spec.artifact(name) for name in stage.outputs)):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
         try:
+            released = release_stale(host_run_dir(spec.host), [spec.artifact("disk.img"),
+                                                                spec.artifact("disk.img.partial")])
+            if released:
+                log.warning("released what an interrupted run left: %s", ", ".join(released))
+            for stale in (target, *(spec.artifact(name) for name in stage.outputs)):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
             spec.workdir.mkdir(parents=True, exist_ok=True)
             stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
             for written in (partial, *(spec.artifact(name) for name in stage.outputs)):

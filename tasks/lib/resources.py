@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,14 @@ from pathlib import Path
 from tasks.lib.runner import CommandError, P2VError, output, run
 
 log = logging.getLogger("p2v.resources")
+
+# Every mount point p2v makes for a host lives below /run/p2v/<host>/, so that
+# a later run can find and release what a killed one left (release_stale).
+RUN_DIR = Path("/run/p2v")
+
+
+def host_run_dir(host: str) -> Path:
+    return RUN_DIR / host
 
 
 @dataclass(frozen=True)
@@ -205,3 +214,56 @@ def chroot_binds(root: Path) -> Iterator[Path]:
 
 def set_block_device_read_only(device: str) -> None:
     run(["blockdev", "--setro", device])
+
+
+def loops_backed_by(backing: str | os.PathLike[str]) -> list[str]:
+    """Loop devices attached to a file right now (`losetup -j`)."""
+    text = output(["losetup", "--noheadings", "--output", "NAME", "-j", os.fspath(backing)], check=False)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _loop_of(device: str) -> str | None:
+    """/dev/loop3p2 -> /dev/loop3; /dev/loop3 -> /dev/loop3; anything else -> None."""
+    match = re.fullmatch(r"(/dev/loop\d+)(p\d+)?", device)
+    return match.group(1) if match else None
+
+
+def _backing_loop(loop: str) -> str | None:
+    """The loop device under a loop at an offset of a partition (an LV without device-mapper)."""
+    backing = output(["losetup", "--noheadings", "--output", "BACK-FILE", loop], check=False).strip()
+    return _loop_of(backing)
+
+
+def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
+    """Undo what a killed run of this host left behind; return what was released.
+
+    A SIGKILLed stage cannot clean up after itself, so the next stage of the
+    same host does, before it attaches anything (the same image mounted
+    read-write twice would be corrupted). Released: every mount below the
+    host's run directory, the loop devices under those mounts (and the loops
+    they sit on), and loops over the host's own images (disk.img). Loops of
+    other hosts and of other programs are never touched.
+    """
+    table = output(["findmnt", "--raw", "--noheadings", "--output", "SOURCE,TARGET"], check=False)
+    prefix = str(run_dir).rstrip("/") + "/"
+    stale_mounts: list[tuple[str, str]] = []
+    for line in table.splitlines():
+        source, _, target = line.partition(" ")
+        if target.startswith(prefix):
+            stale_mounts.append((source, target))
+    loops: list[str] = []
+    for source, _ in stale_mounts:
+        loop = _loop_of(source)
+        while loop and loop not in loops:
+            loops.append(loop)
+            loop = _backing_loop(loop)
+    for image in own_images:
+        loops += [loop for loop in loops_backed_by(image) if loop not in loops]
+    released: list[str] = []
+    for _, target in sorted(stale_mounts, key=lambda item: item[1].count("/"), reverse=True):
+        unmount(target)
+        released.append(f"mount {target}")
+    for loop in loops:  # offset loops before the loops they sit on
+        detach_loop(loop)
+        released.append(f"loop {loop}")
+    return released

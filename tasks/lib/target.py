@@ -18,12 +18,11 @@ from pathlib import Path
 
 from tasks.lib.paths import resolve_in_root
 from tasks.lib.plan import DiskPlan
-from tasks.lib.resources import LoopDevice, loop_device, mounted
+from tasks.lib.resources import LoopDevice, host_run_dir, loop_device, mounted
 from tasks.lib.runner import P2VError
 
 log = logging.getLogger("p2v.target")
 
-RUN_DIR = Path("/run/p2v")
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,11 @@ def target_mount_options(fstype: str, keep_uuid: bool) -> list[str]:
 def mounted_target(image: Path, plan: DiskPlan, *, host: str, direct_io: bool) -> Iterator[MountedTarget]:
     if not image.is_file():
         raise P2VError(f"{image} does not exist", hint=f"run disk:{host} first")
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    run_dir = host_run_dir(host)
+    run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         loop = stack.enter_context(loop_device(image, read_only=False, partitions=True, direct_io=direct_io))
-        root = Path(tempfile.mkdtemp(prefix=f"{host}-target-", dir=RUN_DIR))
+        root = Path(tempfile.mkdtemp(prefix="target-", dir=run_dir))
         stack.callback(_remove_empty_dir, root)
         for mountpoint in plan.mount_order:
             part = plan.partition_of(mountpoint)

@@ -20,6 +20,7 @@ import pytest
 
 from tasks import inspect
 from tasks.lib.pipeline import run_stage
+from tasks.lib.resources import RUN_DIR
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.lib.storage import kernel_has_device_mapper
@@ -41,7 +42,7 @@ def leftovers(images: list[Path]) -> list[str]:
     loops = run(["losetup", "-a"]).stdout
     mounts = run(["findmnt", "-rn", "-o", "TARGET"]).stdout
     found = [line for line in loops.splitlines() if any(str(image) in line for image in images)]
-    found += [line for line in mounts.splitlines() if line.startswith(str(inspect.RUN_DIR))]
+    found += [line for line in mounts.splitlines() if line.startswith(str(RUN_DIR))]
     return found
 
 
