@@ -23,6 +23,7 @@ def test_always_tcg_snapshot_and_restricted_network(disks: tuple[Path, Path]) ->
     argv = qemu_argv(BootConfig(disks=disks))
     joined = " ".join(argv)
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert argv[argv.index("-smp") + 1] == "1"
     assert "kvm" not in joined
     assert "-snapshot" in argv
     assert "user,id=net0,restrict=on" in argv
