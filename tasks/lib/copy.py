@@ -144,8 +144,9 @@ class Progress:
         percent = min(100.0, 100.0 * self.bytes_done / self.bytes_total) if self.bytes_total else 100.0
         eta = self.eta
         eta_text = "?" if eta is None else _duration(eta)
-        return (f"copy {self.mountpoint}: {human(self.bytes_done)} of ~{human(self.bytes_total)} ({percent:.0f}%), "
-                f"{self.files_done:,} of ~{self.files_total:,} files, {human(self.rate)}/s, ETA {eta_text}")
+        return (f"copy: {human(self.bytes_done)} of ~{human(self.bytes_total)} ({percent:.0f}%), "
+                f"{self.files_done:,} of ~{self.files_total:,} files, {human(self.rate)}/s, ETA {eta_text} "
+                f"[{self.mountpoint}]")
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,11 @@ class PassResult:
     tool: str  # "rsync", "tar", or "tar+rsync" (tar, then rsync for the sockets)
     resumed: bool  # the target already held data: rsync's quick check copied what was missing
     seconds: float
-    bytes_transferred: int  # regular-file bytes (apparent size) this pass wrote
-    files_transferred: int  # regular files this pass wrote
+    # Regular-file bytes (apparent size) and regular files this pass wrote: rsync's
+    # figures, or for tar (which writes them all) the source manifest's; None
+    # for a tar pass without verification.
+    bytes_transferred: int | None
+    files_transferred: int | None
     excluded_contents: tuple[str, ...]
     swap_files: tuple[str, ...]
     sockets: int = 0
@@ -183,8 +187,9 @@ class CopyResult:
         return self.manifest_digest is not None
 
     @property
-    def bytes_transferred(self) -> int:
-        return sum(p.bytes_transferred for p in self.passes)
+    def bytes_transferred(self) -> int | None:
+        figures = [p.bytes_transferred for p in self.passes]
+        return None if None in figures else sum(f for f in figures if f is not None)
 
     @property
     def duration(self) -> float:
@@ -509,17 +514,25 @@ def _prewarm(*trees: Path) -> None:
                 log.debug("prewarm: %s", result.stderr.strip())
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    tool: str
+    bytes: int | None
+    files: int | None
+    sockets: int = 0
+
+
 def _copy_rsync(source: Path, target: Path, excluded: Sequence[str], omitted: Sequence[str], log_file: _Log,
-                sample: Callable[[], None]) -> tuple[str, int, int, str]:
-    """(tool, bytes, files, log text) of an rsync pass; raises on failure."""
+                sample: Callable[[], None]) -> _Outcome:
+    """One filesystem by rsync; raises _PassFailed."""
     argv = rsync_argv(source, target, excluded, omitted)
     start = log_file.offset()
     (code,) = _run_logged([argv], log_file, sample)
     text = log_file.since(start)
     if code != 0:
         raise _PassFailed(argv, code, text)
-    return ("rsync", _stats_number(text, "Total transferred file size"),
-            _stats_number(text, "Number of regular files transferred"), text)
+    return _Outcome("rsync", _stats_number(text, "Total transferred file size"),
+                    _stats_number(text, "Number of regular files transferred"))
 
 
 class _PassFailed(Exception):
@@ -547,7 +560,8 @@ def _find_sockets(source: Path, excluded: Sequence[str], scratch: Path) -> Path 
 
 
 def _copy_tar(source: Path, target: Path, excluded: Sequence[str], omitted: Sequence[str], log_file: _Log,
-              sample: Callable[[], None], scratch: Path) -> tuple[str, int, int, str, int]:
+              sample: Callable[[], None], scratch: Path) -> _Outcome:
+    """One (empty) filesystem by tar, then its sockets by rsync; raises _PassFailed."""
     create, extract = tar_argvs(source, target, excluded, omitted)
     start = log_file.offset()
     codes = _run_logged([create, extract], log_file, sample)
@@ -567,7 +581,7 @@ def _copy_tar(source: Path, target: Path, excluded: Sequence[str], omitted: Sequ
         if code != 0:
             raise _PassFailed(argv, code, log_file.since(start))
         tool = "tar+rsync"
-    return tool, 0, 0, text, count
+    return _Outcome(tool, None, None, count)
 
 
 # ---------------------------------------------------------------- the copy
@@ -670,23 +684,22 @@ def _copy_filesystem(source_root: Path, target_root: Path, mp: str, method: Meth
     log_file.write(f"== {mp}: {source} -> {target} by {tool}{' (resuming)' if resumed else ''}")
     sample, finish = watch.sampler(mp, target)
     started = time.monotonic()
-    sockets = 0
     try:
         if tool == "rsync":
             if resumed:
                 _prewarm(source, target)
-            tool, moved, files, _ = _copy_rsync(source, target, excluded, omitted, log_file, sample)
+            outcome = _copy_rsync(source, target, excluded, omitted, log_file, sample)
         else:
-            tool, moved, files, _, sockets = _copy_tar(source, target, excluded, omitted, log_file, sample, scratch)
+            outcome = _copy_tar(source, target, excluded, omitted, log_file, sample, scratch)
     except _PassFailed as failure:
         raise _failed(mp, failure.argv, failure.code, failure.text, free_before, size[0], target, log_file) \
             from None
     finish(size[0], size[1])
     seconds = time.monotonic() - started
-    log_file.write(f"== {mp}: done by {tool} in {seconds:.1f} s")
-    return PassResult(mountpoint=mp, tool=tool, resumed=resumed, seconds=seconds, bytes_transferred=moved,
-                      files_transferred=files, excluded_contents=tuple(excluded), swap_files=tuple(omitted),
-                      sockets=sockets)
+    log_file.write(f"== {mp}: done by {outcome.tool} in {seconds:.1f} s")
+    return PassResult(mountpoint=mp, tool=outcome.tool, resumed=resumed, seconds=seconds,
+                      bytes_transferred=outcome.bytes, files_transferred=outcome.files,
+                      excluded_contents=tuple(excluded), swap_files=tuple(omitted), sockets=outcome.sockets)
 
 
 def _with_tar_figures(passes: Sequence[PassResult], source: Manifest, points: Sequence[str]) -> list[PassResult]:

@@ -29,8 +29,8 @@ What is recorded, and compared:
 - hard links: `link`, the first path (in byte order) of the entry's inode
   group, set on every member when at least two recorded paths share an inode.
   Link counts are not compared: a link outside the recorded area changes them.
-- sparse files: `sparse`, whether the file has a hole (SEEK_HOLE before its
-  end). It is compared one way only: a sparse source file must stay sparse,
+- sparse files: `sparse`, whether the file has a hole (fewer blocks allocated
+  than its size, and SEEK_DATA/SEEK_HOLE find one). It is compared one way only: a sparse source file must stay sparse,
   but a target may be sparser than its source, because `rsync -S` and
   `tar --sparse` punch holes where the source had allocated zeros. Exact
   block counts differ between filesystems anyway.
@@ -409,7 +409,10 @@ def _describe_batch(root: bytes, batch: list[tuple[bytes, os.stat_result]]) -> l
 def _walk(root: bytes, excludes: frozenset[bytes], omit: frozenset[bytes],
           mounts: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
     """(path, lstat) of every entry, staying on the filesystems asked for."""
-    top = os.lstat(root)
+    try:
+        top = os.lstat(root)
+    except OSError as exc:
+        raise P2VError(f"cannot read {os.fsdecode(root)}: {exc.strerror}") from None
     if not stat.S_ISDIR(top.st_mode):
         raise P2VError(f"{os.fsdecode(root)} is not a directory")
     yield b"/", top
@@ -487,8 +490,11 @@ def build_manifest(
     walk_seconds = time.monotonic() - started
     links = _link_groups(walked)
     entries: list[Entry] = []
+    # Read in inode order: a filesystem puts data near its inode, and a tree that tar or rsync
+    # filled in directory order has its inodes in no name order at all.
+    in_inode_order = sorted(walked, key=lambda item: (item[1].st_dev, item[1].st_ino))
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="manifest") as pool:
-        for described in pool.map(lambda batch: _describe_batch(top, batch), _batches(walked)):
+        for described in pool.map(lambda batch: _describe_batch(top, batch), _batches(in_inode_order)):
             entries.extend(described)
     entries = [replace(e, link=os.fsdecode(links[key])) if (key := os.fsencode(e.path)) in links else e
                for e in entries]
@@ -599,7 +605,7 @@ def build_manifest_apart(
             run(argv, cwd=PROJECT_DIR)
         except CommandError as error:
             lines = error.output.strip().splitlines()
-            raise P2VError(lines[-1] if lines else str(error)) from None
+            raise P2VError(lines[-1].removeprefix("manifest: ") if lines else str(error)) from None
         # Written a moment ago by our own child, from our own code: nothing foreign is unpickled.
         manifest: Manifest = pickle.loads(saved.read_bytes())  # noqa: S301
         return manifest

@@ -280,7 +280,8 @@ def test_killed_copy_resumes_and_copies_less(server: FixtureServer, tmp_path: Pa
           f"by {root.tool}, resumed={root.resumed}) and verified")
     assert rerun.verified
     assert root.resumed and root.tool == "rsync"
-    assert rerun.bytes is not None and rerun.bytes_transferred < rerun.bytes
+    assert rerun.bytes is not None and rerun.bytes_transferred is not None
+    assert rerun.bytes_transferred < rerun.bytes
     assert leftovers(server, tmp_path) == []
 
 

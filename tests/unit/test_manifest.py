@@ -20,6 +20,7 @@ from tasks.lib.manifest import (
     Manifest,
     acl_text,
     build_manifest,
+    build_manifest_apart,
     compare,
     normalize,
     render_differences,
@@ -329,3 +330,15 @@ def test_root_must_be_a_directory(tree: Path) -> None:
 def test_modes_of_special_kinds_are_permission_bits_only(tree: Path) -> None:
     for entry in build_manifest(tree).entries.values():
         assert entry.mode == stat.S_IMODE(entry.mode)
+
+
+def test_a_build_in_a_child_interpreter_is_the_same(tree: Path) -> None:
+    here = build_manifest(tree, ["/proc"], omit=["/swapfile"])
+    apart = build_manifest_apart(tree, ["/proc"], omit=["/swapfile"])
+    assert apart.entries == here.entries
+    assert apart.digest() == here.digest()
+
+
+def test_a_failing_child_build_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(P2VError, match=r"^cannot read .*/missing: No such file or directory$"):
+        build_manifest_apart(tmp_path / "missing")
