@@ -15,6 +15,7 @@ per host. `run_stage` gives every stage the same guarantees:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -99,6 +100,27 @@ def ensure_console_logging() -> None:
         root.addHandler(console)
 
 
+def _host_lock(spec: Spec) -> int:
+    """One p2v run per host at a time, across machines sharing the workdir where
+    the filesystem supports locks; held until the process exits. It also makes
+    releasing a killed run's leftovers safe: nobody else is using them."""
+    if spec.host in _HELD_LOCKS:
+        return _HELD_LOCKS[spec.host]
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(spec.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise P2VError(f"another p2v run is working on host {spec.host} (lock {spec.state_dir / 'lock'})",
+                       hint="wait for it to finish; two runs on one host would corrupt its image") from None
+    _HELD_LOCKS[spec.host] = fd
+    return fd
+
+
+_HELD_LOCKS: dict[str, int] = {}
+
+
 def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     ensure_console_logging()
     target = spec.artifact(stage.target)
@@ -112,6 +134,10 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     with stage_logging(log_path):
         log.info("== %s:%s (log: %s)", stage.name, spec.host, log_path)
         started = time.monotonic()
+        try:
+            _host_lock(spec)
+        except P2VError as error:
+            return TaskFailed(f"{stage.name}:{spec.host}: {error}")
         try:
             released = release_stale(host_run_dir(spec.host), [spec.artifact("disk.img"),
                                                                 spec.artifact("disk.img.partial")])

@@ -114,3 +114,20 @@ def test_spec_change_reruns_only_the_stage_that_depends_on_it(tmp_path: Path) ->
     rerun = doit(run_dir, spec_dir, "convert:web1", dodo=TOY_DODO)
     assert "-- first:web1" in rerun.stdout
     assert ".  second:web1" in rerun.stdout, rerun.stdout
+
+
+def test_a_second_run_on_the_same_host_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    spec_dir = make_project(tmp_path / "project", ["web1"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = tmp_path / "project" / "work" / "web1" / ".p2v"
+    state.mkdir(parents=True)
+    with open(state / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run holds the host
+        refused = doit(run_dir, spec_dir, "convert:web1", dodo=TOY_DODO)
+    assert refused.returncode != 0
+    assert "first:web1: another p2v run is working on host web1" in refused.stdout
+    assert not (tmp_path / "project" / "work" / "web1" / "first.txt").exists()
+    assert doit(run_dir, spec_dir, "convert:web1", dodo=TOY_DODO).returncode == 0
