@@ -36,6 +36,9 @@ _BEGIN = "==P2V-BEGIN=="
 _END = re.compile(rb"==P2V-END (\d+)==")
 _PROMPT = re.compile(rb"[#$] ?$", re.M)
 _PANIC = re.compile(rb"Kernel panic - not syncing|end Kernel panic")
+# Where a boot that went wrong stops and waits for a human: fail at once, not at the timeout.
+_STUCK = re.compile(rb"\(initramfs\) ?$|dracut:/# ?$|Give root password for maintenance|"
+                    rb"You are in emergency mode|Cannot open access to console, the root account is locked", re.M)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 TAIL_LINES = 40
 
@@ -159,10 +162,14 @@ class _Guest:
             ) from None
 
     def login(self, user: str, password: str, timeout: float) -> None:
-        index = self.expect([re.compile(rb"login: ?$", re.M), _PANIC], timeout, "the login: prompt")
+        index = self.expect([re.compile(rb"login: ?$", re.M), _PANIC, _STUCK], timeout, "the login: prompt")
         if index == 1:
             self.expect([pexpect.TIMEOUT, pexpect.EOF], 5, "the rest of the panic message")
             raise BootCheckError(f"the guest kernel panicked while booting\n"
+                                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+        if index == 2:
+            self.expect([pexpect.TIMEOUT, pexpect.EOF], 3, "the rest of the message")
+            raise BootCheckError(f"the guest stopped in a rescue shell instead of booting\n"
                                  f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
         self.child.sendline(user)
         index = self.expect([re.compile(rb"[Pp]assword: ?"), _PROMPT], 60, "the password prompt")

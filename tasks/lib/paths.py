@@ -11,6 +11,8 @@ itself would, with the tree as `/`.
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from tasks.lib.runner import P2VError
@@ -60,3 +62,103 @@ def read_text_in_root(root: Path, path: str) -> str | None:
         return real.read_text(errors="surrogateescape")
     except (P2VError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None  # absent, or a symlink loop: unreadable on the server too
+
+
+def _copy_xattrs(source: Path, fd: int) -> None:
+    """The replaced file's extended attributes (its SELinux label, capabilities) onto the new one."""
+    try:
+        names = os.listxattr(source, follow_symlinks=False)
+    except OSError:
+        return  # no xattr support here: nothing to carry
+    for name in names:
+        try:
+            os.setxattr(fd, name, os.getxattr(source, name, follow_symlinks=False))
+        except OSError:
+            continue  # e.g. trusted.* without CAP_SYS_ADMIN: a label the copy could not have kept either
+
+
+def write_text_in_root(root: Path, path: str, text: str, mode: int | None = None) -> Path:
+    """Replace `path` (as the server sees it) with `text`, atomically, inside `root`.
+
+    Symlinks are followed inside the tree: a `/etc/fstab -> /etc/shadow`
+    writes the tree's /etc/shadow, never the host's. The new content goes to
+    a temporary file in the same directory, gets the existing file's mode,
+    owner and xattrs (or `mode`, default 0644, for a new file), is synced and
+    renamed over the old one, so a crash leaves the old or the new file,
+    never half of one. Missing parent directories are made (0755).
+    Returns the host path written.
+    """
+    real = resolve_in_root(root, path)
+    if real.is_dir():
+        raise P2VError(f"{path} is a directory in the target tree; cannot write it as a file")
+    real.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        existing: os.stat_result | None = os.lstat(real)
+    except FileNotFoundError:
+        existing = None
+    fd, temporary = tempfile.mkstemp(prefix=f".{real.name}.p2v-", dir=real.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8", errors="surrogateescape"))
+            handle.flush()
+            if existing is not None:
+                os.fchmod(handle.fileno(), stat.S_IMODE(existing.st_mode))
+                if (existing.st_uid, existing.st_gid) != (os.geteuid(), os.getegid()):
+                    os.fchown(handle.fileno(), existing.st_uid, existing.st_gid)
+                _copy_xattrs(real, handle.fileno())
+            else:
+                os.fchmod(handle.fileno(), 0o644 if mode is None else mode)
+            os.fsync(handle.fileno())
+        os.replace(temporary, real)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(real.parent)
+    return real
+
+
+def remove_in_root(root: Path, path: str) -> bool:
+    """Delete `path` inside `root`; a symlink itself is removed, never what it points at.
+
+    Returns whether there was something to delete.
+    """
+    real = resolve_in_root(root, path, follow_last=False)
+    try:
+        mode = os.lstat(real).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(mode):
+        raise P2VError(f"{path} is a directory in the target tree; p2v deletes files only")
+    real.unlink()
+    _fsync_directory(real.parent)
+    return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RootTreeReader:
+    """A `tasks.lib.fixes.TreeReader` over a mounted tree: every path resolved inside `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def read(self, path: str) -> str | None:
+        return read_text_in_root(self.root, path)
+
+    def exists(self, path: str) -> bool:
+        try:
+            return os.path.lexists(resolve_in_root(self.root, path))
+        except P2VError:
+            return False
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(resolve_in_root(self.root, path)))
+        except (P2VError, OSError):
+            return []

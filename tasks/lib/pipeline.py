@@ -139,8 +139,9 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
         except P2VError as error:
             return TaskFailed(f"{stage.name}:{spec.host}: {error}")
         try:
-            released = release_stale(host_run_dir(spec.host), [spec.artifact("disk.img"),
-                                                                spec.artifact("disk.img.partial")])
+            run_dir = host_run_dir(spec.host)
+            released = release_stale(run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial"),
+                                               run_dir / "verify.export"])
             if released:
                 log.warning("released what an interrupted run left: %s", ", ".join(released))
             for stale in (target, *(spec.artifact(name) for name in stage.outputs)):
@@ -194,7 +195,9 @@ def convert_tasks(stages: Sequence[Stage], specs: Sequence[Spec]) -> Iterator[di
             "verbosity": 2,
         }
         if stages:
-            task["task_dep"] = [f"{stages[-1].name}:{spec.host}"]
+            # Every stage, not just the last: side products such as the report
+            # are not inputs of the last stage but belong to a conversion.
+            task["task_dep"] = [f"{stage.name}:{spec.host}" for stage in stages]
         yield task
 
 

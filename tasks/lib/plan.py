@@ -994,6 +994,11 @@ class _Planner:
             return FstabChange(**base, action="keep", target=None, new_spec=None, new_vfstype=None,
                                new_options=options, new_passno=None, dropped_options=(),
                                reason=f"{status}: {entry.get('reason', '')}")
+        if status == "swapfile":
+            # The copy leaves swap files behind (their contents are worthless and
+            # often large); the plan's own swap, if any, has its own line.
+            where = {"source": "the swap partition", "file": SWAP_FILE_PATH}.get(plan.policy.swap)
+            return self._removed(base, options, "swap file, not copied" + (f"; replaced by {where}" if where else ""))
         if status == "swap":
             first_swap = source_swaps[0]["device"] if source_swaps else None
             if plan.policy.swap == "none":

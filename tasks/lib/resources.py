@@ -244,13 +244,19 @@ def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
     they sit on), and loops over the host's own images (disk.img). Loops of
     other hosts and of other programs are never touched.
     """
-    table = output(["findmnt", "--raw", "--noheadings", "--output", "SOURCE,TARGET"], check=False)
+    table = output(["findmnt", "--raw", "--noheadings", "--output", "FSTYPE,SOURCE,TARGET"], check=False)
     prefix = str(run_dir).rstrip("/") + "/"
     stale_mounts: list[tuple[str, str]] = []
+    # FUSE exports (verify's overlay) back loop devices: they go after the loops.
+    stale_exports: list[str] = []
     for line in table.splitlines():
-        source, _, target = line.partition(" ")
+        fstype, _, rest = line.partition(" ")
+        source, _, target = rest.partition(" ")
         if target.startswith(prefix):
-            stale_mounts.append((source, target))
+            if fstype.startswith("fuse"):
+                stale_exports.append(target)
+            else:
+                stale_mounts.append((source, target))
     loops: list[str] = []
     for source, _ in stale_mounts:
         loop = _loop_of(source)
@@ -266,4 +272,7 @@ def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
     for loop in loops:  # offset loops before the loops they sit on
         detach_loop(loop)
         released.append(f"loop {loop}")
+    for export in stale_exports:
+        run(["umount", "-l", export], check=False)
+        released.append(f"export {export}")
     return released

@@ -79,6 +79,7 @@ class FixPolicy:
     network: str = "keep"
     cloud_init: CloudInitPolicy = field(default_factory=CloudInitPolicy)
     remove_services: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()  # fix steps not to run (diagnosis)
 
 
 @dataclass(frozen=True)
@@ -274,10 +275,11 @@ def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
             network=fix.get("network", "keep"),
             cloud_init=CloudInitPolicy(
                 install=cloud_init.get("install", True),
-                source=cloud_init.get("source", "distro"),
+                source=_package_source(path, shown, cloud_init.get("source", "distro"), base),
                 packages=tuple(cloud_init.get("packages", ())),
             ),
             remove_services=tuple(fix.get("remove_services", ())),
+            skip=tuple(fix.get("skip", ())),
         ),
         glance=GlancePolicy(
             cloud=glance.get("cloud"),
@@ -290,6 +292,18 @@ def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
         shutdown=data.get("live", {}).get("shutdown", True),
         description=data.get("description", ""),
     )
+
+
+def _package_source(file: Path, shown: str, text: str, base: Path) -> str:
+    """`distro`, a mirror URL, or a directory of packages (made absolute, and it must exist)."""
+    if text == "distro" or text.startswith(("http://", "https://")):
+        return text
+    directory = _resolve(text, base)
+    if not directory.is_dir():
+        raise SpecError(shown, "fix.cloud_init.source",
+                        f"{directory} is not a directory "
+                        "(expected `distro`, an http(s) URL or a directory of packages)")
+    return str(directory)
 
 
 def _shown(path: Path, base: Path) -> str:

@@ -26,6 +26,7 @@ def make_project(root: Path, hosts: list[str], *, demo: bool = False) -> Path:
     if demo:
         shutil.copy(PROJECT_DIR / "specs" / "demo.yaml", specs / "demo.yaml")
         (root / "work" / "demo-server").mkdir(parents=True)
+        (root / "work" / "demo-packages").mkdir()
         for name in ("disk1.img", "disk2.img"):
             with open(root / "work" / "demo-server" / name, "wb") as handle:
                 handle.truncate(1 << 20)

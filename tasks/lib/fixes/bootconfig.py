@@ -1,0 +1,285 @@
+"""The bootloader's configuration on the target: new root, resume, console, no LVM/md.
+
+- grub2: /etc/default/grub (grub-mkconfig writes grub.cfg from it later),
+  and on BLS systems (RHEL 8/9) every /boot/loader/entries/*.conf `options`
+  line, /etc/kernel/cmdline (what kernel-install gives new kernels) and the
+  grubenv `kernelopts` (RHEL 8's entries say `options $kernelopts`).
+- grub legacy (CentOS 6): grub.conf/menu.lst itself, which nothing
+  regenerates: kernel arguments, `root (hd0,N)` for the partition that holds
+  /boot (or / when /boot is not separate), serial and terminal lines.
+- UEFI: the ESP's stub grub.cfg finds /boot by UUID; it gets the new one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tasks.lib.fixes.cmdline import CmdlineTarget, rewrite_args
+from tasks.lib.fixes.model import Changes, TreeReader
+from tasks.lib.fixes.text import set_shell_var, with_newline
+from tasks.lib.plan import DiskPlan
+from tasks.lib.runner import P2VError
+from tasks.lib.system import Bootloader, expand_grub_vars, parse_bls_entry, parse_grubenv, parse_shell_vars
+
+STEP = "bootloader-config"
+DEFAULT_GRUB = "/etc/default/grub"
+BLS_DIR = "/boot/loader/entries"
+KERNEL_CMDLINE = "/etc/kernel/cmdline"
+GRUB_SERIAL_COMMAND = "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1"
+LEGACY_SERIAL = "serial --unit=0 --speed=115200"
+LEGACY_TERMINAL = "terminal --timeout=5 serial console"
+LOOP_DEVICE = re.compile(r"/dev/(?:mapper/)?loop\d+|\bloop\d+p\d+")
+
+
+def cmdline_target(plan: DiskPlan, pin_ifnames: bool) -> CmdlineTarget:
+    root = plan.filesystem("/")
+    swap = next((p.swap for p in plan.partitions if p.swap is not None), None)
+    return CmdlineTarget(
+        root=f"UUID={root.uuid}",
+        root_fstype=root.fstype,
+        # A swap file would need resume_offset, which only exists once the file does: no resume.
+        resume=f"UUID={swap.uuid}" if swap is not None and swap.uuid else None,
+        pin_ifnames=pin_ifnames,
+    )
+
+
+def boot_moves_into_root(layout: Mapping[str, Any], plan: DiskPlan) -> bool:
+    """The source's /boot is a filesystem of its own and the target's is part of /."""
+    source = any(m["mountpoint"] == "/boot" for m in layout["mounts"])
+    return source and all(fs.mountpoint != "/boot" for fs in plan.filesystems)
+
+
+def _boot_path(path: str, moved: bool) -> str:
+    """A kernel or initrd path as the bootloader reads it, relative to the filesystem that holds /boot."""
+    return f"/boot{path}" if moved and path.startswith("/") and not path.startswith("/boot/") else path
+
+
+# ---------------------------------------------------------------- grub2
+
+
+def _serial_unit(command: str) -> int:
+    found = re.search(r"--unit=(\d+)", command)
+    return int(found.group(1)) if found else 0
+
+
+def rewrite_default_grub(text: str, target: CmdlineTarget) -> str:
+    values = parse_shell_vars(text)[0]
+    new = set_shell_var(text, "GRUB_CMDLINE_LINUX", " ".join(
+        rewrite_args(values.get("GRUB_CMDLINE_LINUX", "").split(), target, primary=True, set_root=False)))
+    if "GRUB_CMDLINE_LINUX_DEFAULT" in values:
+        new = set_shell_var(new, "GRUB_CMDLINE_LINUX_DEFAULT", " ".join(
+            rewrite_args(values["GRUB_CMDLINE_LINUX_DEFAULT"].split(), target, primary=False, set_root=False)))
+    # GRUB_TERMINAL overrides GRUB_TERMINAL_INPUT/OUTPUT in grub-mkconfig.
+    if not {"console", "serial"} <= set(values.get("GRUB_TERMINAL", "").split()):
+        new = set_shell_var(new, "GRUB_TERMINAL", "console serial")
+    if "GRUB_SERIAL_COMMAND" not in values or _serial_unit(values["GRUB_SERIAL_COMMAND"]) != 0:
+        new = set_shell_var(new, "GRUB_SERIAL_COMMAND", GRUB_SERIAL_COMMAND)
+    if values.get("GRUB_DISABLE_LINUX_UUID") == "true":
+        new = set_shell_var(new, "GRUB_DISABLE_LINUX_UUID", "false")
+    return new
+
+
+def mkconfig_cmdline(default_grub: str, target: CmdlineTarget) -> tuple[str, ...]:
+    """The arguments grub-mkconfig's 10_linux gives the normal entries."""
+    values = parse_shell_vars(default_grub)[0]
+    return (f"root={target.root}", "ro", *values.get("GRUB_CMDLINE_LINUX", "").split(),
+            *values.get("GRUB_CMDLINE_LINUX_DEFAULT", "").split())
+
+
+def rewrite_bls_entry(text: str, target: CmdlineTarget, boot_moved: bool) -> str:
+    out: list[str] = []
+    for line in text.splitlines():
+        indent = line[: len(line) - len(line.lstrip())]
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword == "options":
+            words = rest.split()
+            from_env = "$kernelopts" in words  # RHEL 8: the arguments live in grubenv
+            words = list(rewrite_args(words, target, primary=not from_env, set_root=not from_env))
+            line = f"{indent}options {' '.join(words)}"
+        elif keyword in ("linux", "initrd") and boot_moved:
+            line = f"{indent}{keyword} " + " ".join(_boot_path(w, boot_moved) for w in rest.split())
+        out.append(line)
+    new = with_newline(out)
+    return text if new.rstrip("\n") == text.rstrip("\n") else new
+
+
+def rewrite_grubenv(text: str, target: CmdlineTarget) -> str | None:
+    """grubenv with `kernelopts` rewritten, padded to its block size; None when it has none.
+
+    grubenv is a fixed-size block (1024 bytes) that grub itself rewrites in
+    place: the new text must keep that size exactly.
+    """
+    values = parse_grubenv(text)
+    if "kernelopts" not in values:
+        return None
+    size = len(text.encode())
+    args = rewrite_args(values["kernelopts"].split(), target, primary=True, set_root=True)
+    body = text.rstrip("#")  # the padding: every '#' after the last newline
+    lines = [f"kernelopts={' '.join(args)}" if line.startswith("kernelopts=") else line for line in body.split("\n")]
+    new = "\n".join(lines)
+    if len(new.encode()) > size:
+        return None
+    return new + "#" * (size - len(new.encode()))
+
+
+def _efi_stubs(bootloader: Bootloader) -> list[str]:
+    return [p for p in bootloader.configs if p.startswith("/boot/efi/") and p.endswith(".cfg")
+            and p != bootloader.config_path]
+
+
+def uuid_map(layout: Mapping[str, Any], plan: DiskPlan) -> dict[str, str]:
+    """Source filesystem UUID -> the UUID of the target filesystem that now holds its files."""
+    source = {fs["device"]: fs.get("uuid", "") for fs in layout["filesystems"]}
+    mapping = {}
+    for copy in plan.copies:
+        old = source.get(copy.source_device, "")
+        new = plan.filesystem(copy.target_mountpoint).uuid
+        if old and new and old != new:
+            mapping[old] = new
+    return mapping
+
+
+def rewrite_efi_stub(text: str, uuids: Mapping[str, str], boot_moved: bool) -> str:
+    for old, new in uuids.items():
+        text = re.sub(re.escape(old), new, text, flags=re.IGNORECASE)
+    if boot_moved:
+        text = re.sub(r"\(\$dev\)/grub2?\b", lambda m: m.group(0).replace(")/", ")/boot/"), text)
+    return text
+
+
+def _fix_grub2(changes: Changes, tree: TreeReader, boot: Bootloader, target: CmdlineTarget, kernel: str,
+               boot_moved: bool) -> tuple[str, ...]:
+    defaults_file = boot.defaults_file or DEFAULT_GRUB
+    text = tree.read(defaults_file)
+    default_grub = ""
+    if text is None:
+        changes.note(f"{defaults_file} is missing: grub-mkconfig will use its own defaults (no serial console)")
+    else:
+        default_grub = rewrite_default_grub(text, target)
+        changes.write(defaults_file, default_grub, "new root/resume, no LVM/md arguments, serial console")
+    cmdline = mkconfig_cmdline(default_grub, target)
+    if not boot.bls:
+        return cmdline
+    env: dict[str, str] = {}
+    if boot.grubenv_file:
+        grubenv = tree.read(boot.grubenv_file)
+        if grubenv is not None:
+            new_env = rewrite_grubenv(grubenv, target)
+            if new_env is not None:
+                changes.write(boot.grubenv_file, new_env, "kernelopts: the same arguments as the BLS entries")
+                grubenv = new_env
+            env = parse_grubenv(grubenv)
+    for name in tree.listdir(BLS_DIR):
+        if not name.endswith(".conf"):
+            continue
+        path = f"{BLS_DIR}/{name}"
+        entry = tree.read(path)
+        if entry is None:
+            continue
+        new = rewrite_bls_entry(entry, target, boot_moved)
+        changes.write(path, new, "BLS entry options: new root/resume, no LVM/md arguments, serial console")
+        values = parse_bls_entry(new)
+        if values.get("version", [""])[0] == kernel or values.get("linux", [""])[0].endswith(f"vmlinuz-{kernel}"):
+            cmdline = expand_grub_vars(values.get("options", []), env)
+    kernel_cmdline = tree.read(KERNEL_CMDLINE)
+    if kernel_cmdline is not None:
+        args = rewrite_args(kernel_cmdline.split(), target, primary=True, set_root=True)
+        changes.write(KERNEL_CMDLINE, " ".join(args) + "\n", "the arguments kernel-install gives new kernels")
+    return cmdline
+
+
+# ---------------------------------------------------------------- grub legacy
+
+
+def grub_legacy_partition(plan: DiskPlan) -> int:
+    """grub legacy's partition index (0-based) of the filesystem that holds /boot."""
+    holder = "/boot" if any(fs.mountpoint == "/boot" for fs in plan.filesystems) else "/"
+    return plan.partition_of(holder).number - 1
+
+
+def rewrite_grub_legacy(text: str, target: CmdlineTarget, partition: int, boot_moved: bool) -> str:
+    lines = text.splitlines()
+    out: list[str] = []
+    first_title = next((i for i, line in enumerate(lines) if re.match(r"^\s*title\b", line)), len(lines))
+    has_serial = any(re.match(r"^\s*serial\b", line) for line in lines[:first_title])
+    has_terminal = any(re.match(r"^\s*terminal\b", line) for line in lines[:first_title])
+    for index, line in enumerate(lines):
+        indent = line[: len(line) - len(line.lstrip())]
+        words = line.split()
+        keyword = words[0] if words else ""
+        if index == first_title:
+            if not has_serial:
+                out.append(LEGACY_SERIAL)
+            if not has_terminal:
+                out.append(LEGACY_TERMINAL)
+        if index < first_title and keyword == "serial":
+            line = LEGACY_SERIAL
+        elif index < first_title and keyword == "terminal":
+            line = LEGACY_TERMINAL
+        elif keyword.startswith("splashimage"):
+            # grub legacy shows its menu either as a splash image or on the
+            # serial line; the serial line is what OpenStack's console log shows.
+            line = f"#{line.lstrip()}"
+        elif keyword == "root" and len(words) > 1 and words[1].startswith("(hd"):
+            line = f"{indent}root (hd0,{partition})"
+        elif keyword == "kernel" and len(words) > 1:
+            head = [keyword]
+            rest = words[1:]
+            while rest and rest[0].startswith("--"):
+                head.append(rest.pop(0))
+            if rest:
+                head.append(_boot_path(rest.pop(0), boot_moved))
+            args = rewrite_args(rest, target, primary=True, set_root=True)
+            line = indent + " ".join([*head, *args])
+        elif keyword == "initrd" and len(words) > 1:
+            line = indent + " ".join([keyword, _boot_path(words[1], boot_moved), *words[2:]])
+        out.append(line)
+    new = with_newline(out)
+    return text if new.rstrip("\n") == text.rstrip("\n") else new
+
+
+def legacy_cmdline(text: str, kernel: str) -> tuple[str, ...]:
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0] == "kernel":
+            rest = [w for w in words[1:] if not w.startswith("--")]
+            if rest and rest[0].endswith(f"vmlinuz-{kernel}"):
+                return tuple(rest[1:])
+    return ()
+
+
+# ---------------------------------------------------------------- the step
+
+
+def fix_bootloader_config(tree: TreeReader, layout: Mapping[str, Any], boot: Bootloader, plan: DiskPlan,
+                          target: CmdlineTarget, kernel: str) -> tuple[Changes, tuple[str, ...]]:
+    """(the edits, the chosen kernel's final arguments)."""
+    changes = Changes(tree, STEP)
+    moved = boot_moves_into_root(layout, plan)
+    cmdline: Sequence[str] = ()
+    if boot.kind == "grub2":
+        cmdline = _fix_grub2(changes, tree, boot, target, kernel, moved)
+        uuids = uuid_map(layout, plan)
+        for stub in _efi_stubs(boot):
+            text = tree.read(stub)
+            if text is not None:
+                changes.write(stub, rewrite_efi_stub(text, uuids, moved), "the ESP's grub.cfg finds the new /boot")
+    elif boot.kind == "grub-legacy" and boot.config_path:
+        text = tree.read(boot.config_path)
+        if text is None:
+            changes.note(f"{boot.config_path} is missing on the target")
+        else:
+            new = rewrite_grub_legacy(text, target, grub_legacy_partition(plan), moved)
+            changes.write(boot.config_path, new, "new root and (hd0,N), no LVM/md arguments, serial console")
+            cmdline = legacy_cmdline(new, kernel)
+    else:
+        changes.note(f"bootloader {boot.kind}: its configuration is not rewritten")
+    if boot.default_kernel is not None and boot.default_kernel != kernel:
+        changes.note(f"the default boot entry starts kernel {boot.default_kernel}, not the chosen {kernel}")
+    for edit in changes.edits:
+        if edit.text is not None and LOOP_DEVICE.search(edit.text):
+            raise P2VError(f"{edit.path} would name a loop device: {LOOP_DEVICE.search(edit.text)}",
+                           hint="the source's kernel arguments name a loop device; fix them on the server")
+    return changes, tuple(cmdline)

@@ -1,0 +1,112 @@
+"""The target's /etc/fstab: exactly what the disk plan decided, line by line.
+
+Each source line has a `FstabChange` in the completed plan (keyed by its
+line number): `replace` gets the new spec, type, options and pass number,
+`remove` becomes a comment that says why (so the line numbers, which the plan
+refers to, stay the same and a second run finds every line where the plan
+says it is), `keep` stays as written (network, bind, `nofail` entries).
+Comments and every other line are kept as they are, and so is the column
+layout where the new values fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from tasks.lib.fixes.model import Changes, TreeReader
+from tasks.lib.fstab import parse_fstab, source_kind
+from tasks.lib.plan import DiskPlan, FstabChange
+
+FSTAB = "/etc/fstab"
+REMOVED_MARK = "# p2v removed"
+
+
+_DEFAULT_FIELDS = ("", "", "auto", "defaults", "0", "0")
+
+
+def _rewrite_fields(line: str, values: dict[int, str]) -> str:
+    """Replace fields by index (0 = spec), keeping the original spacing where the new value fits."""
+    indent = line[: len(line) - len(line.lstrip())]
+    parts = re.findall(r"(\S+)(\s*)", line.strip())
+    fields = [field for field, _ in parts]
+    gaps = [gap for _, gap in parts]
+    while len(fields) < max(values) + 1:
+        fields.append(_DEFAULT_FIELDS[len(fields)])
+        gaps.append("")
+    out = indent
+    for index, (old, gap) in enumerate(zip(fields, gaps, strict=True)):
+        new = values.get(index, old)
+        if index == len(fields) - 1:
+            gap = ""
+        elif new != old and len(gap) > 1 and "\t" not in gap:  # aligned columns stay aligned
+            gap = " " * max(1, len(old) + len(gap) - len(new))
+        else:
+            gap = gap or " "
+        out += new + gap
+    return out
+
+
+def _changed_line(line: str, change: FstabChange) -> str:
+    if change.action == "remove":
+        return f"{REMOVED_MARK} ({change.reason}): {line.strip()}"
+    assert change.new_spec is not None and change.new_vfstype is not None
+    values = {0: change.new_spec, 2: change.new_vfstype, 3: ",".join(change.new_options) or "defaults"}
+    if change.new_passno is not None:
+        values[5] = str(change.new_passno)
+    return _rewrite_fields(line, values)
+
+
+def _entry_file(line: str) -> str | None:
+    entries, _ = parse_fstab(line)
+    return entries[0].file if entries else None
+
+
+def _is_swap_file(spec: str, vfstype: str) -> bool:
+    kind, value = source_kind(spec)
+    return vfstype == "swap" and kind == "path" and value.startswith("/") and not value.startswith("/dev/")
+
+
+def rewrite_fstab(text: str, plan: DiskPlan) -> tuple[str, list[str]]:
+    """(the new fstab, warnings) for the completed `plan`."""
+    if not plan.complete:
+        raise ValueError("the fstab is rewritten from a completed disk plan (with its UUIDs)")
+    lines = text.splitlines()
+    warnings: list[str] = []
+    for change in plan.fstab:
+        index = change.line - 1
+        if change.action == "keep":
+            # A swap file is not copied (sync leaves swap files out), so its line would fail at boot.
+            if _is_swap_file(change.spec, change.vfstype) and (plan.swap_file is None
+                                                                or plan.swap_file.path != change.spec):
+                change = dataclasses.replace(change, action="remove",
+                                             reason="swap file, not copied; swap is planned anew")
+            else:
+                continue
+        if index >= len(lines) or lines[index].lstrip().startswith(REMOVED_MARK):
+            continue  # removed by an earlier run
+        line = lines[index]
+        if _entry_file(line) != change.file:
+            warnings.append(f"fstab line {change.line} is no longer the {change.file} entry the plan was made "
+                            f"for; left as it is: {line.strip()!r}")
+            continue
+        lines[index] = _changed_line(line, change)
+    swap_file = plan.swap_file
+    if swap_file is not None:
+        entries, _ = parse_fstab("\n".join(lines))
+        if not any(e.spec == swap_file.path for e in entries):
+            lines.append(f"{swap_file.path} none swap sw 0 0")
+    return "\n".join(lines) + "\n", warnings
+
+
+def fix_fstab(tree: TreeReader, plan: DiskPlan) -> Changes:
+    changes = Changes(tree, "fstab")
+    text = tree.read(FSTAB)
+    if text is None:
+        changes.note("/etc/fstab is missing on the target; nothing to rewrite")
+        return changes
+    new, warnings = rewrite_fstab(text, plan)
+    for warning in warnings:
+        changes.note(warning)
+    changes.write(FSTAB, new, "new UUIDs; merged mounts and old swap removed, as planned")
+    return changes

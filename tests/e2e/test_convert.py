@@ -1,0 +1,208 @@
+"""`doit verify:<host>` from scratch: inspect -> disk -> sync -> fix -> verify, for real.
+
+Each fixture server is converted with the flatten plan (plain-bookworm also
+with keep): the fix stage runs real grub-install, update-initramfs or dracut
+and apt (cloud-init from a local directory of packages) in a chroot of the
+copy, and the verify stage boots the result in qemu on virtio disk and NIC and
+checks it from the inside. The sources' sha256 must not change, and nothing
+may stay mounted or attached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.lib.manifest import build_manifest
+from tasks.lib.plan import DiskPlan
+from tasks.lib.resources import chroot_binds
+from tasks.lib.runner import chroot_run
+from tasks.lib.spec import PROJECT_DIR
+from tests.fixtures.build import FixtureServer, build_server
+from tests.fixtures.cache import SERVERS_DIR
+from tests.fixtures.packages import ensure_package_dir
+from tests.integration.test_inspect import leftovers, make_spec, sha256
+from tests.integration.test_sync import image_tree
+
+CASES = [
+    ("plain-bookworm", "flatten"),
+    ("plain-bookworm", "keep"),
+    ("lvm-bookworm", "flatten"),
+    ("plain-bullseye", "flatten"),
+    ("plain-trixie", "flatten"),
+    ("dracut-bookworm", "flatten"),
+]
+
+
+def doit(spec_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "P2V_SPECS": str(spec_dir)}
+    return subprocess.run([sys.executable, "-m", "doit", *args], cwd=PROJECT_DIR, env=env,
+                          capture_output=True, text=True, check=False, timeout=3000)
+
+
+def suite_of(name: str) -> str:
+    return str(yaml.safe_load((SERVERS_DIR / f"{name}.yaml").read_text())["suite"])
+
+
+def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix: str = "") -> Path:
+    packages = ensure_package_dir(suite_of(server.name))
+    return make_spec(project, server.name, list(server.disks), extra=(
+        f"target:\n  layout: {layout}\n"
+        "fix:\n"
+        "  network: keep\n"
+        f"  cloud_init:\n    install: true\n    source: {packages}\n    packages: [qemu-guest-agent]\n"
+        f"{extra_fix}"
+    ))
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{name}-{layout}" for name, layout in CASES])
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    name, layout = request.param
+    server = build_server(name)
+    project = tmp_path_factory.mktemp(f"convert-{name}-{layout}")
+    before = {image: sha256(image) for image in server.disks}
+    spec_dir = conversion_spec(project, server, layout)
+    result = doit(spec_dir, f"report:{name}")
+    workdir = project / "work" / name
+    return {
+        "server": server, "layout": layout, "project": project, "spec_dir": spec_dir, "workdir": workdir,
+        "result": result, "before": before, "after": {image: sha256(image) for image in server.disks},
+        "leftovers": leftovers([*server.disks, workdir / "disk.img"]),
+    }
+
+
+def _stamp(workdir: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((workdir / name).read_text())
+    return data
+
+
+def test_conversion_verifies_from_scratch(converted: dict[str, Any]) -> None:
+    result = converted["result"]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    verified = _stamp(converted["workdir"], "verified.stamp")
+    assert not verified["skipped"]
+    assert [c["name"] for c in verified["checks"] if not c["ok"]] == []
+    names = {c["name"] for c in verified["checks"]}
+    assert {"system-state", "root-virtio", "mounts", "swap", "hostname", "network", "cloud-init",
+            "mac-bindings"} <= names
+
+
+def test_guest_has_its_static_address_on_eth0_over_virtio(converted: dict[str, Any]) -> None:
+    verified = _stamp(converted["workdir"], "verified.stamp")
+    checks = {c["name"]: c for c in verified["checks"]}
+    source_iface = converted["server"].facts["network"]["interfaces"][0]
+    assert source_iface["name"] == "eth0"
+    network = checks["network"]["output"]
+    assert any(line.split()[1:4] == ["eth0", "inet", source_iface["address"]] for line in network.splitlines()), network
+    assert checks["root-virtio"]["output"].splitlines()[1].endswith("/virtio_blk")
+    assert verified["machine"] == {"disk_bus": "virtio", "nic_model": "virtio", "mac": "52:54:00:7e:57:01",
+                                   "accel": "tcg"}
+
+
+def test_fix_receipt_and_report(converted: dict[str, Any]) -> None:
+    workdir = converted["workdir"]
+    fixed = _stamp(workdir, "fixed.stamp")
+    steps = {s["name"]: s for s in fixed["steps"]}
+    assert steps["fstab"]["status"] == "changed"
+    assert steps["initrd"]["status"] == "changed"
+    assert steps["bootloader-install"]["status"] == "changed"
+    assert set(fixed["installed_packages"]) == {"cloud-init", "qemu-guest-agent"}
+    cmdline = fixed["kernel_cmdline"]
+    assert "console=ttyS0,115200n8" in cmdline and "console=tty0" in cmdline
+    assert not [arg for arg in cmdline if arg.startswith(("rd.lvm", "rd.md", "rd.luks"))]
+    report = (workdir / "report.md").read_text()
+    assert "## Fix" in report and "## Verify" in report and "FAILED" not in report
+
+
+def test_grub_config_names_no_loop_device_and_the_new_root(converted: dict[str, Any]) -> None:
+    workdir = converted["workdir"]
+    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
+    with image_tree(workdir / "disk.img", plan, converted["project"] / "mnt-grub") as tree:
+        grub_cfg = (tree / "boot/grub/grub.cfg").read_text()
+        fstab = (tree / "etc/fstab").read_text()
+    assert "/dev/loop" not in grub_cfg
+    assert f"root=UUID={plan.filesystem('/').uuid}" in grub_cfg
+    for fs in plan.filesystems:
+        assert (fs.uuid and fs.uuid in fstab) or f"LABEL={fs.label}" in fstab
+
+
+def test_sources_untouched_and_nothing_left(converted: dict[str, Any]) -> None:
+    assert converted["before"] == converted["after"]
+    assert converted["leftovers"] == []
+
+
+# ---------------------------------------------------------------- reruns, idempotency (plain-bookworm, flatten)
+
+
+def _tree_without_times(workdir: Path, project: Path, scratch: str) -> dict[str, Any]:
+    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
+    with image_tree(workdir / "disk.img", plan, project / scratch) as tree:
+        manifest = build_manifest(tree, [], mounts=plan.mount_order[1:])
+    return {path: {k: v for k, v in entry.to_json().items() if k != "mtime_ns"}
+            for path, entry in manifest.entries.items()}
+
+
+def test_rerun_does_nothing_and_deleting_fixed_stamp_reruns_fix_and_verify_only(converted: dict[str, Any]) -> None:
+    if (converted["server"].name, converted["layout"]) != ("plain-bookworm", "flatten"):
+        pytest.skip("run once, on plain-bookworm flatten")
+    assert converted["result"].returncode == 0
+    workdir, spec_dir, name = converted["workdir"], converted["spec_dir"], converted["server"].name
+    again = doit(spec_dir, f"convert:{name}")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    ran = [line for line in again.stdout.splitlines() if line.startswith(".  ")]
+    assert [line for line in ran if not line.startswith(".  convert:")] == [], again.stdout
+
+    tree_before = _tree_without_times(workdir, converted["project"], "mnt-idem-1")
+    (workdir / "fixed.stamp").unlink()
+    rerun = doit(spec_dir, f"convert:{name}")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    ran = sorted(line.split()[1].split(":")[0] for line in rerun.stdout.splitlines() if line.startswith(".  "))
+    assert ran == ["convert", "fix", "report", "verify"], rerun.stdout
+    tree_after = _tree_without_times(workdir, converted["project"], "mnt-idem-2")
+    changed = sorted(p for p in tree_before.keys() | tree_after.keys() if tree_before.get(p) != tree_after.get(p))
+    assert changed == [], f"a second fix changed: {changed[:20]}"
+    assert leftovers([*converted["server"].disks, workdir / "disk.img"]) == []
+
+
+# ---------------------------------------------------------------- a broken fix fails verify, with the console
+
+
+def test_initrd_without_virtio_and_the_initrd_step_skipped_fails_verify(tmp_path: Path) -> None:
+    """A physical server's host-only initrd has no virtio; skip the step that fixes it and
+    verify must fail, quickly, with the serial console's tail in the error."""
+    server = build_server("plain-bullseye")
+    before = {image: sha256(image) for image in server.disks}
+    spec_dir = conversion_spec(tmp_path, server, "flatten", extra_fix="  skip: [initrd]\n")
+    synced = doit(spec_dir, f"sync:{server.name}")
+    assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
+    workdir = tmp_path / "work" / server.name
+    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
+    # Make the copy's initrd like a host-only one from old hardware: IDE/SATA and ext4, no virtio.
+    from tasks.lib.target import mounted_target
+
+    with mounted_target(workdir / "disk.img", plan, host=server.name, direct_io=False) as target, \
+            chroot_binds(target.root):
+        conf = target.root / "etc/initramfs-tools/initramfs.conf"
+        conf.write_text(conf.read_text().replace("MODULES=most", "MODULES=list"))
+        (target.root / "etc/initramfs-tools/modules").write_text("ata_piix\nahci\nsd_mod\next4\n")
+        kernel = sorted(p.name.removeprefix("vmlinuz-") for p in (target.root / "boot").glob("vmlinuz-*"))[-1]
+        chroot_run(target.root, ["update-initramfs", "-u", "-k", kernel], timeout=900)
+        listing = chroot_run(target.root, ["lsinitramfs", f"/boot/initrd.img-{kernel}"]).stdout
+    assert "virtio_blk" not in listing
+    result = doit(spec_dir, f"verify:{server.name}")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "verify:plain-bullseye" in output and "did not boot" in output, output[-3000:]
+    assert "serial log tail" in output
+    assert not (workdir / "verified.stamp").exists()
+    fixed = _stamp(workdir, "fixed.stamp")
+    assert {s["name"]: s["status"] for s in fixed["steps"]}["initrd"] == "skipped"
+    assert before == {image: sha256(image) for image in server.disks}
+    assert leftovers([*server.disks, workdir / "disk.img"]) == []

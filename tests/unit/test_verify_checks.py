@@ -1,0 +1,123 @@
+"""The verify stage's checks and the report, without booting anything."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.lib.plan import DiskPlan, plan_disk
+from tasks.lib.runner import P2VError
+from tasks.lib.spec import CloudInitPolicy, FixPolicy, GlancePolicy, Source, Spec, TargetPolicy
+from tasks.report import render_report
+from tasks.verify import expected_addresses, old_macs, plan_checks, shadow_with_root_password
+from tests.unit.layouts import layout
+
+
+def make_spec(network: str = "keep", install: bool = True, **target: Any) -> Spec:
+    return Spec(host="plain-bookworm", path=Path("/nonexistent/specs/x.yaml"), file="specs/x.yaml",
+                source=Source(images=(Path("/nonexistent/disk1.img"),)), workdir=Path("/nonexistent/work"),
+                target=TargetPolicy(**target),
+                fix=FixPolicy(network=network, cloud_init=CloudInitPolicy(install=install)),
+                glance=GlancePolicy())
+
+
+def completed_plan(name: str, **target: Any) -> DiskPlan:
+    fresh = plan_disk(layout(name), make_spec(**target))
+    return fresh.with_uuids({p.number: f"11111111-2222-4333-8444-5555555555{p.number:02d}" for p in fresh.partitions})
+
+
+def checks_by_name(name: str, **kwargs: Any) -> dict[str, Any]:
+    spec = make_spec(**kwargs)
+    return {c.name: c for c in plan_checks(layout(name), completed_plan(name), spec)}
+
+
+def test_every_promise_gets_a_check() -> None:
+    checks = checks_by_name("plain-bookworm")
+    assert list(checks) == ["system-state", "root-virtio", "mounts", "swap", "hostname", "network", "cloud-init",
+                            "mac-bindings"]
+    assert "52:54:00:a0:00:12" in checks["mac-bindings"].command
+    assert "cloud-init" not in checks_by_name("plain-bookworm", install=False)
+
+
+def test_system_state_judge() -> None:
+    judge = checks_by_name("plain-bookworm")["system-state"].judge
+    assert judge("running\n", 0) is None
+    assert judge("N 5\n", 0) is None
+    problem = judge("degraded\nnetworking.service loaded failed failed Raise network interfaces\n", 1)
+    assert problem is not None and "degraded" in problem and "networking.service" in problem
+    assert judge("", 1) is not None
+
+
+def test_mounts_judge_wants_every_planned_mount_from_its_new_uuid() -> None:
+    plan = completed_plan("plain-bookworm")
+    judge = checks_by_name("plain-bookworm")["mounts"].judge
+    good = "\n".join(f"{fs.mountpoint} {fs.uuid} {fs.fstype}" for fs in plan.filesystems) + "\n/proc  proc\n"
+    assert judge(good, 0) is None
+    root = plan.filesystem("/")
+    bad = good.replace(str(root.uuid), "99999999-0000-4000-8000-000000000000")
+    assert judge(bad, 0) == f"/ is mounted from UUID 99999999-0000-4000-8000-000000000000, not {root.uuid}"
+    assert "is not mounted" in str(judge("/proc  proc\n", 0))
+
+
+def test_swap_judge() -> None:
+    plan = completed_plan("plain-bookworm")
+    swap = next(p.swap for p in plan.partitions if p.swap is not None)
+    judge = checks_by_name("plain-bookworm")["swap"].judge
+    assert judge(f"/dev/vda3 {swap.uuid}\n", 0) is None
+    assert "not active" in str(judge("", 0))
+
+
+def test_network_judge_wants_the_kept_address_on_the_same_name() -> None:
+    judge = checks_by_name("plain-bookworm")["network"].judge
+    line = "2: eth0    inet 192.0.2.12/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever"
+    assert judge("1: lo    inet 127.0.0.1/8 scope host lo\n" + line + "\n", 0) is None
+    assert "192.0.2.12/24 is not on eth0" in str(judge(line.replace("eth0", "ens3"), 0))
+    assert expected_addresses(layout("plain-bookworm"), make_spec()) == {"eth0": ["192.0.2.12/24"]}
+    assert expected_addresses(layout("plain-bookworm"), make_spec(network="dhcp")) == {}
+    dhcp = checks_by_name("plain-bookworm", network="dhcp")["network"].judge
+    assert dhcp("2: eth0    inet 10.0.2.15/24 brd 10.0.2.255 scope global dynamic eth0\n", 0) is None
+
+
+def test_mac_binding_and_hostname_and_virtio_judges() -> None:
+    checks = checks_by_name("plain-bookworm")
+    assert checks["mac-bindings"].judge("", 0) is None
+    left = checks["mac-bindings"].judge("/etc/udev/rules.d/70-persistent-net.rules\n", 0)
+    assert "70-persistent-net.rules" in str(left)
+    assert checks["hostname"].judge("plain-bookworm\n", 0) is None
+    assert checks["hostname"].judge("localhost\n", 0) is not None
+    assert checks["root-virtio"].judge("/dev/vda2\n/sys/bus/virtio/drivers/virtio_blk\n", 0) is None
+    assert checks["root-virtio"].judge("/dev/sda2\n/sys/bus/pci/drivers/ahci\n", 0) is not None
+    assert old_macs(layout("plain-bookworm")) == ["52:54:00:a0:00:12"]
+
+
+def test_shadow_gets_a_one_time_root_password_and_nothing_else_changes() -> None:
+    shadow = "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+    assert shadow_with_root_password(shadow, "$6$salt$hash") == (
+        "root:$6$salt$hash:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    with pytest.raises(P2VError, match="no root entry"):
+        shadow_with_root_password("daemon:*:1::::::\n", "x")
+
+
+def test_report_says_what_changed_and_what_was_checked() -> None:
+    lay = layout("plain-bookworm")
+    plan = completed_plan("plain-bookworm")
+    plan = dataclasses.replace(plan, notes=("a planner note",))
+    fix = {"kernel": "6.1.0-50-amd64", "kernel_cmdline": ["ro", "console=ttyS0,115200n8"],
+           "installed_packages": ["cloud-init"], "warnings": ["network: a | warning"],
+           "steps": [{"name": "fstab", "status": "changed", "changes": ["edited /etc/fstab: new UUIDs"]},
+                     {"name": "initrd", "status": "skipped", "changes": []}]}
+    verify = {"skipped": False, "seconds_to_login": 91.0,
+              "machine": {"disk_bus": "virtio", "nic_model": "virtio", "mac": "52:54:00:7e:57:01"},
+              "checks": [{"name": "hostname", "ok": True, "output": "plain-bookworm"},
+                         {"name": "swap", "ok": False, "problem": "not active", "output": ""}]}
+    text = render_report("plain-bookworm", lay, plan, {"copy": {"files": 10, "bytes": 1 << 30}, "seconds": 3}, fix,
+                         verify)
+    assert "# p2v conversion report: plain-bookworm" in text
+    assert "| fstab | changed | edited /etc/fstab: new UUIDs |" in text
+    assert "| initrd | skipped | - |" in text
+    assert "| swap | FAILED: not active |" in text
+    assert "a planner note" in text and "a \\| warning" in text
+    assert "Debian GNU/Linux 12" in text
