@@ -111,7 +111,8 @@ def plan_checks(layout: Mapping[str, Any], plan: DiskPlan, spec: Spec) -> list[C
         Check("root-virtio", "findmnt -n -o SOURCE /; readlink -f /sys/class/block/$(basename $(findmnt -n -o "
                              "SOURCE /) | sed 's/p\\?[0-9]*$//')/device/driver",
               _judge_root_virtio),
-        Check("mounts", "findmnt -rn -t ext2,ext3,ext4,xfs,btrfs,vfat -o TARGET,UUID,FSTYPE", _mounts_judge(expected_mounts(plan))),
+        Check("mounts", "findmnt -rn -t ext2,ext3,ext4,xfs,btrfs,vfat -o TARGET,UUID,FSTYPE",
+              _mounts_judge(expected_mounts(plan))),
         Check("swap", "for d in $(swapon --noheadings --raw --show=NAME); do echo \"$d $(blkid -s UUID -o value $d)\"; "
                       "done", _swap_judge(plan)),
         Check("hostname", "hostname", _hostname_judge(layout["system"].get("hostname"))),
