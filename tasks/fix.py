@@ -413,7 +413,7 @@ def fix_host(run: StageRun) -> None:
     kernel = fixes.choose_kernel(layout)
     log.info("kernel %s (it has virtio)", kernel)
     started = time.monotonic()
-    with mounted_target(image, plan, host=spec.host, direct_io=supports_direct_io(image.parent)) as target, \
+    with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target, \
             chroot_binds(target.root):
         ctx = fix_tree(spec, layout, plan, target)
     stamp = {

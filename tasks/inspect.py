@@ -24,7 +24,7 @@ from tasks.lib import storage
 from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, source_kind
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.resources import host_run_dir, mounted, read_only_mount_options
+from tasks.lib.resources import mounted, read_only_mount_options
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 from tasks.lib.system import combine_bootloader, describe_system, guess_boot_sector
@@ -140,14 +140,14 @@ class Discovery:
     md_arrays: list[dict[str, Any]]
 
 
-def _scratch_dir(host: str, purpose: str) -> Path:
-    host_run_dir(host).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=host_run_dir(host)))
+def _scratch_dir(run_dir: Path, purpose: str) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=run_dir))
 
 
 @contextlib.contextmanager
-def scratch_dir(host: str, purpose: str) -> Iterator[Path]:
-    path = _scratch_dir(host, purpose)
+def scratch_dir(run_dir: Path, purpose: str) -> Iterator[Path]:
+    path = _scratch_dir(run_dir, purpose)
     try:
         yield path
     finally:
@@ -197,7 +197,7 @@ def measure_filesystems(
     """Mount every filesystem read-only once: usage, features, and whether it is a root."""
     records: dict[str, Any] = {}
     roots: list[str] = []
-    with scratch_dir(spec.host, "probe") as point:
+    with scratch_dir(spec.run_dir, "probe") as point:
         for name in _filesystem_names(discovery.probes):
             info = discovery.probes[name]
             fstype = info["TYPE"]
@@ -281,7 +281,7 @@ def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
 def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: storage.DeviceMap) -> Iterator[Path]:
     """The server's tree, read-only, mounted the way its fstab says."""
     with contextlib.ExitStack() as stack:
-        tree = stack.enter_context(scratch_dir(spec.host, "tree"))
+        tree = stack.enter_context(scratch_dir(spec.run_dir, "tree"))
         for mount in mounts:
             point = resolve_in_root(tree, mount["mountpoint"])
             if not point.is_dir():
@@ -340,7 +340,7 @@ def build_layout(spec: Spec) -> dict[str, Any]:
     with reachable_source(spec) as (discovery, devices):
         filesystems, roots = measure_filesystems(spec, discovery, devices)
         root = choose_root(roots, discovery.probes, spec.source.root, spec.file)
-        with scratch_dir(spec.host, "root") as point:
+        with scratch_dir(spec.run_dir, "root") as point:
             fstype = filesystems[root]["type"]
             with mounted(devices.node(root), point, fstype=fstype, options=read_only_mount_options(fstype)):
                 fstab_text = read_text_in_root(point, "/etc/fstab") or ""

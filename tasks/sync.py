@@ -8,6 +8,24 @@ filesystem, proves the copy with a manifest of both trees, and its receipt is
 the stamp. A rerun after a failure or a kill continues the copy in the same
 disk.img instead of starting over.
 
+A rerun with nothing to do (`doit forget sync:<host>`, a new stamp
+format) proves that cheaply instead of running rsync and hashing both trees
+again. Two seals in the host's state directory (.p2v/), each written only
+after a verified copy:
+
+- `sync-seal.json`, the copy engine's (tasks/lib/copy.py, SEAL_FORMAT):
+  stat-only listings of both mounted trees, ctime included. Any source, any
+  filesystem; costs one cold walk of each tree.
+- `sync-stage-seal.json`, this stage's, checked before anything is mounted:
+  a fingerprint of every source filesystem, read from its device, that any
+  read-write mount changes (see fingerprint()), and the stat of disk.img
+  after it was let go, with the copy's receipt. Why it is a proof is told at
+  write_stage_seal(). Written only when every source filesystem can be
+  fingerprinted (ext2/3/4, xfs) and did not change during the run.
+
+The stamp's receipt says which way the copy was proved ("verified_by":
+"manifests", "seal" or "stage seal").
+
 The stamp depends on disk-plan.json rather than on disk.img: later stages
 write into disk.img, and that must not make the copy run again. A new disk
 (a new plan, with new UUIDs) does.
@@ -15,28 +33,33 @@ write into disk.img, and that must not make the copy run again. A new disk
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tasks.disk import supports_direct_io
-from tasks.inspect import source_tree
-from tasks.lib.copy import console_progress, copy_tree
+from tasks.inspect import reachable_source, source_tree
+from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tree, target_matches_seal
+from tasks.lib.paths import resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan
-from tasks.lib.runner import P2VError
+from tasks.lib.runner import CommandError, P2VError, run
 from tasks.lib.spec import Spec
-from tasks.lib.target import mounted_target
+from tasks.lib.target import MountedTarget, mounted_target
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 
 log = logging.getLogger("p2v.sync")
 
 STAMP_FORMAT = "p2v-sync-stamp"
 STAMP_VERSION = 1
+STAGE_SEAL_FORMAT = "p2v-sync-stage-seal"
+STAGE_SEAL_VERSION = 1
 SKIPPED_CONTENT_REASONS = ("network filesystem", "pseudo filesystem", "FUSE filesystem")
 
 
@@ -66,36 +89,208 @@ def check_work_area(image: Path, plan: DiskPlan) -> None:
         )
 
 
-def sync_host(run: StageRun) -> None:
-    spec = run.spec
-    layout = read_layout(run.input(LAYOUT_FILE))
-    plan = read_disk_plan(run.input(PLAN_FILE))
+def seal_path(spec: Spec) -> Path:
+    return spec.state_dir / "sync-seal.json"
+
+
+def stage_seal_path(spec: Spec) -> Path:
+    return spec.state_dir / "sync-stage-seal.json"
+
+
+# ---------------------------------------------------------------- the stage seal
+
+
+_EXT_FIELDS = ("Filesystem UUID", "Filesystem state", "Filesystem features", "Inode count", "Block count",
+               "Free blocks", "Free inodes", "Mount count", "Last mount time", "Last write time", "Last checked",
+               "Lifetime writes")
+
+
+def fingerprint(node: str, fstype: str) -> str | None:
+    """A value that any read-write mount of the filesystem changes, read from its device; None if there is none.
+
+    ext2/3/4 (tune2fs -l): a read-write mount bumps the mount count and sets
+    the last mount time on disk at once, and sets needs_recovery (with a
+    journal) or clears "clean" (without) until it is unmounted; a read-only
+    mount (p2v's ro,noload) writes nothing. xfs (xfs_db, xfs_logprint): every
+    read-write mount writes to the log and moves its head, and the superblock
+    LSN and counters on unmount; while mounted read-write the log is dirty.
+    So: no fingerprint for a filesystem that is mounted read-write now (or
+    was not cleanly unmounted), and an equal fingerprint later means no
+    read-write mount in between. Other filesystem types: None.
+    """
+    try:
+        if fstype in ("ext2", "ext3", "ext4"):
+            fields = {}
+            for line in run(["tune2fs", "-l", node]).stdout.splitlines():
+                name, colon, value = line.partition(":")
+                if colon:
+                    fields[name.strip()] = value.strip()
+            if "needs_recovery" in fields.get("Filesystem features", "").split() \
+                    or fields.get("Filesystem state") != "clean":
+                return None
+            text = "\n".join(f"{name}: {fields.get(name, '')}" for name in _EXT_FIELDS)
+        elif fstype == "xfs":
+            superblock = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print uuid icount ifree fdblocks lsn", node]).stdout
+            log_state = [line.strip() for line in run(["xfs_logprint", "-t", node]).stdout.splitlines()
+                         if line.strip().startswith("log tail:")]
+            if len(log_state) != 1 or not log_state[0].endswith("state: <CLEAN>"):
+                return None
+            text = superblock + log_state[0]
+        else:
+            return None
+    except CommandError as error:
+        log.info("no fingerprint of %s (%s): %s", node, fstype, error)
+        return None
+    return f"{fstype}:sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def source_fingerprints(spec: Spec, layout: Mapping[str, Any]) -> dict[str, str] | None:
+    """Each source filesystem's fingerprint, read with the disks attached read-only and nothing mounted."""
+    with reachable_source(spec) as (_discovery, devices):
+        found = {}
+        for mount in layout["mounts"]:
+            value = fingerprint(devices.node(mount["device"]), mount["fstype"])
+            if value is None:
+                return None
+            found[mount["mountpoint"]] = value
+        return found
+
+
+def image_state(image: Path) -> dict[str, int]:
+    """disk.img's identity and last change, once that change is settled (see copy.SEAL_FORMAT: the clock's tick)."""
+    info = image.stat()
+    margin = SETTLE_FINE if info.st_ctime_ns % 1_000_000_000 else SETTLE_COARSE
+    pause = (info.st_ctime_ns + int(margin * 1e9) - time.time_ns()) / 1e9
+    if pause > 0:
+        time.sleep(pause + 0.01)
+        info = image.stat()
+    return {"dev": info.st_dev, "ino": info.st_ino, "size": info.st_size, "blocks": info.st_blocks,
+            "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
+
+
+def inputs_digest(run_: StageRun) -> str:
+    digest = hashlib.sha256()
+    for name in (LAYOUT_FILE, PLAN_FILE):
+        digest.update(run_.input(name).read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def sealed_target(target: MountedTarget, plan: DiskPlan, spec: Spec, layout: Mapping[str, Any]) -> bool:
+    """Remount the target read-only, then check it against the copy's seal: nothing can change it after that."""
+    try:
+        for mountpoint in reversed(plan.mount_order):
+            run(["mount", "-o", "remount,ro", str(resolve_in_root(target.root, mountpoint))])
+    except CommandError as error:
+        log.info("target not remounted read-only, no stage seal: %s", error)
+        return False
+    return target_matches_seal(seal_path(spec), target.root, [m["mountpoint"] for m in layout["mounts"]],
+                               exclude_contents=contents_to_leave_behind(layout), swap_files=swap_files(layout))
+
+
+def write_stage_seal(spec: Spec, inputs: str, fingerprints: Mapping[str, str], image: Path,
+                     receipt: Mapping[str, Any]) -> None:
+    """Vouch for this run's copy to a later run, which will not even mount the trees.
+
+    Sound because each link is: the copy was verified (manifests, or the copy
+    seal, itself a proof); the target was then remounted read-only and its
+    listing was still the copy seal's, so disk.img held exactly that when it
+    was let go; its stat (mtime/ctime, settled) is taken after that, and any
+    later write to it through a loop device or otherwise moves them; and the
+    source filesystems' fingerprints were equal before the source was
+    mounted and after it was let go, so no read-write mount happened in
+    between. Not seen, as by every such check: writes that bypass both the
+    filesystem and the mount machinery (dd onto a source partition, debugfs).
+    """
+    seal = {
+        "format": STAGE_SEAL_FORMAT, "version": STAGE_SEAL_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs": inputs, "sources": dict(fingerprints), "image": image_state(image), "receipt": dict(receipt),
+    }
+    path = stage_seal_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(seal, indent=1, sort_keys=True) + "\n")
+    partial.replace(path)
+
+
+def stage_seal_holds(spec: Spec, layout: Mapping[str, Any], image: Path, inputs: str) -> dict[str, Any] | None:
+    """The stage seal, when the inputs, disk.img and every source filesystem are as it recorded; else None."""
+    try:
+        seal = json.loads(stage_seal_path(spec).read_text())
+    except (OSError, ValueError):
+        return None
+    if seal.get("format") != STAGE_SEAL_FORMAT or seal.get("version") != STAGE_SEAL_VERSION:
+        return None
+    if seal.get("inputs") != inputs:
+        return None
+    info = image.stat()
+    now = {"dev": info.st_dev, "ino": info.st_ino, "size": info.st_size, "blocks": info.st_blocks,
+           "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
+    if seal.get("image") != now:
+        log.info("disk.img changed since the stage seal: copying")
+        return None
+    if seal.get("sources") != source_fingerprints(spec, layout):
+        log.info("a source filesystem was mounted read-write since the stage seal: copying")
+        return None
+    return dict(seal)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def sync_host(run_: StageRun) -> None:
+    spec = run_.spec
+    layout = read_layout(run_.input(LAYOUT_FILE))
+    plan = read_disk_plan(run_.input(PLAN_FILE))
     image = spec.artifact("disk.img")
     mountpoints = [mount["mountpoint"] for mount in layout["mounts"]]
     if not image.is_file():
         raise P2VError(f"{image} does not exist", hint=f"run disk:{spec.host} first")
-    check_work_area(image, plan)
     started = time.monotonic()
+    inputs = inputs_digest(run_)
+    held = stage_seal_holds(spec, layout, image, inputs)
+    if held is not None:
+        receipt = {**held["receipt"], "verified_by": "stage seal", "fast_path": True,
+                   "seal": f"stage seal held (written {held['created']})", "bytes_transferred": 0,
+                   "duration_seconds": round(time.monotonic() - started, 3), "copy_seconds": 0.0,
+                   "verify_seconds": round(time.monotonic() - started, 3)}
+        log.info("source filesystems and disk.img unchanged since the verified copy of %s: nothing to copy",
+                 held["created"])
+        write_stamp(run_, receipt, started)
+        return
+    stage_seal_path(spec).unlink(missing_ok=True)
+    check_work_area(image, plan)
+    before = source_fingerprints(spec, layout)
+    vouched = False
     with source_tree(spec, layout) as source, \
-            mounted_target(image, plan, host=spec.host, direct_io=supports_direct_io(image.parent)) as target:
+            mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
         result = copy_tree(
             source, target.root, mountpoints,
             log_file=spec.log_dir / "sync-copy.log",
             exclude_contents=contents_to_leave_behind(layout),
             swap_files=swap_files(layout),
             progress=console_progress(),
+            seal=seal_path(spec),
         )
+        if before is not None and result.verified:
+            vouched = sealed_target(target, plan, spec, layout)
     receipt = result.receipt()
+    if vouched and before is not None and source_fingerprints(spec, layout) == before:
+        write_stage_seal(spec, inputs, before, image, receipt)
+    write_stamp(run_, receipt, started)
+
+
+def write_stamp(run_: StageRun, receipt: Mapping[str, Any], started: float) -> None:
     stamp: dict[str, Any] = {
         "format": STAMP_FORMAT,
         "version": STAMP_VERSION,
-        "host": spec.host,
+        "host": run_.spec.host,
         "seconds": round(time.monotonic() - started, 1),
-        "copy": receipt,
+        "copy": dict(receipt),
     }
-    run.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-    log.info("synced %s files, %s bytes in %.1f s; manifest %s", receipt.get("files"), receipt.get("bytes"),
-             stamp["seconds"], receipt.get("manifest_digest"))
+    run_.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    log.info("synced %s files, %s bytes in %.1f s; manifest %s (verified by %s)", receipt.get("files"),
+             receipt.get("bytes"), stamp["seconds"], receipt.get("manifest_digest"), receipt.get("verified_by"))
 
 
 def _config(spec: Spec) -> dict[str, object]:

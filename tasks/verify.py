@@ -41,7 +41,7 @@ from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.paths import read_text_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan
-from tasks.lib.resources import host_run_dir, loop_device, mounted
+from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import Spec
 from tasks.lib.target import target_mount_options
@@ -232,7 +232,7 @@ def _hash_password(password: str) -> str:
 @contextlib.contextmanager
 def verification_overlay(spec: Spec, plan: DiskPlan, password: str) -> Iterator[Path]:
     """disk.img under a qcow2 overlay that lets root log in with `password`; removed afterwards."""
-    run_dir = host_run_dir(spec.host)
+    run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     overlay = run_dir / "verify-overlay.qcow2"
     export = run_dir / "verify.export"

@@ -26,6 +26,9 @@ Two methods, the same guarantees (both verified by the manifest afterwards):
   behind that are not in the source. With --inplace a file cut short keeps its
   name with the wrong size and a fresh mtime (rsync sets the mtime last), so
   the rerun's quick check (size + mtime) copies it again, and only it.
+  `--modify-window=-1`: mtimes compared to the nanosecond, as the manifest
+  compares them (rsync's default compares whole seconds, so a directory or a
+  same-size file changed within the second would be left as it was).
 - "tar" (the default): `tar -c | tar -x` with --xattrs --xattrs-include='*'
   --acls --selinux --numeric-owner --sparse into an *empty* target filesystem.
   GNU tar drops sockets ("socket ignored"), so they are found with
@@ -45,6 +48,17 @@ rsync 3.5's receiver opens every path component by component (its hardened
 path handling), so it loses to tar by about 2x on a first copy of many small
 files; it is still the tool for resuming and for a no-change resync.
 
+A no-change rerun (`seal=`): after a verified copy, copy_tree saves a seal
+next to the caller's other state (never in the target): the manifest digest
+that both trees were proved to share, and for each filesystem of each tree the
+digest of a stat-only listing (find -printf: path, type, inode, mode, owner,
+link count, size, mtime and ctime in ns), taken after the copy and before the
+verification read anything. A rerun lists both trees again (no hashing, no
+rsync); if every listing digest is the seal's, the target still equals the
+source and the run stops there. Any other outcome removes the seal and runs
+rsync and the full verification as before. Why that is a proof, and its
+limits, are spelled out at SEAL_FORMAT below.
+
 Progress: the target filesystem's used bytes and inodes (statvfs, every half
 second) against the source's, so it reads the same for both methods and for a
 resumed copy. The full tool output (rsync's itemized changes, tar's warnings)
@@ -56,15 +70,18 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +104,39 @@ ALWAYS_EXCLUDED = ("/proc", "/sys", "/dev", "/run", "/tmp")
 RECEIPT_FORMAT = "p2v-copy-receipt"
 RECEIPT_VERSION = 1
 
+# The seal: proof, cheaper than the manifests, that a verified copy still holds.
+#
+# Sound because of ctime. Every change made through a filesystem to an inode
+# (content, size, mode, owner, ACL, xattr, link count, rename) sets its ctime
+# to the current time, and nothing short of the clock can set it back: writing
+# a file and restoring its mtime with touch/utimes leaves a new ctime. Adding,
+# removing or renaming an entry also changes its directory's mtime and ctime,
+# and the path set itself is listed. So a listing whose (path, type, inode,
+# mode, uid, gid, links, size, mtime, ctime) are all as before means nothing
+# was changed through the filesystem in between; symlink targets and device
+# numbers cannot change without a new inode.
+#
+# The one race, as in git's "racily clean" index: timestamps come from a
+# coarse clock (a jiffy, or a whole second on filesystems with 128-byte ext
+# inodes), so a change in the same tick as the previous one can leave ctime
+# as it was. Hence a listing only counts when every ctime in it lies a margin
+# (SETTLE_*) before the listing started: a change after the listing then
+# always gets a later ctime. copy_tree waits that margin after the tools exit
+# before it lists the target; a source still changing that close to the
+# listing (a live server) gets no seal. The listing is taken after the copy
+# and *before* verification reads anything, so a change during verification
+# shows up as a new ctime next time: the rerun takes the full path.
+#
+# What it cannot see, like any ctime-based check (rsync's, make's, git's):
+# writes that bypass the filesystem (dd onto the device, debugfs), and a wall
+# clock set back past the seal. Neither happens to a source that p2v mounts
+# read-only or to the image p2v owns in its workdir.
+SEAL_FORMAT = "p2v-copy-seal"
+SEAL_VERSION = 1
+LISTING_FORMAT = r"%y %i %m %U %G %n %s %T@ %C@ %P\0"
+SETTLE_FINE = 0.05  # several coarse clock ticks (HZ >= 100: 10 ms or less)
+SETTLE_COARSE = 1.05  # filesystems that keep whole seconds only
+
 # XFS lists its on-disk ACLs as trusted.SGI_ACL_FILE/DEFAULT for root. Copied,
 # they would be junk xattrs on ext4; worse, an rsync rerun into XFS from a
 # source without them deletes them, and with them the target's ACLs. Neither
@@ -95,7 +145,7 @@ RECEIPT_VERSION = 1
 XATTRS_NOT_COPIED = ("system.*", "trusted.SGI_ACL_*")
 RSYNC_OPTIONS = (
     "--archive", "--hard-links", "--acls", "--xattrs", "--sparse", "--numeric-ids", "--one-file-system",
-    "--inplace", *(f"--filter=-x {name}" for name in XATTRS_NOT_COPIED),
+    "--inplace", "--modify-window=-1", *(f"--filter=-x {name}" for name in XATTRS_NOT_COPIED),
 )
 TAR_COMMON = ("--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.SGI_ACL_*", "--acls", "--selinux",
               "--numeric-owner")
@@ -108,6 +158,7 @@ TAR_EXTRACT = ("--extract", "--file=-", TAR_RECORDS, "--read-full-records", "--p
                "--same-owner", "--warning=no-timestamp", *TAR_COMMON)
 
 SAMPLE_SECONDS = 0.5
+APART_INODES = 50_000  # verify reads trees this big in child interpreters
 LOG_TAIL_BYTES = 64 << 10
 # Same locale as runner.run: tools print messages we parse.
 _TOOL_ENV = {"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "LANGUAGE": ""}
@@ -181,6 +232,14 @@ class CopyResult:
     tools: dict[str, str]
     excluded_contents: tuple[str, ...]
     swap_files: tuple[str, ...]
+    # "manifests": both trees hashed and compared in this run; "seal": nothing
+    # changed on either side since a run that did (see SEAL_FORMAT).
+    verified_by: str | None = None
+    sealed: str = "no seal asked for"  # what became of the seal in this run
+
+    @property
+    def fast_path(self) -> bool:
+        return self.verified_by == "seal"
 
     @property
     def verified(self) -> bool:
@@ -209,6 +268,9 @@ class CopyResult:
             "bytes": self.bytes,
             "bytes_transferred": self.bytes_transferred,
             "verified": self.verified,
+            "verified_by": self.verified_by,
+            "fast_path": self.fast_path,
+            "seal": self.sealed,
             "manifest_digest": self.manifest_digest,
             "tools": dict(self.tools),
             "excluded_contents": list(self.excluded_contents),
@@ -613,6 +675,7 @@ def copy_tree(
     swap_files: Sequence[str] = (),
     verify: bool = True,
     progress: Callable[[Progress], None] | None = None,
+    seal: Path | None = None,
 ) -> CopyResult:
     """Copy every filesystem of `source` (mounted as the server mounts them) into `target`.
 
@@ -622,6 +685,10 @@ def copy_tree(
     points). `swap_files`: files left out. With `verify`, both trees'
     manifests must be equal, or P2VError lists the differences. A rerun into
     the same target continues a copy that failed or was killed.
+
+    `seal`: a file outside both trees. With `verify`, a verified copy writes
+    it, and a later call whose trees are provably unchanged since (see
+    SEAL_FORMAT) returns at once with verified_by="seal".
     """
     if method not in METHODS:
         raise P2VError(f"unknown copy method {method!r} (known: {', '.join(METHODS)})")
@@ -634,30 +701,61 @@ def copy_tree(
     tools = tool_versions()
     excluded_by_fs = assign(excluded, points)
     swaps_by_fs = assign(swaps, points)
+    scope = _Scope(points=tuple(points), excluded=excluded_by_fs, omitted=swaps_by_fs)
+    log_ = _Log(log_file)
+    try:
+        with tempfile.TemporaryDirectory(prefix="p2v-copy-") as scratch:
+            if seal is not None and verify:
+                started = time.monotonic()
+                unchanged = _still_sealed(seal, source, target, scope, Path(scratch), log_)
+                if unchanged is not None:
+                    return _sealed_result(unchanged, scope, method, started_at, time.monotonic() - started,
+                                          tools, excluded, swaps)
+            return _full_copy(source, target, scope, method, excluded, swaps, verify, progress, seal, log_,
+                              Path(scratch), started_at, tools)
+    finally:
+        log_.close()
+
+
+def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, excluded: Sequence[str],
+               swaps: Sequence[str], verify: bool, progress: Callable[[Progress], None] | None, seal: Path | None,
+               log_: _Log, scratch: Path, started_at: str, tools: dict[str, str]) -> CopyResult:
+    points = scope.points
+    if seal is not None:
+        seal.unlink(missing_ok=True)  # from here on the target changes: no old seal may vouch for it
     sizes = {mp: _used(source / mp.lstrip("/")) for mp in points}
     watch = _Watch(total_bytes=sum(s[0] for s in sizes.values()), total_files=sum(s[1] for s in sizes.values()),
                    callback=progress)
-    log_ = _Log(log_file)
-    try:
-        log_.write(f"copy {source} -> {target} by {method}: filesystems {' '.join(points)}; "
-                   f"contents excluded: {' '.join(excluded)}; swap files left out: {' '.join(swaps) or 'none'}; "
-                   f"{tools['rsync']}; {tools['tar']}")
-        started = time.monotonic()
-        passes = []
-        with tempfile.TemporaryDirectory(prefix="p2v-copy-") as scratch:
-            for mp in points:
-                passes.append(_copy_filesystem(source, target, mp, method, excluded_by_fs[mp], swaps_by_fs[mp],
-                                               sizes[mp], log_, watch, Path(scratch)))
-        copy_seconds = time.monotonic() - started
-        log.info("copied %s in %.1f s (%s)", " ".join(points), copy_seconds,
-                 ", ".join(f"{p.mountpoint} by {p.tool}{' (resumed)' if p.resumed else ''}" for p in passes))
-        source_manifest = None
-        if verify:
-            source_manifest = _verify(source, target, points, excluded, swaps, log_)
-            passes = _with_tar_figures(passes, source_manifest, points)
-        verify_seconds = time.monotonic() - started - copy_seconds
-    finally:
-        log_.close()
+    log_.write(f"copy {source} -> {target} by {method}: filesystems {' '.join(points)}; "
+               f"contents excluded: {' '.join(excluded)}; swap files left out: {' '.join(swaps) or 'none'}; "
+               f"{tools['rsync']}; {tools['tar']}")
+    started = time.monotonic()
+    passes = [_copy_filesystem(source, target, mp, method, scope.excluded[mp], scope.omitted[mp], sizes[mp], log_,
+                               watch, scratch) for mp in points]
+    copy_seconds = time.monotonic() - started
+    log.info("copied %s in %.1f s (%s)", " ".join(points), copy_seconds,
+             ", ".join(f"{p.mountpoint} by {p.tool}{' (resumed)' if p.resumed else ''}" for p in passes))
+    source_manifest = None
+    sealed = "no seal asked for"
+    if verify:
+        # Listed before verification reads anything: see SEAL_FORMAT.
+        listings = _settled_listings(source, target, scope, scratch) if seal is not None else None
+        source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_)
+        if differences and any(p.resumed for p in passes):
+            # Not a failed copy yet: rsync's quick check cannot see every change (see _repair).
+            repaired = _repair(source, target, scope, differences, log_, scratch)
+            log.info("verification found %d difference(s) rsync's quick check missed: copied again", repaired)
+            log_.write(f"repaired {repaired} entries; verifying again")
+            listings = _settled_listings(source, target, scope, scratch) if seal is not None else None
+            source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_)
+        if differences:
+            raise _verification_failed(differences, log_)
+        passes = _with_tar_figures(passes, source_manifest, points)
+        if seal is not None and listings is not None:
+            sealed = _write_seal(seal, source_manifest, scope, listings, log_)
+    elif seal is not None:
+        sealed = "not written: the copy was not verified"
+    verify_seconds = time.monotonic() - started - copy_seconds
     return CopyResult(
         method=method, passes=tuple(passes), started=started_at, copy_seconds=copy_seconds,
         verify_seconds=verify_seconds, tools=tools, excluded_contents=tuple(excluded), swap_files=tuple(swaps),
@@ -665,6 +763,197 @@ def copy_tree(
         regular_files=source_manifest.regular_files if source_manifest else None,
         bytes=source_manifest.total_bytes if source_manifest else None,
         manifest_digest=source_manifest.digest() if source_manifest else None,
+        verified_by="manifests" if source_manifest else None, sealed=sealed,
+    )
+
+
+# ---------------------------------------------------------------- the seal (see SEAL_FORMAT)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What a copy covers: its filesystems, and per filesystem what is left out (relative to its root)."""
+
+    points: tuple[str, ...]
+    excluded: dict[str, list[str]]
+    omitted: dict[str, list[str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mountpoints": list(self.points), "excluded_contents": self.excluded, "omitted": self.omitted}
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A stat-only listing of one filesystem of a tree, reduced to what the seal needs."""
+
+    digest: str
+    entries: int
+    started_ns: int  # wall clock when find started
+    newest_ctime_ns: int
+    whole_seconds: bool  # no ctime with a fraction: maybe a filesystem that keeps seconds only
+
+    @property
+    def settled(self) -> bool:
+        margin = SETTLE_COARSE if self.whole_seconds else SETTLE_FINE
+        return self.newest_ctime_ns < self.started_ns - int(margin * 1e9)
+
+    def wait(self) -> float:
+        """Seconds from now until a listing of the same entries would be settled."""
+        margin = SETTLE_COARSE if self.whole_seconds else SETTLE_FINE
+        return max(0.0, (self.newest_ctime_ns + int(margin * 1e9) - time.time_ns()) / 1e9 + 0.01)
+
+
+def _ns(stamp: bytes) -> int:
+    """find's %T@/%C@ ("1700000000.1234567890") in ns."""
+    whole, _, fraction = stamp.partition(b".")
+    return int(whole) * 1_000_000_000 + int((fraction + b"000000000")[:9])
+
+
+def list_filesystem(root: Path, excluded: Sequence[str], omitted: Sequence[str], scratch: Path) -> Listing:
+    """One filesystem's entries as the manifest sees them (contents of `excluded` and `omitted` left out), stat only."""
+    handle, name = tempfile.mkstemp(prefix="listing-", dir=scratch)
+    os.close(handle)
+    listing = Path(name)
+
+    def paths(relatives: Sequence[str]) -> list[str]:
+        found: list[str] = []
+        for relative in relatives:
+            found += [*(["-o"] if found else []), "-path", "." + ("" if relative == "/" else _glob_escape(relative))]
+        return found
+
+    argv = ["find", ".", "-xdev"]
+    if omitted:
+        argv += ["(", *paths(omitted), ")", "-prune", "-o"]
+    if excluded:  # the directory itself is listed, its contents are not
+        argv += ["(", *paths(excluded), ")", "-fprintf", str(listing), LISTING_FORMAT, "-prune", "-o"]
+    argv += ["-fprintf", str(listing), LISTING_FORMAT]
+    started_ns = time.time_ns()
+    run(argv, cwd=root)
+    data = listing.read_bytes()
+    listing.unlink()
+    records = data.split(b"\0")[:-1]
+    ctimes = [record.split(b" ", 9)[8] for record in records]
+    return Listing(digest="sha256:" + hashlib.sha256(data).hexdigest(), entries=len(records), started_ns=started_ns,
+                   newest_ctime_ns=max((_ns(c) for c in ctimes), default=0),
+                   whole_seconds=all(c.endswith(b".0000000000") for c in ctimes))
+
+
+Listings = dict[str, dict[str, Listing]]  # "source"/"target" -> mountpoint -> listing
+
+
+def _list_trees(source: Path, target: Path, scope: _Scope, scratch: Path) -> Listings:
+    """Every filesystem of both trees, listed side by side (find per filesystem: two cores, two disks)."""
+    jobs = [(side, mp, root / mp.lstrip("/")) for side, root in (("source", source), ("target", target))
+            for mp in scope.points]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="listing") as pool:
+        done = pool.map(lambda job: list_filesystem(job[2], scope.excluded[job[1]], scope.omitted[job[1]], scratch),
+                        jobs)
+        found: Listings = {"source": {}, "target": {}}
+        for (side, mp, _), listing in zip(jobs, done, strict=True):
+            found[side][mp] = listing
+    return found
+
+
+def _settled_listings(source: Path, target: Path, scope: _Scope, scratch: Path) -> Listings:
+    """Listings of both trees that a seal may use: the target's last writes a margin in the past."""
+    time.sleep(SETTLE_FINE)
+    listings = _list_trees(source, target, scope, scratch)
+    pause = max(listing.wait() for listing in listings["target"].values())
+    if pause > 0 and not all(listing.settled for listing in listings["target"].values()):
+        time.sleep(pause)  # a filesystem with whole-second timestamps: one more second
+        listings = _list_trees(source, target, scope, scratch)
+    return listings
+
+
+def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listings, log_file: _Log) -> str:
+    unsettled = [f"{side} {mp}" for side, by_point in listings.items() for mp, listing in by_point.items()
+                 if not listing.settled]
+    if unsettled:
+        note = f"not written: {', '.join(unsettled)} changed while being copied (a live source?)"
+        log_file.write(f"seal {note}")
+        return note
+    seal = {
+        "format": SEAL_FORMAT, "version": SEAL_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scope": scope.to_json(),
+        "manifest_digest": manifest.digest(), "files": manifest.files,
+        "regular_files": manifest.regular_files, "bytes": manifest.total_bytes,
+        "listings": {side: {mp: {"digest": listing.digest, "entries": listing.entries}
+                            for mp, listing in by_point.items()} for side, by_point in listings.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(seal, indent=1, sort_keys=True) + "\n")
+    partial.replace(path)
+    log_file.write(f"seal written to {path}: manifest {seal['manifest_digest']}")
+    return "written"
+
+
+def _still_sealed(path: Path, source: Path, target: Path, scope: _Scope, scratch: Path,
+                  log_file: _Log) -> dict[str, Any] | None:
+    """The seal, if both trees are provably as they were when it was written; None otherwise (and why, in the log)."""
+    try:
+        seal = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log_file.write(f"seal {path} unreadable ({error}): full copy")
+        return None
+    if seal.get("format") != SEAL_FORMAT or seal.get("version") != SEAL_VERSION:
+        log_file.write(f"seal {path} is not a version {SEAL_VERSION} seal: full copy")
+        return None
+    if seal.get("scope") != json.loads(json.dumps(scope.to_json())):
+        log_file.write(f"seal {path} covers other filesystems or exclusions: full copy")
+        return None
+    listings = _list_trees(source, target, scope, scratch)
+    changed = [f"{side} {mp}" for side, by_point in listings.items() for mp, listing in by_point.items()
+               if seal["listings"].get(side, {}).get(mp, {}).get("digest") != listing.digest]
+    if changed:
+        log_file.write(f"seal {path}: changed since: {', '.join(changed)}: full copy")
+        return None
+    log_file.write(f"seal {path} of {seal['created']} holds: every listing unchanged "
+                   f"({sum(x.entries for by_point in listings.values() for x in by_point.values())} entries); "
+                   f"manifest {seal['manifest_digest']}")
+    return dict(seal)
+
+
+def target_matches_seal(seal: Path, target: Path, mountpoints: Sequence[str], *, exclude_contents: Sequence[str] = (),
+                        swap_files: Sequence[str] = ()) -> bool:
+    """Whether the target, listed now, is still what the seal's verified copy left (same arguments as copy_tree).
+
+    For a caller that wants to vouch for the target beyond this run (the sync
+    stage, which then fingerprints the image file): call it with the target
+    mounted read-only, so that nothing can change it after the listing.
+    """
+    points = _order(mountpoints)
+    excluded = sorted({normalize(p) for p in (*ALWAYS_EXCLUDED, *exclude_contents)})
+    swaps = sorted({normalize(p) for p in swap_files})
+    scope = _Scope(points=tuple(points), excluded=assign(excluded, points), omitted=assign(swaps, points))
+    try:
+        sealed = json.loads(seal.read_text())
+    except (OSError, ValueError):
+        return False
+    if sealed.get("format") != SEAL_FORMAT or sealed.get("scope") != json.loads(json.dumps(scope.to_json())):
+        return False
+    with tempfile.TemporaryDirectory(prefix="p2v-copy-") as scratch:
+        for mp in points:
+            listing = list_filesystem(target / mp.lstrip("/"), scope.excluded[mp], scope.omitted[mp], Path(scratch))
+            if sealed["listings"]["target"].get(mp, {}).get("digest") != listing.digest:
+                return False
+    return True
+
+
+def _sealed_result(seal: Mapping[str, Any], scope: _Scope, method: Method, started_at: str, seconds: float,
+                   tools: dict[str, str], excluded: Sequence[str], swaps: Sequence[str]) -> CopyResult:
+    log.info("source and target unchanged since the verified copy of %s: nothing to copy", seal["created"])
+    passes = tuple(PassResult(mountpoint=mp, tool="none (sealed)", resumed=True, seconds=0.0, bytes_transferred=0,
+                              files_transferred=0, excluded_contents=tuple(scope.excluded[mp]),
+                              swap_files=tuple(scope.omitted[mp])) for mp in scope.points)
+    return CopyResult(
+        method=method, passes=passes, started=started_at, copy_seconds=seconds, verify_seconds=0.0, tools=tools,
+        excluded_contents=tuple(excluded), swap_files=tuple(swaps), files=seal["files"],
+        regular_files=seal["regular_files"], bytes=seal["bytes"], manifest_digest=seal["manifest_digest"],
+        verified_by="seal", sealed=f"held (written {seal['created']})",
     )
 
 
@@ -735,24 +1024,77 @@ def verify_copy(source: Path, target: Path, mountpoints: Sequence[str], *, log_f
 def _verify(source: Path, target: Path, points: Sequence[str], excluded: Sequence[str], swaps: Sequence[str],
             log_file: _Log) -> Manifest:
     """Both trees' manifests, restricted the same way, must be equal; return the source's."""
+    ours, differences = _compare_trees(source, target, points, excluded, swaps, log_file)
+    if differences:
+        raise _verification_failed(differences, log_file)
+    return ours
+
+
+def _verification_failed(differences: Sequence[manifests.Difference], log_file: _Log) -> P2VError:
+    return P2VError(
+        f"copy verification failed: {len(differences)} difference(s) between the source and the target:\n"
+        + render_differences(differences, 20),
+        hint=f"every difference is listed in {log_file.path}",
+    )
+
+
+def _compare_trees(source: Path, target: Path, points: Sequence[str], excluded: Sequence[str],
+                   swaps: Sequence[str], log_file: _Log) -> tuple[Manifest, list[manifests.Difference]]:
+    """Both trees' manifests, restricted the same way: the source's, and what differs."""
     # mkfs.ext4 makes lost+found; a source filesystem without one (xfs) does not need it copied.
     made_by_mkfs = [f"{mp.rstrip('/')}/lost+found" for mp in points
                     if not os.path.lexists(source / mp.lstrip("/") / "lost+found")]
-    # Both trees at once, each in its own interpreter: two cores, and one side hashes while the other reads.
+    # Both trees at once: one side hashes while the other waits for its disk. Many small files
+    # keep one interpreter's GIL busy, so big trees get a child interpreter each (two cores);
+    # below APART_INODES, starting them costs more than it saves.
+    inodes = sum(_used(source / mp.lstrip("/"))[1] for mp in points)
+    build = manifests.build_manifest_apart if inodes >= APART_INODES else manifests.build_manifest
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify") as pool:
-        source_job = pool.submit(manifests.build_manifest_apart, source, excluded, omit=swaps, mounts=points[1:])
-        target_job = pool.submit(manifests.build_manifest_apart, target, excluded, omit=[*swaps, *made_by_mkfs],
-                                 mounts=points[1:])
+        source_job = pool.submit(build, source, excluded, omit=swaps, mounts=points[1:])
+        target_job = pool.submit(build, target, excluded, omit=[*swaps, *made_by_mkfs], mounts=points[1:])
         ours, theirs = source_job.result(), target_job.result()
     differences = compare(ours, theirs)
     log_file.write(f"verify: source {ours.files} entries ({ours.stats.get('seconds', 0):.1f} s), "
                    f"target {theirs.files} entries ({theirs.stats.get('seconds', 0):.1f} s), "
                    f"{len(differences)} difference(s); source digest {ours.digest()}")
-    if differences:
-        log_file.write("differences:\n" + "\n".join(str(d) for d in differences))
-        raise P2VError(
-            f"copy verification failed: {len(differences)} difference(s) between the source and the target:\n"
-            + render_differences(differences, 20),
-            hint=f"every difference is listed in {log_file.path}",
-        )
-    return ours
+    for difference in differences:
+        log_file.write(f"  {difference}")
+    return ours, differences
+
+
+def _repair(source: Path, target: Path, scope: _Scope, differences: Sequence[manifests.Difference],
+            log_file: _Log, scratch: Path) -> int:
+    """Make the target's differing entries the source's again, ignoring rsync's quick check; return how many.
+
+    rsync's quick check (size and mtime) misses a file whose content changed
+    with its size kept and its mtime put back: verification finds it, and
+    this copies exactly those entries again. Entries the source no longer has
+    are removed (a resumed rsync never deletes).
+    """
+    count = 0
+    for mp in scope.points:
+        mine = [d for d in differences if filesystem_of(d.path, scope.points) == mp]
+        extra = sorted({d.path for d in mine if d.what == "extra"}, key=os.fsencode, reverse=True)
+        # Removing an extra entry changes its directory's mtime: that directory's attributes are copied again.
+        again = sorted({d.path for d in mine if d.what != "extra"}
+                       | {os.path.dirname(path) for path in extra if filesystem_of(os.path.dirname(path),
+                                                                                   scope.points) == mp},
+                       key=os.fsencode)
+        for path in extra:  # children before their directories
+            relative = _within(path, mp)
+            assert relative is not None
+            victim = target / mp.lstrip("/") / relative.lstrip("/")
+            if victim.is_dir() and not victim.is_symlink():
+                shutil.rmtree(victim)
+            else:
+                victim.unlink(missing_ok=True)
+        if again:
+            listing = scratch / f"repair-{count}"
+            listing.write_bytes(b"".join(os.fsencode("." + (_within(path, mp) or "/")) + b"\0" for path in again))
+            argv = ["rsync", *RSYNC_OPTIONS, "--ignore-times", "--itemize-changes", "--from0",
+                    f"--files-from={listing}", f"{source / mp.lstrip('/')}/", f"{target / mp.lstrip('/')}/"]
+            (code,) = _run_logged([argv], log_file, lambda: None)
+            if code != 0:
+                raise CommandError(argv, code, log_file.since(0), hint=f"full log: {log_file.path}")
+        count += len(extra) + len(again)
+    return count

@@ -29,7 +29,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from tasks.lib import state
-from tasks.lib.resources import host_run_dir, release_stale
+from tasks.lib.resources import release_stale
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 
@@ -139,7 +139,7 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
         except P2VError as error:
             return TaskFailed(f"{stage.name}:{spec.host}: {error}")
         try:
-            run_dir = host_run_dir(spec.host)
+            run_dir = spec.run_dir
             released = release_stale(run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial"),
                                                run_dir / "verify.export"])
             if released:

@@ -7,6 +7,7 @@ raises. Tests assert that `losetup -a` and `findmnt` are clean afterwards.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -24,8 +25,12 @@ log = logging.getLogger("p2v.resources")
 RUN_DIR = Path("/run/p2v")
 
 
-def host_run_dir(host: str) -> Path:
-    return RUN_DIR / host
+def host_run_dir(host: str, workdir: Path) -> Path:
+    """Scratch mount points of one host's runs: keyed by the workdir too, so that
+    two projects converting a host of the same name never release each other's
+    mounts (release_stale)."""
+    key = hashlib.sha256(os.fsencode(os.path.abspath(workdir))).hexdigest()[:8]
+    return RUN_DIR / f"{host}-{key}"
 
 
 @dataclass(frozen=True)

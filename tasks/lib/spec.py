@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from tasks.lib.resources import host_run_dir
 from tasks.lib.runner import P2VError
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -109,6 +110,11 @@ class Spec:
     def state_dir(self) -> Path:
         """doit's dependency state for this host lives with its work."""
         return self.workdir / ".p2v"
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this host's scratch mounts go (under /run/p2v): released after a killed run."""
+        return host_run_dir(self.host, self.workdir)
 
     @property
     def log_dir(self) -> Path:

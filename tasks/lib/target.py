@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.lib.paths import resolve_in_root
 from tasks.lib.plan import DiskPlan
-from tasks.lib.resources import LoopDevice, host_run_dir, loop_device, mounted
+from tasks.lib.resources import LoopDevice, loop_device, mounted
 from tasks.lib.runner import P2VError
 
 log = logging.getLogger("p2v.target")
@@ -37,10 +37,9 @@ def target_mount_options(fstype: str, keep_uuid: bool) -> list[str]:
 
 
 @contextlib.contextmanager
-def mounted_target(image: Path, plan: DiskPlan, *, host: str, direct_io: bool) -> Iterator[MountedTarget]:
+def mounted_target(image: Path, plan: DiskPlan, *, run_dir: Path, direct_io: bool) -> Iterator[MountedTarget]:
     if not image.is_file():
-        raise P2VError(f"{image} does not exist", hint=f"run disk:{host} first")
-    run_dir = host_run_dir(host)
+        raise P2VError(f"{image} does not exist", hint=f"run disk:{plan.host} first")
     run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         loop = stack.enter_context(loop_device(image, read_only=False, partitions=True, direct_io=direct_io))

@@ -187,7 +187,7 @@ def test_initrd_without_virtio_and_the_initrd_step_skipped_fails_verify(tmp_path
     # Make the copy's initrd like a host-only one from old hardware: IDE/SATA and ext4, no virtio.
     from tasks.lib.target import mounted_target
 
-    with mounted_target(workdir / "disk.img", plan, host=server.name, direct_io=False) as target, \
+    with mounted_target(workdir / "disk.img", plan, run_dir=tmp_path / "run", direct_io=False) as target, \
             chroot_binds(target.root):
         conf = target.root / "etc/initramfs-tools/initramfs.conf"
         conf.write_text(conf.read_text().replace("MODULES=most", "MODULES=list"))

@@ -176,7 +176,7 @@ def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
         assert victim.poll() is None, "the copy finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.02)
-        roots = [root for root in (RUN_DIR / "killme").glob("target-*") if os.path.ismount(root)]
+        roots = [root for root in RUN_DIR.glob("killme-*/target-*") if os.path.ismount(root)]
         if roots:
             with contextlib.suppress(OSError):
                 usage = os.statvfs(roots[0])
@@ -203,7 +203,7 @@ def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
     assert checked > 80
     assert failures == [], "\n".join(failures)
     assert leftovers([*server.disks, image]) == []
-    assert not any(line.startswith(str(RUN_DIR / "killme")) for line in
+    assert not any(line.startswith(str(RUN_DIR / "killme-")) for line in
                    run(["findmnt", "-rn", "-o", "TARGET"]).stdout.splitlines())
 
 

@@ -1,0 +1,322 @@
+"""`upload:<host>` against a real Keystone + Glance (tests/services), for real.
+
+Each test fabricates a workdir as the earlier stages leave it (layout.json from the recorded
+plain-bookworm layout, a completed disk-plan.json, verified.stamp) with a 64 MiB sparse disk.img
+holding some random data, and runs the stage with `run_stage`, as doit would. Every test uses its
+own host name: they share one Glance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from doit.exceptions import TaskFailed
+
+from tasks import upload
+from tasks.lib import glance
+from tasks.lib.pipeline import run_stage
+from tasks.lib.plan import plan_disk
+from tasks.lib.runner import run
+from tasks.lib.spec import PROJECT_DIR, Source, Spec, parse_spec
+from tasks.plan import write_json_atomically
+from tests.services.openstack import OpenStackServices
+from tests.unit.layouts import LAYOUTS
+
+MiB = 1 << 20
+IMAGE_SIZE = 64 * MiB
+FERNET_TOKEN = re.compile(rb"gAAAAA[A-Za-z0-9_=-]{40,}")
+
+
+def make_disk_image(path: Path, size: int = IMAGE_SIZE, seed: int = 0) -> None:
+    """A sparse raw image: random data in three places, holes between."""
+    rng = (hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(10**9))
+    with path.open("wb") as handle:
+        handle.truncate(size)
+        for offset in (0, size // 3, size - 4 * MiB):
+            handle.seek(offset)
+            block = b"".join(next(rng) for _ in range(MiB // 32))  # 1 MiB
+            for _ in range(4):
+                handle.write(block)
+
+
+def make_host(root: Path, host: str, cloud: str = "p2v-test", fmt: str = "raw", compress: bool = False,
+              seed: int = 0, **glance_extra: Any) -> Spec:
+    """A spec and its workdir as fix and verify leave it."""
+    specs = root / "specs"
+    specs.mkdir(parents=True, exist_ok=True)
+    source = root / "source.img"
+    source.write_bytes(b"\0" * 4096)
+    workdir = root / "work" / host
+    glance_section: dict[str, Any] = {"cloud": cloud, "image_name": f"p2v-{host}", "tags": ["p2v", "test"],
+                                      "properties": {"owner_team": "qa"}, **glance_extra}
+    spec_data = {"source": {"images": [str(source)]}, "workdir": str(workdir),
+                 "target": {"format": fmt, "compress": compress}, "glance": glance_section}
+    spec_file = specs / f"{host}.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_data))
+    spec = parse_spec(spec_file, base=root)
+    workdir.mkdir(parents=True)
+    layout = json.loads((LAYOUTS / "plain-bookworm.json").read_text())
+    shutil.copy(LAYOUTS / "plain-bookworm.json", workdir / "layout.json")
+    fresh = plan_disk(layout, spec)
+    done = fresh.with_uuids({part.number: str(uuid.uuid4()) for part in fresh.partitions})
+    write_json_atomically(workdir / "disk-plan.json", done.to_json())
+    (workdir / "verified.stamp").write_text("{}\n")
+    make_disk_image(workdir / "disk.img", seed=seed)
+    return spec
+
+
+def sha512(path: Path) -> str:
+    digest = hashlib.sha512()
+    with path.open("rb") as handle:
+        while chunk := handle.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def images_of(services: OpenStackServices, host: str) -> list[dict[str, Any]]:
+    return services.images(p2v_source_host=host)
+
+
+def stamp(spec: Spec) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(spec.artifact("uploaded.stamp").read_text())
+    return data
+
+
+def failure(result: TaskFailed | None) -> str:
+    assert isinstance(result, TaskFailed), "the stage should have failed"
+    message = str(result.message if hasattr(result, "message") else result)
+    assert "\n" not in message.split(" [log: ")[0], f"not one line: {message}"
+    return message
+
+
+def wait_for_status(services: OpenStackServices, host: str, status: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for image in images_of(services, host):
+            if image["status"] == status:
+                return image
+        time.sleep(0.1)
+    raise AssertionError(f"no image of {host} became {status} within {timeout} s")
+
+
+@pytest.fixture(autouse=True)
+def _environment(openstack: OpenStackServices, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # noqa: F811
+    """Credentials from the services' clouds.yaml; never a real power-off; short retries."""
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(openstack.clouds_yaml))
+    monkeypatch.delenv("OS_CLOUD", raising=False)
+    monkeypatch.setenv("P2V_POWEROFF_COMMAND", f"touch {tmp_path / 'powered-off'}")
+    monkeypatch.setattr(glance, "RETRY", glance.RetryPolicy(attempts=3, wait_min=0.5, wait_max=1.0))
+
+
+# ---------------------------------------------------------------- upload and reuse
+
+
+def test_upload_then_rerun_reuses(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+    spec = make_host(tmp_path, "up-basic")
+    assert run_stage(upload.STAGE, spec) is None
+    receipt = stamp(spec)
+    image_id = receipt["image"]["id"]
+    image = openstack.glance().images.get(image_id)
+    ours = sha512(spec.artifact("disk.img"))
+    assert image["status"] == "active"
+    assert image["os_hash_algo"] == "sha512" and image["os_hash_value"] == ours
+    assert image["disk_format"] == "raw" and image["container_format"] == "bare"
+    assert image["size"] == IMAGE_SIZE
+    assert image["name"] == "p2v-up-basic" and sorted(image["tags"]) == ["p2v", "test"]
+    expected = {"hw_disk_bus": "virtio", "hw_vif_model": "virtio", "os_type": "linux", "os_distro": "debian",
+                "os_version": "12.15", "owner_team": "qa", "p2v_source_host": "up-basic",
+                "p2v_layout_sha256": hashlib.sha256(spec.artifact("layout.json").read_bytes()).hexdigest(),
+                "p2v_plan_sha256": hashlib.sha256(spec.artifact("disk-plan.json").read_bytes()).hexdigest()}
+    assert {key: image.get(key) for key in expected} == expected
+    assert "hw_firmware_type" not in image and "hw_qemu_guest_agent" not in image
+    assert image["min_disk"] >= 1 and image["min_ram"] == upload.DEFAULT_MIN_RAM_MIB
+    assert image["p2v_version"] and image["p2v_converted_at"].endswith("Z")
+    assert receipt["image"]["os_hash_value"] == ours and receipt["file"]["sha512"] == ours
+    assert receipt["reused"] is False and receipt["endpoint"] == openstack.glance_url
+    assert receipt["properties"]["p2v_source_host"] == "up-basic"
+    assert receipt["shutdown"] == "skipped (offline conversion)"
+
+    # rerun: the same image, nothing uploaded, no duplicate
+    spec.artifact("uploaded.stamp").unlink()
+    assert run_stage(upload.STAGE, spec) is None
+    again = stamp(spec)
+    assert again["reused"] is True and again["image"]["id"] == image_id
+    assert [i["id"] for i in images_of(openstack, "up-basic")] == [image_id]
+    assert "reusing image " + image_id in (spec.log_dir / "upload.log").read_text()
+    assert not (tmp_path / "powered-off").exists()
+
+
+def test_power_off_only_live_and_not_when_disabled(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+    spec = make_host(tmp_path, "up-live")
+    live = dataclasses.replace(spec, source=Source(devices=("/dev/p2v-test-live-disk",)))
+    marker = tmp_path / "powered-off"
+    assert run_stage(upload.STAGE, dataclasses.replace(live, shutdown=False)) is None
+    assert stamp(spec)["shutdown"] == "skipped (live.shutdown: false)" and not marker.exists()
+    assert run_stage(upload.STAGE, live) is None
+    assert stamp(spec)["shutdown"] == "requested" and marker.exists()
+    assert len(images_of(openstack, "up-live")) == 1
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from tasks import upload
+from tasks.lib.pipeline import run_stage
+from tasks.lib.spec import parse_spec
+result = run_stage(upload.STAGE, parse_spec(Path(sys.argv[1]), base=Path(sys.argv[2])))
+sys.exit(0 if result is None else 1)
+"""
+
+
+def test_killed_upload_leaves_one_image_after_rerun(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+    spec = make_host(tmp_path, "up-kill")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), "P2V_UPLOAD_MAX_RATE": str(16 * MiB)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        saving = wait_for_status(openstack, "up-kill", "saving")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not spec.artifact("uploaded.stamp").exists()
+    # Glance notices the dropped connection and puts the image back to queued: a leftover either way
+    leftovers = images_of(openstack, "up-kill")
+    assert [i["id"] for i in leftovers] == [saving["id"]] and leftovers[0]["status"] in ("saving", "queued")
+
+    assert run_stage(upload.STAGE, spec) is None
+    images = images_of(openstack, "up-kill")
+    assert [i["status"] for i in images] == ["active"]
+    assert images[0]["id"] != saving["id"] and images[0]["id"] == stamp(spec)["image"]["id"]
+    assert f"deleting image {saving['id']} ({leftovers[0]['status']})" in (spec.log_dir / "upload.log").read_text()
+
+
+def test_glance_stopped_during_upload(openstack: OpenStackServices, tmp_path: Path,  # noqa: F811
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_host(tmp_path, "up-outage")
+    monkeypatch.setenv("P2V_UPLOAD_MAX_RATE", str(16 * MiB))
+    results: list[TaskFailed | None] = []
+    worker = threading.Thread(target=lambda: results.append(run_stage(upload.STAGE, spec)))
+    worker.start()
+    try:
+        wait_for_status(openstack, "up-outage", "saving")
+        openstack.stop_glance(kill=True)
+        worker.join(timeout=120)
+    finally:
+        openstack.start_glance()
+    assert not worker.is_alive()
+    message = failure(results[0])
+    assert message.startswith("upload:up-outage: ") and "cannot reach http://127.0.0.1:" in message, message
+    assert "gave up after 3 attempts" in message, message
+    assert not spec.artifact("uploaded.stamp").exists()
+    assert "attempt 1 of 3; retrying" in (spec.log_dir / "upload.log").read_text()
+
+    monkeypatch.delenv("P2V_UPLOAD_MAX_RATE")
+    assert run_stage(upload.STAGE, spec) is None
+    images = images_of(openstack, "up-outage")
+    assert [i["status"] for i in images] == ["active"], images
+    assert images[0]["os_hash_value"] == sha512(spec.artifact("disk.img"))
+
+
+# ---------------------------------------------------------------- refused credentials
+
+
+def bad_password_clouds(services: OpenStackServices, path: Path) -> Path:
+    data = yaml.safe_load(services.clouds_yaml.read_text())
+    entry = json.loads(json.dumps(data["clouds"]["p2v-test"]))
+    entry["auth"]["password"] = "not-the-password"
+    data["clouds"]["p2v-badpass"] = entry
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(("cloud", "expected"), [
+    ("p2v-badpass", "Keystone refused user 'p2v' for project 'p2v' of cloud 'p2v-badpass' "
+                    r"\(http://127\.0\.0\.1:\d+/v3\) \(401 Unauthorized\): wrong user name or password"),
+    ("p2v-norole", "Keystone refused user 'p2v-norole' for project 'p2v' .* the password is right, but the user "
+                   "has no role on project 'p2v'"),
+    ("p2v-reader", r"creating the image: Glance refused \(403 Forbidden\): user 'p2v-reader' may not do this in "
+                   "project 'p2v'"),
+    ("p2v-nowhere", r"cloud 'p2v-nowhere' is not in .*clouds.yaml \(clouds there: p2v-"),
+])
+def test_refused_credentials_fail_in_one_line(openstack: OpenStackServices, tmp_path: Path,  # noqa: F811
+                                              monkeypatch: pytest.MonkeyPatch, cloud: str, expected: str) -> None:
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(bad_password_clouds(openstack, tmp_path / "clouds.yaml")))
+    host = f"up-auth-{cloud.removeprefix('p2v-')}"
+    spec = make_host(tmp_path, host, cloud=cloud)
+    message = failure(run_stage(upload.STAGE, spec))
+    assert re.search(expected, message), message
+    assert message.startswith(f"upload:{host}: ")
+    assert not spec.artifact("uploaded.stamp").exists()
+    assert images_of(openstack, host) == []
+    assert_no_secrets(openstack, spec.workdir)
+
+
+# ---------------------------------------------------------------- qcow2
+
+
+def test_qcow2_compressed(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+    spec = make_host(tmp_path, "up-qcow2", fmt="qcow2", compress=True)
+    assert run_stage(upload.STAGE, spec) is None
+    qcow2 = spec.artifact("disk.qcow2")
+    run(["qemu-img", "check", "-f", "qcow2", str(qcow2)])
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(spec.artifact("disk.img")), str(qcow2)])
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(qcow2)]).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == IMAGE_SIZE
+    assert info["format-specific"]["data"]["compat"] == "1.1"
+    assert qcow2.stat().st_size < 16 * MiB  # 12 MiB of random data; zeros are not stored
+    receipt = stamp(spec)
+    image = openstack.glance().images.get(receipt["image"]["id"])
+    assert image["disk_format"] == "qcow2" and image["status"] == "active"
+    assert image["os_hash_value"] == sha512(qcow2) == receipt["file"]["sha512"]
+    assert not list(spec.workdir.glob("*.partial"))
+
+    # the downloaded image is the same disk
+    downloaded = openstack.download_image(image["id"], tmp_path / "downloaded.qcow2")
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(spec.artifact("disk.img")), str(downloaded)])
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def assert_no_secrets(services: OpenStackServices, root: Path) -> None:
+    """No password of any service user and no Keystone (fernet) token in any file under root."""
+    secrets = [s.encode() for s in services.secrets()]
+    assert secrets
+    checked = 0
+    for path in root.rglob("*"):
+        if not path.is_file() or path.name.endswith((".img", ".qcow2")):
+            continue
+        data = path.read_bytes()
+        checked += 1
+        for secret in secrets:
+            assert secret not in data, f"a password is in {path}"
+        assert not FERNET_TOKEN.search(data), f"a token is in {path}"
+    assert checked
+
+
+def test_no_password_or_token_in_logs(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+    spec = make_host(tmp_path, "up-secrets")
+    assert run_stage(upload.STAGE, spec) is None
+    spec.artifact("uploaded.stamp").unlink()
+    assert run_stage(upload.STAGE, spec) is None  # the reuse path too
+    log_text = (spec.log_dir / "upload.log").read_text()
+    assert "uploaded image" in log_text and "reusing image" in log_text
+    assert_no_secrets(openstack, spec.workdir)

@@ -1,0 +1,1 @@
+"""Real services the tests run against: Keystone + Glance (openstack.py), as a pytest fixture (fixture.py)."""
