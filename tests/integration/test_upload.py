@@ -115,7 +115,7 @@ def wait_for_status(services: OpenStackServices, host: str, status: str, timeout
 
 
 @pytest.fixture(autouse=True)
-def _environment(openstack: OpenStackServices, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # noqa: F811
+def _environment(openstack: OpenStackServices, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Credentials from the services' clouds.yaml; never a real power-off; short retries."""
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(openstack.clouds_yaml))
     monkeypatch.delenv("OS_CLOUD", raising=False)
@@ -126,7 +126,7 @@ def _environment(openstack: OpenStackServices, monkeypatch: pytest.MonkeyPatch, 
 # ---------------------------------------------------------------- upload and reuse
 
 
-def test_upload_then_rerun_reuses(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+def test_upload_then_rerun_reuses(openstack: OpenStackServices, tmp_path: Path) -> None:
     spec = make_host(tmp_path, "up-basic")
     assert run_stage(upload.STAGE, spec) is None
     receipt = stamp(spec)
@@ -161,7 +161,7 @@ def test_upload_then_rerun_reuses(openstack: OpenStackServices, tmp_path: Path) 
     assert not (tmp_path / "powered-off").exists()
 
 
-def test_power_off_only_live_and_not_when_disabled(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+def test_power_off_only_live_and_not_when_disabled(openstack: OpenStackServices, tmp_path: Path) -> None:
     spec = make_host(tmp_path, "up-live")
     live = dataclasses.replace(spec, source=Source(devices=("/dev/p2v-test-live-disk",)))
     marker = tmp_path / "powered-off"
@@ -186,7 +186,7 @@ sys.exit(0 if result is None else 1)
 """
 
 
-def test_killed_upload_leaves_one_image_after_rerun(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+def test_killed_upload_leaves_one_image_after_rerun(openstack: OpenStackServices, tmp_path: Path) -> None:
     spec = make_host(tmp_path, "up-kill")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), "P2V_UPLOAD_MAX_RATE": str(16 * MiB)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
@@ -208,7 +208,7 @@ def test_killed_upload_leaves_one_image_after_rerun(openstack: OpenStackServices
     assert f"deleting image {saving['id']} ({leftovers[0]['status']})" in (spec.log_dir / "upload.log").read_text()
 
 
-def test_glance_stopped_during_upload(openstack: OpenStackServices, tmp_path: Path,  # noqa: F811
+def test_glance_stopped_during_upload(openstack: OpenStackServices, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     spec = make_host(tmp_path, "up-outage")
     monkeypatch.setenv("P2V_UPLOAD_MAX_RATE", str(16 * MiB))
@@ -256,7 +256,7 @@ def bad_password_clouds(services: OpenStackServices, path: Path) -> Path:
                    "project 'p2v'"),
     ("p2v-nowhere", r"cloud 'p2v-nowhere' is not in .*clouds.yaml \(clouds there: p2v-"),
 ])
-def test_refused_credentials_fail_in_one_line(openstack: OpenStackServices, tmp_path: Path,  # noqa: F811
+def test_refused_credentials_fail_in_one_line(openstack: OpenStackServices, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch, cloud: str, expected: str) -> None:
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(bad_password_clouds(openstack, tmp_path / "clouds.yaml")))
     host = f"up-auth-{cloud.removeprefix('p2v-')}"
@@ -272,7 +272,7 @@ def test_refused_credentials_fail_in_one_line(openstack: OpenStackServices, tmp_
 # ---------------------------------------------------------------- qcow2
 
 
-def test_qcow2_compressed(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+def test_qcow2_compressed(openstack: OpenStackServices, tmp_path: Path) -> None:
     spec = make_host(tmp_path, "up-qcow2", fmt="qcow2", compress=True)
     assert run_stage(upload.STAGE, spec) is None
     qcow2 = spec.artifact("disk.qcow2")
@@ -312,7 +312,7 @@ def assert_no_secrets(services: OpenStackServices, root: Path) -> None:
     assert checked
 
 
-def test_no_password_or_token_in_logs(openstack: OpenStackServices, tmp_path: Path) -> None:  # noqa: F811
+def test_no_password_or_token_in_logs(openstack: OpenStackServices, tmp_path: Path) -> None:
     spec = make_host(tmp_path, "up-secrets")
     assert run_stage(upload.STAGE, spec) is None
     spec.artifact("uploaded.stamp").unlink()
