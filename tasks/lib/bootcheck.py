@@ -37,8 +37,9 @@ _END = re.compile(rb"==P2V-END (\d+)==")
 _PROMPT = re.compile(rb"[#$] ?$", re.M)
 _PANIC = re.compile(rb"Kernel panic - not syncing|end Kernel panic")
 # Where a boot that went wrong stops and waits for a human: fail at once, not at the timeout.
-_STUCK = re.compile(rb"\(initramfs\) ?$|dracut:/# ?$|Give root password for maintenance|"
-                    rb"You are in emergency mode|Cannot open access to console, the root account is locked", re.M)
+# (No end-of-line anchors: busybox follows its prompt with a terminal query, ESC [6n.)
+_STUCK = re.compile(rb"\(initramfs\) |dracut:/# |Give root password for maintenance|"
+                    rb"You are in emergency mode|Cannot open access to console, the root account is locked")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 TAIL_LINES = 40
 

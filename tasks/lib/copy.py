@@ -698,7 +698,6 @@ def copy_tree(
     _check_tree("source", source, points)
     _check_tree("target", target, points[:1])
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    tools = tool_versions()
     excluded_by_fs = assign(excluded, points)
     swaps_by_fs = assign(swaps, points)
     scope = _Scope(points=tuple(points), excluded=excluded_by_fs, omitted=swaps_by_fs)
@@ -708,11 +707,11 @@ def copy_tree(
             if seal is not None and verify:
                 started = time.monotonic()
                 unchanged = _still_sealed(seal, source, target, scope, Path(scratch), log_)
-                if unchanged is not None:
+                if unchanged is not None:  # the tools are the ones that made the sealed copy
                     return _sealed_result(unchanged, scope, method, started_at, time.monotonic() - started,
-                                          tools, excluded, swaps)
+                                          unchanged.get("tools") or tool_versions(), excluded, swaps)
             return _full_copy(source, target, scope, method, excluded, swaps, verify, progress, seal, log_,
-                              Path(scratch), started_at, tools)
+                              Path(scratch), started_at, tool_versions())
     finally:
         log_.close()
 
@@ -752,7 +751,7 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
             raise _verification_failed(differences, log_)
         passes = _with_tar_figures(passes, source_manifest, points)
         if seal is not None and listings is not None:
-            sealed = _write_seal(seal, source_manifest, scope, listings, log_)
+            sealed = _write_seal(seal, source_manifest, scope, listings, tools, log_)
     elif seal is not None:
         sealed = "not written: the copy was not verified"
     verify_seconds = time.monotonic() - started - copy_seconds
@@ -809,8 +808,14 @@ def _ns(stamp: bytes) -> int:
     return int(whole) * 1_000_000_000 + int((fraction + b"000000000")[:9])
 
 
-def list_filesystem(root: Path, excluded: Sequence[str], omitted: Sequence[str], scratch: Path) -> Listing:
-    """One filesystem's entries as the manifest sees them (contents of `excluded` and `omitted` left out), stat only."""
+def list_filesystem(root: Path, excluded: Sequence[str], omitted: Sequence[str], scratch: Path, *,
+                    timestamps: bool = True) -> Listing:
+    """One filesystem's entries as the manifest sees them (contents of `excluded` and `omitted` left out), stat only.
+
+    `timestamps`: also find the newest ctime, for `settled` (a listing only
+    compared with a seal does not need it: parsing 200k records is a third
+    of a second).
+    """
     handle, name = tempfile.mkstemp(prefix="listing-", dir=scratch)
     os.close(handle)
     listing = Path(name)
@@ -831,9 +836,12 @@ def list_filesystem(root: Path, excluded: Sequence[str], omitted: Sequence[str],
     run(argv, cwd=root)
     data = listing.read_bytes()
     listing.unlink()
-    records = data.split(b"\0")[:-1]
-    ctimes = [record.split(b" ", 9)[8] for record in records]
-    return Listing(digest="sha256:" + hashlib.sha256(data).hexdigest(), entries=len(records), started_ns=started_ns,
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if not timestamps:
+        return Listing(digest=digest, entries=data.count(b"\0"), started_ns=started_ns, newest_ctime_ns=started_ns,
+                       whole_seconds=True)  # never settled: not for a seal
+    ctimes = [record.split(b" ", 9)[8] for record in data.split(b"\0")[:-1]]
+    return Listing(digest=digest, entries=len(ctimes), started_ns=started_ns,
                    newest_ctime_ns=max((_ns(c) for c in ctimes), default=0),
                    whole_seconds=all(c.endswith(b".0000000000") for c in ctimes))
 
@@ -841,13 +849,13 @@ def list_filesystem(root: Path, excluded: Sequence[str], omitted: Sequence[str],
 Listings = dict[str, dict[str, Listing]]  # "source"/"target" -> mountpoint -> listing
 
 
-def _list_trees(source: Path, target: Path, scope: _Scope, scratch: Path) -> Listings:
+def _list_trees(source: Path, target: Path, scope: _Scope, scratch: Path, *, timestamps: bool = True) -> Listings:
     """Every filesystem of both trees, listed side by side (find per filesystem: two cores, two disks)."""
     jobs = [(side, mp, root / mp.lstrip("/")) for side, root in (("source", source), ("target", target))
             for mp in scope.points]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="listing") as pool:
-        done = pool.map(lambda job: list_filesystem(job[2], scope.excluded[job[1]], scope.omitted[job[1]], scratch),
-                        jobs)
+        done = pool.map(lambda job: list_filesystem(job[2], scope.excluded[job[1]], scope.omitted[job[1]], scratch,
+                                                    timestamps=timestamps), jobs)
         found: Listings = {"source": {}, "target": {}}
         for (side, mp, _), listing in zip(jobs, done, strict=True):
             found[side][mp] = listing
@@ -865,7 +873,8 @@ def _settled_listings(source: Path, target: Path, scope: _Scope, scratch: Path) 
     return listings
 
 
-def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listings, log_file: _Log) -> str:
+def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listings, tools: dict[str, str],
+                log_file: _Log) -> str:
     unsettled = [f"{side} {mp}" for side, by_point in listings.items() for mp, listing in by_point.items()
                  if not listing.settled]
     if unsettled:
@@ -876,7 +885,7 @@ def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listing
         "format": SEAL_FORMAT, "version": SEAL_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "scope": scope.to_json(),
-        "manifest_digest": manifest.digest(), "files": manifest.files,
+        "manifest_digest": manifest.digest(), "files": manifest.files, "tools": tools,
         "regular_files": manifest.regular_files, "bytes": manifest.total_bytes,
         "listings": {side: {mp: {"digest": listing.digest, "entries": listing.entries}
                             for mp, listing in by_point.items()} for side, by_point in listings.items()},
@@ -905,7 +914,7 @@ def _still_sealed(path: Path, source: Path, target: Path, scope: _Scope, scratch
     if seal.get("scope") != json.loads(json.dumps(scope.to_json())):
         log_file.write(f"seal {path} covers other filesystems or exclusions: full copy")
         return None
-    listings = _list_trees(source, target, scope, scratch)
+    listings = _list_trees(source, target, scope, scratch, timestamps=False)
     changed = [f"{side} {mp}" for side, by_point in listings.items() for mp, listing in by_point.items()
                if seal["listings"].get(side, {}).get(mp, {}).get("digest") != listing.digest]
     if changed:
@@ -937,7 +946,8 @@ def target_matches_seal(seal: Path, target: Path, mountpoints: Sequence[str], *,
         return False
     with tempfile.TemporaryDirectory(prefix="p2v-copy-") as scratch:
         for mp in points:
-            listing = list_filesystem(target / mp.lstrip("/"), scope.excluded[mp], scope.omitted[mp], Path(scratch))
+            listing = list_filesystem(target / mp.lstrip("/"), scope.excluded[mp], scope.omitted[mp], Path(scratch),
+                                      timestamps=False)
             if sealed["listings"]["target"].get(mp, {}).get("digest") != listing.digest:
                 return False
     return True

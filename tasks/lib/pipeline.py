@@ -100,31 +100,28 @@ def ensure_console_logging() -> None:
         root.addHandler(console)
 
 
-def _host_lock(spec: Spec) -> int:
-    """One p2v run per host at a time, across machines sharing the workdir where
-    the filesystem supports locks; held until the process exits. It also makes
-    releasing a killed run's leftovers safe: nobody else is using them."""
-    if spec.host in _HELD_LOCKS:
-        return _HELD_LOCKS[spec.host]
+@contextlib.contextmanager
+def host_lock(spec: Spec) -> Iterator[None]:
+    """One p2v stage per host at a time, across processes and machines sharing the
+    workdir where the filesystem supports locks. Held for one stage: with
+    `doit -n N`, the next stage of a host may run in another worker process.
+    It also makes releasing a killed run's leftovers safe: nobody else is using them."""
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(spec.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise P2VError(f"another p2v run is working on host {spec.host} (lock {spec.state_dir / 'lock'})",
-                       hint="wait for it to finish; two runs on one host would corrupt its image") from None
-    _HELD_LOCKS[spec.host] = fd
-    return fd
-
-
-_HELD_LOCKS: dict[str, int] = {}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise P2VError(f"another p2v run is working on host {spec.host} (lock {spec.state_dir / 'lock'})",
+                           hint="wait for it to finish; two runs on one host would corrupt its image") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     ensure_console_logging()
     target = spec.artifact(stage.target)
-    partial = target.with_name(target.name + ".partial")
     log_path = spec.log_dir / f"{stage.name}.log"
     try:
         spec.log_dir.mkdir(parents=True, exist_ok=True)
@@ -135,32 +132,31 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
         log.info("== %s:%s (log: %s)", stage.name, spec.host, log_path)
         started = time.monotonic()
         try:
-            _host_lock(spec)
-        except P2VError as error:
-            return TaskFailed(f"{stage.name}:{spec.host}: {error}")
-        try:
-            run_dir = spec.run_dir
-            released = release_stale(run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial"),
-                                               run_dir / "verify.export"])
-            if released:
-                log.warning("released what an interrupted run left: %s", ", ".join(released))
-            for stale in (target, *(spec.artifact(name) for name in stage.outputs)):
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-            spec.workdir.mkdir(parents=True, exist_ok=True)
-            stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
-            for written in (partial, *(spec.artifact(name) for name in stage.outputs)):
-                if not written.exists():
-                    raise P2VError(f"stage {stage.name} finished without writing {written.name}")
-            os.replace(partial, target)
-        except P2VError as error:
-            log.error("%s:%s failed: %s", stage.name, spec.host, error, extra={"console": False})
-            return TaskFailed(f"{stage.name}:{spec.host}: {error} [log: {log_path}]")
-        except OSError as error:
+            with host_lock(spec):
+                _run_locked(stage, spec, target, log_path)
+        except (P2VError, OSError) as error:
             log.error("%s:%s failed: %s", stage.name, spec.host, error, extra={"console": False})
             return TaskFailed(f"{stage.name}:{spec.host}: {error} [log: {log_path}]")
         log.info("== %s:%s done in %.1f s -> %s", stage.name, spec.host, time.monotonic() - started, target)
     return None
+
+
+def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    run_dir = spec.run_dir
+    released = release_stale(run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial"),
+                                       run_dir / "verify.export"])
+    if released:
+        log.warning("released what an interrupted run left: %s", ", ".join(released))
+    for stale in (target, *(spec.artifact(name) for name in stage.outputs)):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    spec.workdir.mkdir(parents=True, exist_ok=True)
+    stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
+    for written in (partial, *(spec.artifact(name) for name in stage.outputs)):
+        if not written.exists():
+            raise P2VError(f"stage {stage.name} finished without writing {written.name}")
+    os.replace(partial, target)
 
 
 def stage_tasks(stage: Stage, specs: Sequence[Spec]) -> Iterator[dict[str, Any]]:

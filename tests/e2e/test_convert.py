@@ -1,11 +1,13 @@
-"""`doit verify:<host>` from scratch: inspect -> disk -> sync -> fix -> verify, for real.
+"""The whole chain from scratch: inspect -> disk -> sync -> fix -> verify (-> upload), for real.
 
 Each fixture server is converted with the flatten plan (plain-bookworm also
 with keep): the fix stage runs real grub-install, update-initramfs or dracut
 and apt (cloud-init from a local directory of packages) in a chroot of the
 copy, and the verify stage boots the result in qemu on virtio disk and NIC and
-checks it from the inside. The sources' sha256 must not change, and nothing
-may stay mounted or attached.
+checks it from the inside. plain-bookworm (raw) and lvm-bookworm (qcow2) go on
+to `convert:`, into the local Keystone-backed Glance, and the image downloaded
+from there boots too. The sources' sha256 must not change, and nothing may
+stay mounted or attached.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tasks.lib.bootcheck import boot_check
 from tasks.lib.manifest import build_manifest
 from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import chroot_binds
@@ -31,6 +35,8 @@ from tests.fixtures.packages import ensure_package_dir
 from tests.integration.test_inspect import leftovers, make_spec, sha256
 from tests.integration.test_sync import image_tree
 
+# Converted all the way into Glance (with this disk format); the others stop at the report.
+UPLOADED = {("plain-bookworm", "flatten"): "raw", ("lvm-bookworm", "flatten"): "qcow2"}
 CASES = [
     ("plain-bookworm", "flatten"),
     ("plain-bookworm", "keep"),
@@ -41,8 +47,8 @@ CASES = [
 ]
 
 
-def doit(spec_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "P2V_SPECS": str(spec_dir)}
+def doit(spec_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "P2V_SPECS": str(spec_dir), **(env or {})}
     return subprocess.run([sys.executable, "-m", "doit", *args], cwd=PROJECT_DIR, env=env,
                           capture_output=True, text=True, check=False, timeout=3000)
 
@@ -51,10 +57,18 @@ def suite_of(name: str) -> str:
     return str(yaml.safe_load((SERVERS_DIR / f"{name}.yaml").read_text())["suite"])
 
 
-def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix: str = "") -> Path:
+def host_of(name: str, layout: str) -> str:
+    return name if layout == "flatten" else f"{name}-{layout}"
+
+
+def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix: str = "",
+                    image_format: str | None = None) -> Path:
     packages = ensure_package_dir(suite_of(server.name))
-    return make_spec(project, server.name, list(server.disks), extra=(
-        f"target:\n  layout: {layout}\n"
+    host = host_of(server.name, layout)
+    glance = (f"glance:\n  cloud: p2v-test\n  image_name: p2v-e2e-{host}\n  tags: [p2v, e2e]\n"
+              f"  properties:\n    owner_team: e2e\n" if image_format else "")
+    return make_spec(project, host, list(server.disks), extra=(
+        f"target:\n  layout: {layout}\n" + (f"  format: {image_format}\n" if image_format else "") + glance +
         "fix:\n"
         "  network: keep\n"
         f"  cloud_init:\n    install: true\n    source: {packages}\n    packages: [qemu-guest-agent]\n"
@@ -62,20 +76,47 @@ def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix
     ))
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{name}-{layout}" for name, layout in CASES])
-def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> dict[str, Any]:
+    """Every case in one project, converted the way an operator runs a batch:
+    `doit -n 2 --continue`, two hosts at a time, a failure stopping only its host."""
+    project = tmp_path_factory.mktemp("convert-batch")
+    servers = {name: build_server(name) for name, _ in CASES}
+    spec_dir = project / "specs"
+    for name, layout in CASES:
+        conversion_spec(project, servers[name], layout, image_format=UPLOADED.get((name, layout)))
+    disks = sorted({disk for server in servers.values() for disk in server.disks})
+    before = {disk: sha256(disk) for disk in disks}
+    env = {"OS_CLIENT_CONFIG_FILE": str(openstack.clouds_yaml)}
+    targets = [f"{'convert' if (name, layout) in UPLOADED else 'report'}:{host_of(name, layout)}"
+               for name, layout in CASES]
+    started = time.monotonic()
+    result = doit(spec_dir, "-n", "2", "--continue", *targets, env=env)
+    print(f"\nbatch of {len(CASES)} conversions: {time.monotonic() - started:.0f} s")
+    images = [*disks, *(project / "work" / host_of(n, lay) / "disk.img" for n, lay in CASES)]
+    return {"project": project, "servers": servers, "spec_dir": spec_dir, "env": env, "services": openstack,
+            "result": result, "before": before, "after": {disk: sha256(disk) for disk in disks},
+            "leftovers": leftovers(images)}
+
+
+@pytest.fixture(params=CASES, ids=[host_of(name, layout) for name, layout in CASES])
+def converted(request: pytest.FixtureRequest, batch: dict[str, Any]) -> dict[str, Any]:
     name, layout = request.param
-    server = build_server(name)
-    project = tmp_path_factory.mktemp(f"convert-{name}-{layout}")
-    before = {image: sha256(image) for image in server.disks}
-    spec_dir = conversion_spec(project, server, layout)
-    result = doit(spec_dir, f"report:{name}")
-    workdir = project / "work" / name
-    return {
-        "server": server, "layout": layout, "project": project, "spec_dir": spec_dir, "workdir": workdir,
-        "result": result, "before": before, "after": {image: sha256(image) for image in server.disks},
-        "leftovers": leftovers([*server.disks, workdir / "disk.img"]),
-    }
+    host = host_of(name, layout)
+    image_format = UPLOADED.get((name, layout))
+    return {**batch, "server": batch["servers"][name], "host": host, "layout": layout,
+            "image_format": image_format, "workdir": batch["project"] / "work" / host,
+            "services": batch["services"] if image_format else None}
+
+
+def _failure_lines(result: subprocess.CompletedProcess[str], host: str) -> str:
+    text = result.stdout + result.stderr
+    return "\n".join(line for line in text.splitlines() if f":{host}" in line or "--- " in line)[-4000:]
+
+
+def test_batch_succeeded(batch: dict[str, Any]) -> None:
+    result = batch["result"]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
 def _stamp(workdir: Path, name: str) -> dict[str, Any]:
@@ -85,7 +126,8 @@ def _stamp(workdir: Path, name: str) -> dict[str, Any]:
 
 def test_conversion_verifies_from_scratch(converted: dict[str, Any]) -> None:
     result = converted["result"]
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    if not (converted["workdir"] / "verified.stamp").exists():
+        pytest.fail(f"{converted['host']}: no verified.stamp\n" + _failure_lines(result, converted["host"]))
     verified = _stamp(converted["workdir"], "verified.stamp")
     assert not verified["skipped"]
     assert [c["name"] for c in verified["checks"] if not c["ok"]] == []
@@ -133,9 +175,54 @@ def test_grub_config_names_no_loop_device_and_the_new_root(converted: dict[str, 
         assert (fs.uuid and fs.uuid in fstab) or f"LABEL={fs.label}" in fstab
 
 
-def test_sources_untouched_and_nothing_left(converted: dict[str, Any]) -> None:
-    assert converted["before"] == converted["after"]
-    assert converted["leftovers"] == []
+def test_sources_untouched_and_nothing_left(batch: dict[str, Any]) -> None:
+    assert batch["before"] == batch["after"]
+    assert batch["leftovers"] == []
+
+
+# ---------------------------------------------------------------- upload (plain-bookworm raw, lvm-bookworm qcow2)
+
+
+def _our_images(services: Any, host: str) -> list[dict[str, Any]]:
+    client = services.glance("p2v-admin")
+    return [dict(image) for image in client.images.list(filters={"p2v_source_host": host})]
+
+
+def test_convert_ends_with_an_active_image_whose_download_boots(converted: dict[str, Any], tmp_path: Path) -> None:
+    if not converted["image_format"]:
+        pytest.skip("this case stops at the report")
+    services, server, workdir = converted["services"], converted["server"], converted["workdir"]
+    assert (workdir / "uploaded.stamp").exists(), _failure_lines(converted["result"], converted["host"])
+    stamp = _stamp(workdir, "uploaded.stamp")
+    image = dict(services.glance("p2v-admin").images.get(stamp["image"]["id"]))
+    assert image["status"] == "active"
+    assert image["disk_format"] == converted["image_format"]
+    assert image["os_hash_algo"] == "sha512" and image["os_hash_value"] == stamp["file"]["sha512"]
+    os_version = json.loads((workdir / "layout.json").read_text())["system"]["os"]["version"]
+    for key, value in {"hw_disk_bus": "virtio", "hw_vif_model": "virtio", "os_type": "linux", "os_distro": "debian",
+                       "os_version": os_version, "hw_qemu_guest_agent": "yes", "p2v_source_host": converted["host"],
+                       "owner_team": "e2e"}.items():
+        assert str(image.get(key)) == value, (key, image.get(key))
+    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
+    assert int(image["min_disk"]) * (1 << 30) >= plan.size
+    assert {"p2v", "e2e"} <= set(image["tags"])
+    assert "p2v_layout_sha256" in image and "p2v_converted_at" in image
+    assert [i["id"] for i in _our_images(services, converted["host"])] == [image["id"]]
+    # The image as OpenStack would get it boots: downloaded, checked against os_hash_value, booted on virtio.
+    downloaded = services.download_image(image["id"], tmp_path / f"downloaded.{converted['image_format']}")
+    booted = boot_check([downloaded], ["hostname", "findmnt -n -o SOURCE /"], disk_bus="virtio", nic_model="virtio",
+                        login=server.login, timeout=900, serial_log=tmp_path / "serial.log")
+    assert booted.output_of("hostname").output.strip() == server.name
+    assert booted.output_of("findmnt -n -o SOURCE /").output.strip().startswith("/dev/vda")
+    # Converting again uploads nothing: the stage finds the same image and says so.
+    (workdir / "uploaded.stamp").unlink()
+    again = doit(converted["spec_dir"], f"upload:{converted['host']}", env=converted["env"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing image" in again.stdout + again.stderr
+    assert [i["id"] for i in _our_images(services, converted["host"])] == [image["id"]]
+    logs = "".join(p.read_text(errors="replace") for p in (workdir / "logs").glob("*.log"))
+    for secret in services.secrets():
+        assert secret not in logs
 
 
 # ---------------------------------------------------------------- reruns, idempotency (plain-bookworm, flatten)
@@ -150,21 +237,22 @@ def _tree_without_times(workdir: Path, project: Path, scratch: str) -> dict[str,
 
 
 def test_rerun_does_nothing_and_deleting_fixed_stamp_reruns_fix_and_verify_only(converted: dict[str, Any]) -> None:
-    if (converted["server"].name, converted["layout"]) != ("plain-bookworm", "flatten"):
+    if converted["host"] != "plain-bookworm":
         pytest.skip("run once, on plain-bookworm flatten")
-    assert converted["result"].returncode == 0
-    workdir, spec_dir, name = converted["workdir"], converted["spec_dir"], converted["server"].name
-    again = doit(spec_dir, f"convert:{name}")
+    assert (converted["workdir"] / "uploaded.stamp").exists()
+    workdir, spec_dir, name = converted["workdir"], converted["spec_dir"], converted["host"]
+    again = doit(spec_dir, f"convert:{name}", env=converted["env"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     ran = [line for line in again.stdout.splitlines() if line.startswith(".  ")]
     assert [line for line in ran if not line.startswith(".  convert:")] == [], again.stdout
 
     tree_before = _tree_without_times(workdir, converted["project"], "mnt-idem-1")
     (workdir / "fixed.stamp").unlink()
-    rerun = doit(spec_dir, f"convert:{name}")
+    rerun = doit(spec_dir, f"convert:{name}", env=converted["env"])
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     ran = sorted(line.split()[1].split(":")[0] for line in rerun.stdout.splitlines() if line.startswith(".  "))
-    assert ran == ["convert", "fix", "report", "verify"], rerun.stdout
+    # A new fix is a new image (its bytes changed): upload runs again too.
+    assert ran == ["convert", "fix", "report", "upload", "verify"], rerun.stdout
     tree_after = _tree_without_times(workdir, converted["project"], "mnt-idem-2")
     changed = sorted(p for p in tree_before.keys() | tree_after.keys() if tree_before.get(p) != tree_after.get(p))
     assert changed == [], f"a second fix changed: {changed[:20]}"

@@ -58,3 +58,12 @@ def test_missing_disk_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_serial_text_loses_escape_codes() -> None:
     assert clean_serial_text(b"\x1b[0;32m  OK  \x1b[0m login:\r\n") == "  OK   login:\n"
+
+
+def test_a_boot_stuck_in_a_rescue_shell_is_recognised() -> None:
+    from tasks.lib.bootcheck import _STUCK
+
+    assert _STUCK.search(b"Enter 'help' for a list of built-in commands.\r\n\r\n(initramfs) \x1b[6n")
+    assert _STUCK.search(b"You are in emergency mode. After logging in, type ...")
+    assert _STUCK.search(b"dracut:/# ")
+    assert not _STUCK.search(b"Debian GNU/Linux 12 plain-bookworm ttyS0\r\n\r\nplain-bookworm login: ")
