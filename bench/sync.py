@@ -1,24 +1,38 @@
-"""How fast the copy engine is, next to a tar pipe and a raw read of the same tree.
+"""How fast the sync stage is, next to a tar pipe and a raw read of the same tree.
 
     .venv/bin/python -m bench.sync [--trees fixture,synthetic] [--files 200000] [--repeat 1]
 
-For each tree (the plain-bookworm fixture's filesystems, mounted read-only
-from its images, and a synthetic tree of many small files on an ext4 image
-cached in /var/tmp/p2v-bench), and each run on fresh loop-mounted ext4
-targets (direct I/O, as p2v's disk stage makes them):
+Two trees, each with its own harness:
 
-    engine       copy_tree with the default method, verification off (timed apart)
-    engine rsync copy_tree with method="rsync"
+- `fixture`: the plain-bookworm fixture server. Its disk.img is made once by
+  the real disk stage (doit disk:<host> in /var/tmp/p2v-bench/project-*), kept
+  as a pristine copy, and copied back (sparse) before every run; the sync
+  stage itself (tasks.sync.sync_host, in this process) is what is timed: it
+  attaches and mounts both sides, copies, lists, verifies, seals, lets go.
+- `synthetic`: 200k small files on an ext4 image cached in
+  /var/tmp/p2v-bench. No server around it (no layout to plan a disk from), so
+  the target is one mkfs.ext4 image as big as the source, mounted by the
+  bench, and copy_tree (the stage's engine, as the stage calls it) is timed.
+
+Columns, each cold (`sync; echo 3 > drop_caches` before, a final `sync`
+included):
+
+    stage        the whole first sync: copy, listings for the seal, verification
+    copy         copy_tree without verification, in a fresh target: the first copy proper
+    verify       the stage's verification part (from its receipt: listings + both manifests)
     tar pipe     the textbook tar -c | tar -x per filesystem (it loses sockets)
-    cat          find -type f | xargs cat > /dev/null: every file read once (holes read as zeros)
-    dd           the source block devices read sequentially (the images are sparse, so
-                 this is about a read of the bytes ever written: the physical limit)
-    resync       copy_tree again into the engine's target: nothing changed, nothing copied
-    verify       both manifests (hashes of every file on both sides) and the comparison
+    dd           the same number of bytes as the source uses, read sequentially
+                 from the start of each source device: the physical limit
+    resync       the stage again, nothing changed (fixture: the stage seal,
+                 nothing mounted; synthetic: the copy seal, both trees listed)
+    resync list  the same when the stage seal cannot vouch (disk.img touched):
+                 the copy seal's listings of both trees (fixture only)
+    resync full  the same without any seal: rsync's quick check + verification
 
-Before every timed run: `sync; echo 3 > /proc/sys/vm/drop_caches`, so that
-every run reads its source cold. Each time includes a final `sync` of what
-the run wrote. Needs root.
+After the first sync: the target image's allocated size (st_blocks * 512)
+against the source's used bytes plus what mkfs had written into the empty
+image (the filesystems' metadata). Needs root. Loop devices and mounts are
+all context managers: an error or Ctrl-C leaves nothing attached.
 """
 
 from __future__ import annotations
@@ -30,19 +44,28 @@ import logging
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.trees import BENCH_DIR, Tree, fixture_tree, scratch_target, synthetic_tree
+from tasks import sync as sync_stage
 from tasks.lib import copy
-from tasks.lib.copy import copy_tree, human, verify_copy
-from tasks.lib.runner import output, run
+from tasks.lib.copy import copy_tree, human
+from tasks.lib.pipeline import StageRun
+from tasks.lib.plan import DiskPlan
+from tasks.lib.runner import P2VError, output, run
+from tasks.lib.spec import PROJECT_DIR, load_specs
+from tasks.lib.target import mounted_target
+from tests.fixtures.build import build_server
 
-FIRST_COPY_TARGET = 1.10  # engine first copy / tar pipe
-RESYNC_TARGET = 0.05  # no-change resync / engine first copy
+FIRST_COPY_TARGET = 1.10  # first copy / tar pipe
+RESYNC_TARGET = 0.05  # no-change resync / first sync
+ALLOCATED_TARGET = 1.05  # disk.img allocated / (used bytes + filesystem metadata)
 
 log = logging.getLogger("p2v.bench")
 
@@ -67,98 +90,253 @@ def tar_pipe(tree: Tree, target: Path) -> None:
     """The textbook pipe (not the engine's tuned flags), with the engine's exclusions so both copy the same."""
     for mp in tree.mountpoints:
         excluded = copy.assign(list(copy.ALWAYS_EXCLUDED), list(tree.mountpoints))[mp]
+        into = target / mp.lstrip("/")
+        into.mkdir(exist_ok=True)  # a directory of / where the plan merged the filesystem
         create = ["tar", *TEXTBOOK_TAR, "--sparse", "--one-file-system", *copy.tar_filters(excluded, []),
                   "-C", str(tree.root / mp.lstrip("/")), "-cpf", "-", "."]
-        extract = ["tar", *TEXTBOOK_TAR, "-C", str(target / mp.lstrip("/")), "-xpf", "-"]
+        extract = ["tar", *TEXTBOOK_TAR, "-C", str(into), "-xpf", "-"]
         run(["bash", "-o", "pipefail", "-c", f"{shlex.join(create)} | {shlex.join(extract)}"])
 
 
-def cat_files(tree: Tree) -> None:
-    for mp in tree.mountpoints:
-        run(["bash", "-o", "pipefail", "-c", "find . -xdev -type f -print0 | xargs -0 -r cat > /dev/null"],
-            cwd=tree.root / mp.lstrip("/"))
-
-
 def read_devices(tree: Tree) -> None:
+    """As many bytes as each source filesystem uses, read sequentially from the start of its device."""
     for mp in tree.mountpoints:
-        device = output(["findmnt", "-no", "SOURCE", "--mountpoint", str(tree.root / mp.lstrip("/"))])
-        run(["dd", f"if={device}", "of=/dev/null", "bs=4M"])
+        point = tree.root / mp.lstrip("/")
+        device = output(["findmnt", "-no", "SOURCE", "--mountpoint", str(point)])
+        blocks = -(-copy._used(point)[0] // (4 << 20))
+        run(["dd", f"if={device}", "of=/dev/null", "bs=4M", f"count={blocks}"])
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+# ---------------------------------------------------------------- figures
 
 
 @dataclass
 class Figures:
     tree: str
+    target: str = ""
     files: int = 0
     used_bytes: int = 0
     times: dict[str, list[float]] = field(default_factory=dict)
+    sizes: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
         log.info("  %-13s %7.2f s", name, seconds)
 
+    def size(self, name: str, value: int) -> None:
+        self.sizes.setdefault(name, []).append(value)
+
     def get(self, name: str) -> float:
         return statistics.median(self.times[name]) if name in self.times else float("nan")
 
+    def bytes(self, name: str) -> float:
+        return statistics.median(self.sizes[name]) if name in self.sizes else float("nan")
 
-@contextlib.contextmanager
-def fresh_target(tree: Tree, name: str) -> Iterator[Path]:
-    filesystems = [(mp, "ext4", size) for mp, _fstype, size in tree.filesystems]
-    with scratch_target(BENCH_DIR / "targets" / name, filesystems) as target:
-        yield target
+    def expect(self, receipt: dict[str, Any], verified_by: str, what: str) -> None:
+        if receipt.get("verified_by") != verified_by:
+            self.notes.append(f"{what}: verified by {receipt.get('verified_by')}, not {verified_by} "
+                              f"({receipt.get('seal')})")
 
 
-def bench_tree(tree: Tree, repeat: int) -> Figures:
-    used = [copy._used(tree.root / mp.lstrip("/")) for mp in tree.mountpoints]
-    figures = Figures(tree=tree.name, used_bytes=sum(u[0] for u in used), files=sum(u[1] for u in used))
-    logs = BENCH_DIR / "logs"
-    log.info("%s: %s used, %s inodes", tree.name, human(figures.used_bytes), f"{figures.files:,}")
-    for _ in range(repeat):
-        with fresh_target(tree, "engine") as target:
-            figures.add("engine", timed(lambda: copy_tree(tree.root, target, tree.mountpoints, verify=False,
-                                                          log_file=logs / "engine.log")))
-            figures.add("verify", timed(lambda: verify_copy(tree.root, target, tree.mountpoints,
-                                                            log_file=logs / "engine.log")))
-            figures.add("resync", timed(lambda: copy_tree(tree.root, target, tree.mountpoints, verify=False,
-                                                          log_file=logs / "resync.log")))
-        with fresh_target(tree, "rsync") as target:
-            figures.add("engine rsync", timed(lambda: copy_tree(tree.root, target, tree.mountpoints, method="rsync",
-                                                                verify=False, log_file=logs / "rsync.log")))
-        with fresh_target(tree, "tar") as target:
-            figures.add("tar pipe", timed(lambda: tar_pipe(tree, target)))
-        figures.add("cat", timed(lambda: cat_files(tree)))
-        figures.add("dd", timed(lambda: read_devices(tree)))
+# ---------------------------------------------------------------- the fixture: the sync stage itself
+
+
+@dataclass(frozen=True)
+class StageBench:
+    """A bench project whose disk stage ran once; the sync stage run in this process."""
+
+    run: StageRun
+    image: Path
+    pristine: Path
+    plan: DiskPlan
+
+    @classmethod
+    def prepare(cls, fixture: str) -> StageBench:
+        server = build_server(fixture)
+        project = BENCH_DIR / f"project-{fixture}"
+        specs = project / "specs"
+        specs.mkdir(parents=True, exist_ok=True)
+        images = "".join(f"    - {disk}\n" for disk in server.disks)
+        (specs / f"{fixture}.yaml").write_text(f"source:\n  images:\n{images}")
+        (spec,) = load_specs(specs)
+        image, pristine = spec.artifact("disk.img"), spec.artifact("disk.pristine.img")
+        if not pristine.exists():
+            log.info("%s: the disk stage makes disk.img (once)", fixture)
+            done = subprocess.run([sys.executable, "-m", "doit", f"disk:{fixture}"], cwd=PROJECT_DIR,
+                                  env={**os.environ, "P2V_SPECS": str(specs)}, capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                raise P2VError(f"doit disk:{fixture} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            run(["cp", "--sparse=always", str(image), str(pristine)])
+        plan = DiskPlan.from_json(json.loads(spec.artifact("disk-plan.json").read_text()))
+        stage_run = StageRun(spec=spec, stage="sync", partial=spec.artifact("rootfs-synced.stamp.partial"),
+                             log_path=spec.log_dir / "bench-sync.log")
+        return cls(run=stage_run, image=image, pristine=pristine, plan=plan)
+
+    def describe(self) -> str:
+        filesystems = ", ".join(f"{fs.fstype} for {' '.join(s.mountpoint for s in fs.sources)}"
+                                for fs in self.plan.filesystems)
+        return f"disk.img from the disk stage ({self.plan.policy.layout}: {filesystems})"
+
+    def fresh(self) -> None:
+        for seal in (sync_stage.seal_path(self.run.spec), sync_stage.stage_seal_path(self.run.spec)):
+            seal.unlink(missing_ok=True)
+        self.image.unlink(missing_ok=True)
+        run(["cp", "--sparse=always", str(self.pristine), str(self.image)])
+
+    def sync(self) -> tuple[float, dict[str, Any]]:
+        seconds = timed(lambda: sync_stage.sync_host(self.run))
+        receipt: dict[str, Any] = json.loads(self.run.partial.read_text())["copy"]
+        return seconds, receipt
+
+    @contextlib.contextmanager
+    def target(self) -> Iterator[Path]:
+        with mounted_target(self.image, self.plan, run_dir=self.run.spec.run_dir, direct_io=True) as target:
+            yield target.root
+
+
+def bench_fixture(name: str, repeat: int) -> Figures:
+    stage = StageBench.prepare(name)
+    figures = Figures(tree=name, target=stage.describe())
+    try:
+        for _ in range(repeat):
+            stage.fresh()
+            figures.size("metadata", allocated(stage.image))
+            seconds, receipt = stage.sync()
+            figures.add("stage", seconds)
+            figures.add("verify", receipt["verify_seconds"])
+            figures.size("allocated", allocated(stage.image))
+            seconds, receipt = stage.sync()
+            figures.add("resync", seconds)
+            figures.expect(receipt, "stage seal", "resync")
+            os.utime(stage.image)  # as a later stage's write would: only the trees can tell now
+            seconds, receipt = stage.sync()
+            figures.add("resync list", seconds)
+            figures.expect(receipt, "seal", "resync list")
+            for seal in (sync_stage.seal_path(stage.run.spec), sync_stage.stage_seal_path(stage.run.spec)):
+                seal.unlink()
+            seconds, receipt = stage.sync()
+            figures.add("resync full", seconds)
+            figures.expect(receipt, "manifests", "resync full")
+            with fixture_tree(name) as tree:
+                used = [copy._used(tree.root / mp.lstrip("/")) for mp in tree.mountpoints]
+                figures.used_bytes, figures.files = sum(u[0] for u in used), sum(u[1] for u in used)
+                for column, action in (("copy", lambda target: copy_tree(
+                        tree.root, target, tree.mountpoints, verify=False, log_file=BENCH_DIR / "logs" / "copy.log")),
+                                       ("tar pipe", lambda target: tar_pipe(tree, target))):
+                    stage.fresh()
+                    with stage.target() as target:
+                        figures.add(column, timed(lambda: action(target)))  # noqa: B023
+                figures.add("dd", timed(lambda: read_devices(tree)))
+    finally:
+        stage.image.unlink(missing_ok=True)  # the pristine copy stays for the next bench run
     return figures
 
 
-COLUMNS = ("engine", "engine rsync", "tar pipe", "cat", "dd", "resync", "verify")
+# ---------------------------------------------------------------- the synthetic tree: the copy engine
+
+
+def bench_synthetic(files: int, repeat: int) -> Figures:
+    work = BENCH_DIR / "runs" / "synthetic"
+    work.mkdir(parents=True, exist_ok=True)
+    image, seal, logs = work / "target.img", work / "seal.json", work / "logs"
+    with synthetic_tree(files) as tree:
+        used = [copy._used(tree.root / mp.lstrip("/")) for mp in tree.mountpoints]
+        figures = Figures(tree=tree.name, target="one mkfs.ext4 image as big as the source (copy_tree timed)",
+                          used_bytes=sum(u[0] for u in used), files=sum(u[1] for u in used))
+        filesystems = [(mp, "ext4", size) for mp, _fstype, size in tree.filesystems]
+
+        def target() -> contextlib.AbstractContextManager[Path]:
+            return scratch_target(work, filesystems, images=[image], keep=True)
+
+        def fresh() -> None:
+            image.unlink(missing_ok=True)
+            seal.unlink(missing_ok=True)
+            with target():  # mkfs
+                pass
+
+        def sync(name: str, with_seal: bool = True) -> tuple[float, dict[str, Any]]:
+            with target() as root:
+                results: list[copy.CopyResult] = []
+                seconds = timed(lambda: results.append(copy_tree(
+                    tree.root, root, tree.mountpoints, log_file=logs / f"{name}.log",
+                    seal=seal if with_seal else None)))
+            return seconds, results[0].receipt()
+
+        try:
+            for _ in range(repeat):
+                fresh()
+                figures.size("metadata", allocated(image))
+                seconds, receipt = sync("stage")
+                figures.add("stage", seconds)
+                figures.add("verify", receipt["verify_seconds"])
+                figures.size("allocated", allocated(image))
+                seconds, receipt = sync("resync")
+                figures.add("resync", seconds)
+                figures.expect(receipt, "seal", "resync")
+                seconds, receipt = sync("resync-full", with_seal=False)
+                figures.add("resync full", seconds)
+                figures.expect(receipt, "manifests", "resync full")
+                fresh()
+                with target() as root:
+                    figures.add("copy", timed(lambda: copy_tree(tree.root, root, tree.mountpoints, verify=False,
+                                                                log_file=logs / "copy.log")))
+                fresh()
+                with target() as root:
+                    figures.add("tar pipe", timed(lambda: tar_pipe(tree, root)))
+                figures.add("dd", timed(lambda: read_devices(tree)))
+        finally:
+            image.unlink(missing_ok=True)
+    return figures
+
+
+# ---------------------------------------------------------------- the table
+
+
+COLUMNS = ("stage", "copy", "verify", "tar pipe", "dd", "resync", "resync list", "resync full")
 
 
 def table(all_figures: Sequence[Figures]) -> str:
-    head = f"{'tree':<34} {'files':>9} {'used':>10} " + " ".join(f"{c:>12}" for c in COLUMNS)
+    head = f"{'tree':<28} {'files':>9} {'used':>10} " + " ".join(f"{c:>12}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for fig in all_figures:
-        cells = " ".join(f"{fig.get(c):>10.2f} s" for c in COLUMNS)
-        lines.append(f"{fig.tree:<34} {fig.files:>9,} {human(fig.used_bytes):>10} {cells}")
+        cells = " ".join(f"{fig.get(c):>10.2f} s" if c in fig.times else f"{'-':>12}" for c in COLUMNS)
+        lines.append(f"{fig.tree:<28} {fig.files:>9,} {human(fig.used_bytes):>10} {cells}")
     lines.append("")
+
+    def verdict(value: float, limit: float) -> str:
+        return f"(target <= {limit:.2f}: {'ok' if value <= limit else 'MISSED'})"
+
     for fig in all_figures:
-        first = fig.get("engine") / fig.get("tar pipe")
-        resync = fig.get("resync") / fig.get("engine")
-        rsync = fig.get("engine rsync") / fig.get("tar pipe")
-        lines.append(
-            f"{fig.tree}: engine first copy / tar pipe = {first:.2f} (target <= {FIRST_COPY_TARGET:.2f}: "
-            f"{'ok' if first <= FIRST_COPY_TARGET else 'MISSED'}); no-change resync / first copy = {resync:.3f} "
-            f"(target <= {RESYNC_TARGET:.2f}: {'ok' if resync <= RESYNC_TARGET else 'MISSED'}); "
-            f"rsync method / tar pipe = {rsync:.2f}; engine / cat = {fig.get('engine') / fig.get('cat'):.2f}; "
-            f"engine / dd = {fig.get('engine') / fig.get('dd'):.2f}"
-        )
-    lines.append(f"(median of {len(next(iter(all_figures[0].times.values())))} run(s) each; page cache dropped "
-                 "before every run; targets: fresh ext4 on loop devices with direct I/O; "
-                 f"default method: {copy.DEFAULT_METHOD})")
+        first = fig.get("copy") / fig.get("tar pipe")
+        resync = fig.get("resync") / fig.get("stage")
+        space = fig.bytes("allocated") / (fig.used_bytes + fig.bytes("metadata"))
+        lines += [
+            f"{fig.tree} -> {fig.target}:",
+            f"  first copy / tar pipe    = {first:.2f} {verdict(first, FIRST_COPY_TARGET)}; the whole stage "
+            f"(copy + verification) / tar pipe = {fig.get('stage') / fig.get('tar pipe'):.2f}; "
+            f"copy / dd = {fig.get('copy') / fig.get('dd'):.2f}",
+            f"  no-change resync / stage = {resync:.3f} {verdict(resync, RESYNC_TARGET)}; / copy alone "
+            f"{fig.get('resync') / fig.get('copy'):.3f}"
+            + (f"; by listings {fig.get('resync list') / fig.get('stage'):.3f}" if "resync list" in fig.times else "")
+            + f"; without a seal {fig.get('resync full') / fig.get('stage'):.2f}",
+            f"  allocated {human(fig.bytes('allocated'))} / (used {human(fig.used_bytes)} + metadata "
+            f"{human(fig.bytes('metadata'))} written by mkfs) = {space:.3f} {verdict(space, ALLOCATED_TARGET)}",
+            *(f"  note: {note}" for note in fig.notes),
+        ]
+    runs = max(len(v) for v in all_figures[0].times.values())
+    lines.append(f"(median of {runs} run(s) each; page cache dropped before every timed run; loop devices with "
+                 f"direct I/O; default method: {copy.DEFAULT_METHOD})")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sync", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.sync", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--trees", default="fixture,synthetic", help="comma-separated: fixture, synthetic")
     parser.add_argument("--fixture", default="plain-bookworm", help="fixture server to copy (partitions only)")
     parser.add_argument("--files", type=int, default=200_000, help="files in the synthetic tree")
@@ -170,14 +348,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = []
-    for name in args.trees.split(","):
-        tree_context = fixture_tree(args.fixture) if name == "fixture" else synthetic_tree(args.files)
-        with tree_context as tree:
-            results.append(bench_tree(tree, args.repeat))
+    try:
+        for name in args.trees.split(","):
+            if name == "fixture":
+                results.append(bench_fixture(args.fixture, args.repeat))
+            else:
+                results.append(bench_synthetic(args.files, args.repeat))
+    except KeyboardInterrupt:  # every context manager above has let go by now
+        print("interrupted: nothing left attached or mounted", file=sys.stderr)
+        return 130
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps([{"tree": f.tree, "files": f.files, "used_bytes": f.used_bytes,
-                                          "seconds": f.times} for f in results], indent=1))
+        args.json.write_text(json.dumps([{"tree": f.tree, "target": f.target, "files": f.files,
+                                          "used_bytes": f.used_bytes, "seconds": f.times, "bytes": f.sizes,
+                                          "notes": f.notes} for f in results], indent=1))
     return 0
 
 

@@ -83,27 +83,34 @@ def make_filesystem(image: Path, fstype: str, size: int) -> None:
 
 
 @contextlib.contextmanager
-def scratch_target(directory: Path, filesystems: Sequence[tuple[str, str, int]]) -> Iterator[Path]:
-    """Fresh filesystems (mountpoint, fstype, size) mounted under `directory`/tree; images removed afterwards."""
+def scratch_target(directory: Path, filesystems: Sequence[tuple[str, str, int]], *,
+                   images: Sequence[Path] | None = None, keep: bool = False) -> Iterator[Path]:
+    """Filesystems (mountpoint, fstype, size) mounted under `directory`/tree, parents first.
+
+    Fresh ones in `directory`, removed afterwards; or, with `images` (one per
+    filesystem, in mount order) and `keep`, made only where an image is
+    missing and kept for the next mount.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     tree = directory / "tree"
     tree.mkdir(exist_ok=True)
     by_point = {fs[0]: fs for fs in filesystems}
     ordered = [by_point[point] for point in mount_order(list(by_point))]
-    images = []
+    paths = list(images) if images is not None else [directory / f"target{n}.img" for n in range(len(ordered))]
+    made = []
     try:
         with contextlib.ExitStack() as stack:
-            for number, (mountpoint, fstype, size) in enumerate(ordered):
-                image = directory / f"target{number}.img"
-                images.append(image)
-                make_filesystem(image, fstype, size)
+            for image, (mountpoint, fstype, size) in zip(paths, ordered, strict=True):
+                made.append(image)
+                if not (keep and image.exists()):
+                    make_filesystem(image, fstype, size)
                 loop = stack.enter_context(loop_device(image, read_only=False, direct_io=True))
                 point = tree / mountpoint.lstrip("/")
                 point.mkdir(exist_ok=True)
                 stack.enter_context(mounted(loop.path, point, fstype=fstype))
             yield tree
     finally:
-        for image in images:
+        for image in made if not keep else ():
             image.unlink(missing_ok=True)
 
 

@@ -38,11 +38,11 @@ Two methods, the same guarantees (both verified by the manifest afterwards):
   no quick check and would copy everything again.
 
 Why tar is the default (bench/sync.py, this machine: 2 cores, loop devices with
-direct I/O, page cache dropped before each run):
+direct I/O, page cache dropped before each run; medians of 3, a shared machine):
 
-    tree                         rsync     tar engine  tar pipe  raw read  no-change resync
-    plain-bookworm (16.5k files) 13.1 s    7.5 s       6.9 s     4.4 s     1.2 s (rsync)
-    synthetic, 200k small files  see bench/README.md
+    tree                          rsync    tar engine  tar pipe  no-change rerun
+    plain-bookworm (16.9k files)  15.5 s   4.9 s       4.4 s     6.0 s rsync + verify; 0.9 s listings; 0.08 s stage seal
+    synthetic, 200k small files   45.3 s   28.3 s      26.8 s    38.5 s rsync + verify; 2.6 s listings
 
 rsync 3.5's receiver opens every path component by component (its hardened
 path handling), so it loses to tar by about 2x on a first copy of many small

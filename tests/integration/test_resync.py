@@ -1,5 +1,7 @@
 """A rerun of copy_tree with a seal: unchanged trees take the fast path, any change the full one.
 
+And the sync stage's own seal (tasks/sync.py), end to end through doit.
+
 The source is a small ext4 image written by the test (so the test can change
 it), the target an xfs image; both are unmounted and mounted again between
 runs, as two runs of the sync stage would do, so the seal has to hold across
@@ -11,15 +13,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.trees import make_filesystem
 from tasks.lib.copy import CopyResult, copy_tree
+from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import run
+from tasks.lib.spec import PROJECT_DIR
+from tests.fixtures.build import build_server
+from tests.integration.test_inspect import leftovers, make_spec
+from tests.integration.test_sync import image_tree
 
 MIB = 1 << 20
 CHANGED = "etc/config.conf"  # the file the nasty test rewrites
@@ -150,3 +160,62 @@ def test_seal_is_only_for_the_same_scope_and_a_verified_copy(trees: Trees) -> No
     unverified = trees.copy(verify=False)
     assert unverified.sealed == "not written: the copy was not verified" and not trees.seal.exists()
     assert not trees.copy().fast_path  # no seal left: the full path again
+
+
+# ---------------------------------------------------------------- the sync stage's own seal
+
+
+def doit(spec_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "P2V_SPECS": str(spec_dir)}
+    return subprocess.run([sys.executable, "-m", "doit", *args], cwd=PROJECT_DIR, env=env,
+                          capture_output=True, text=True, check=False, timeout=1200)
+
+
+def test_sync_stage_reruns_by_seal_and_sees_changes(tmp_path: Path) -> None:
+    """doit sync, forced again: stage seal; disk.img touched: copy seal; source written: full copy."""
+    server = build_server("plain-bookworm")
+    disks = []
+    for disk in server.disks:  # our own copies: this test writes to the source
+        disks.append(tmp_path / disk.name)
+        run(["cp", "--sparse=always", str(disk), str(disks[-1])])
+    spec_dir = make_spec(tmp_path, server.name, disks)
+    workdir = tmp_path / "work" / server.name
+
+    def sync_again() -> dict[str, Any]:
+        assert doit(spec_dir, "forget", f"sync:{server.name}").returncode == 0
+        done = doit(spec_dir, f"sync:{server.name}")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        receipt: dict[str, Any] = json.loads((workdir / "rootfs-synced.stamp").read_text())["copy"]
+        return receipt
+
+    first = doit(spec_dir, f"sync:{server.name}")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    digest = json.loads((workdir / "rootfs-synced.stamp").read_text())["copy"]["manifest_digest"]
+    assert (workdir / ".p2v" / "sync-stage-seal.json").exists()
+
+    quick = sync_again()
+    assert quick["verified_by"] == "stage seal" and quick["fast_path"] and quick["manifest_digest"] == digest
+    assert quick["duration_seconds"] < 2
+
+    os.utime(workdir / "disk.img")  # as any write through a loop device would: the image may have changed
+    listed = sync_again()
+    assert listed["verified_by"] == "seal" and listed["manifest_digest"] == digest  # the trees say it did not
+    assert sync_again()["verified_by"] == "stage seal"  # and the stage seal is back
+
+    # The nasty change, on the source: same size, mtime put back; a read-write mount is what gives it away here.
+    (tmp_path / "source").mkdir()
+    with loop_device(disks[0], read_only=False, partitions=True) as loop, \
+            mounted(loop.partition(2), tmp_path / "source", fstype="ext4") as root:
+        hostname = root / "etc" / "hostname"
+        before = hostname.stat()
+        text = hostname.read_bytes()
+        changed = text.upper() if text.upper() != text else text[::-1]
+        hostname.write_bytes(changed)
+        os.utime(hostname, ns=(before.st_atime_ns, before.st_mtime_ns))
+    full = sync_again()
+    assert full["verified_by"] == "manifests" and not full["fast_path"]
+    assert full["manifest_digest"] != digest
+    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
+    with image_tree(workdir / "disk.img", plan, tmp_path / "image") as tree:
+        assert (tree / "etc" / "hostname").read_bytes() == changed
+    assert leftovers([*disks, workdir / "disk.img"]) == []
