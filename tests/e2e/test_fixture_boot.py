@@ -7,13 +7,14 @@ the cached images are never written.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tasks.lib.bootcheck import boot_check
+from tasks.lib.bootcheck import BootResult, boot_check
 from tests.fixtures.plugin import FIXTURE_NAMES
 
 log = logging.getLogger("p2v.tests")
@@ -32,10 +33,7 @@ def _resolve(device: str, resolved: dict[str, str]) -> str:
     return resolved.get(device, device)
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_fixture_boots_with_its_fstab_satisfied(name: str, fixture_server, tmp_path: Path) -> None:
-    server = fixture_server(name)
-    facts = server.facts
+def _expected_swaps_command(facts: dict[str, Any]) -> str:
     swap_sources = [line.split()[0] for line in facts["fstab"].splitlines() if " swap " in f" {line} "]
     resolve_swaps = "; ".join(f"readlink -f {source}" for source in swap_sources if source.startswith("/dev/"))
     swap_uuids = "; ".join(
@@ -43,17 +41,44 @@ def test_fixture_boots_with_its_fstab_satisfied(name: str, fixture_server, tmp_p
         for source in swap_sources
         if source.startswith("UUID=")
     )
-    expected_swaps_command = "; ".join(c for c in (resolve_swaps, swap_uuids) if c) or "true"
-    result = boot_check(
-        server.disks,
-        [VERIFY, FSTAB, MOUNTED, SWAPS, expected_swaps_command, CMDLINE, ADDRESSES, HOSTNAME],
-        disk_bus=server.disk_bus,
-        nic_model="e1000",
-        mac=server.mac,
-        login=server.login,
-        timeout=900,
-        serial_log=tmp_path / f"{name}.serial.log",
-    )
+    return "; ".join(c for c in (resolve_swaps, swap_uuids) if c) or "true"
+
+
+@pytest.fixture(scope="module")
+def boots(fixture_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootResult | Exception]:
+    """Every fixture booted, two at a time: TCG runs one vCPU per guest, and this machine has two cores."""
+    servers = {name: fixture_server(name) for name in FIXTURE_NAMES}
+    scratch = tmp_path_factory.mktemp("fixture-boots")
+
+    def boot(name: str) -> BootResult:
+        server = servers[name]
+        return boot_check(
+            server.disks,
+            [VERIFY, FSTAB, MOUNTED, SWAPS, _expected_swaps_command(server.facts), CMDLINE, ADDRESSES, HOSTNAME],
+            disk_bus=server.disk_bus, nic_model="e1000", mac=server.mac, login=server.login, timeout=900,
+            serial_log=scratch / f"{name}.serial.log",
+        )
+
+    results: dict[str, BootResult | Exception] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = {name: pool.submit(boot, name) for name in FIXTURE_NAMES}
+        for name, job in jobs.items():
+            try:
+                results[name] = job.result()
+            except Exception as error:  # reported by that fixture's test
+                results[name] = error
+    return results
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_boots_with_its_fstab_satisfied(name: str, fixture_server: Any,
+                                                boots: dict[str, BootResult | Exception]) -> None:
+    server = fixture_server(name)
+    facts = server.facts
+    expected_swaps_command = _expected_swaps_command(facts)
+    result = boots[name]
+    if isinstance(result, Exception):
+        raise result
     log.info("%s reached login after %.0f s", name, result.seconds_to_login)
     outputs = {item.command: item for item in result.outputs}
 
