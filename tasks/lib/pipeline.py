@@ -106,8 +106,12 @@ def host_lock(spec: Spec) -> Iterator[None]:
     workdir where the filesystem supports locks. Held for one stage: with
     `doit -n N`, the next stage of a host may run in another worker process.
     It also makes releasing a killed run's leftovers safe: nobody else is using them."""
-    spec.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(spec.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock_path = spec.state_dir / "lock"
+    try:
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise P2VError(f"cannot create {lock_path}: {error.strerror}", hint="the workdir must be writable") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -267,6 +268,7 @@ def test_unexpected_exception_still_cleans_up(make_spec: MakeSpec, tmp_path: Pat
 def test_unwritable_workdir_is_a_clear_error(make_spec: MakeSpec, tmp_path: Path) -> None:
     spec = make_spec("plain-bookworm")
     spec.log_dir.mkdir(parents=True, exist_ok=True)
+    spec.state_dir.mkdir(parents=True, exist_ok=True)  # as after an earlier stage
     run(["chattr", "+i", str(spec.workdir)])  # even root cannot create files here
     try:
         failed = run_stage(disk.STAGE, spec)
@@ -274,6 +276,16 @@ def test_unwritable_workdir_is_a_clear_error(make_spec: MakeSpec, tmp_path: Path
         run(["chattr", "-i", str(spec.workdir)])
     assert failed is not None
     assert f"cannot create the disk image {spec.artifact('disk.img.partial')}: Operation not permitted" in str(failed)
+    # A workdir that has never been used: the first thing a stage writes is its host lock.
+    shutil.rmtree(spec.state_dir)
+    run(["chattr", "+i", str(spec.workdir)])
+    try:
+        failed = run_stage(disk.STAGE, spec)
+    finally:
+        run(["chattr", "-i", str(spec.workdir)])
+    assert failed is not None
+    assert f"cannot create {spec.state_dir / 'lock'}: Operation not permitted" in str(failed)
+    assert "hint: the workdir must be writable" in str(failed)
     assert artifacts(spec) == []
     assert leftovers(tmp_path) == []
 
