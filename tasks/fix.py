@@ -28,6 +28,7 @@ The receipt (the stamp) lists what each step changed, and its warnings.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from typing import Any
 
 from tasks.disk import supports_direct_io
 from tasks.lib import fixes
-from tasks.lib.fixes import EditPlan, FileEdit
+from tasks.lib.fixes import EditPlan
 from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
 from tasks.lib.paths import RootTreeReader, read_text_in_root, remove_in_root, resolve_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
@@ -100,6 +101,10 @@ class FixContext:
     def root(self) -> Path:
         return self.target.root
 
+    @property
+    def tree(self) -> RootTreeReader:
+        return RootTreeReader(self.root)
+
     def report(self, step: str) -> StepReport:
         return self.reports.setdefault(step, StepReport(step))
 
@@ -115,23 +120,14 @@ class FixContext:
 
 
 def apply_edits(ctx: FixContext, step: str) -> None:
-    """Write the planned edits of one step; identical content is no change."""
+    """Write the planned edits of one step. The planner leaves out edits that would
+    change nothing, so every edit here is a change."""
     report = ctx.report(step)
     for edit in (e for e in ctx.edits.edits if e.step == step):
-        _apply_edit(ctx.root, edit, report)
-
-
-def _apply_edit(root: Path, edit: FileEdit, report: StepReport) -> None:
-    current = read_text_in_root(root, edit.path)
-    if edit.text is None:
-        if current is not None or os.path.lexists(resolve_in_root(root, edit.path, follow_last=False)):
-            remove_in_root(root, edit.path)
-            report.changed(f"removed {edit.path}: {edit.why}")
-        return
-    if current == edit.text:
-        return
-    write_text_in_root(root, edit.path, edit.text, mode=edit.mode)
-    report.changed(f"{'wrote' if current is None else 'edited'} {edit.path}: {edit.why}")
+        existed = ctx.tree.exists(edit.path)
+        fixes.apply_edit(ctx.root, edit)
+        verb = "removed" if edit.text is None else "edited" if existed else "wrote"
+        report.changed(f"{verb} {edit.path}: {edit.why}")
 
 
 @contextlib.contextmanager
@@ -301,32 +297,34 @@ def _initrd_drivers(ctx: FixContext, kernel: str, *, quiet: bool) -> list[str]:
 def install_bootloader(ctx: FixContext) -> None:
     report = ctx.report("bootloader-install")
     disk = ctx.target.loop.path
-    device_map = "/boot/grub/device.map"
-    kind = ctx.layout["system"]["bootloader"].get("kind")
-    if kind == "grub2" and ctx.layout["system"].get("package_manager") == "apt":
-        # grub-probe then writes hd0 hints, not loop ones; the map is ours and goes away again.
-        map_path = resolve_in_root(ctx.root, device_map)
-        had_map = map_path.exists()
-        if not had_map:
-            write_text_in_root(ctx.root, device_map, f"(hd0) {disk}\n")
-        try:
-            for command in fixes.bootloader_install_commands(ctx.layout, ctx.plan, disk):
-                ctx.chroot("bootloader-install", command.argv, input=command.input, timeout=600)
-            for argv in fixes.bootloader_config_commands(ctx.layout):
-                ctx.chroot("bootloader-install", argv, timeout=600)
-        finally:
-            if not had_map:
-                remove_in_root(ctx.root, device_map)
-        _pin_grub_root(ctx)
-        config_path = ctx.layout["system"]["bootloader"]["config_path"]
-        report.changed(f"grub (i386-pc) installed to the image's MBR; {config_path} regenerated")
-        return
-    for command in fixes.bootloader_install_commands(ctx.layout, ctx.plan, disk):
-        ctx.chroot("bootloader-install", command.argv, input=command.input, timeout=600)
-    for argv in fixes.bootloader_config_commands(ctx.layout):
-        ctx.chroot("bootloader-install", argv, timeout=600)
+    bootloader = ctx.layout["system"]["bootloader"]
+    with _grub2_device_map(ctx, disk):
+        for command in fixes.bootloader_install_commands(ctx.layout, ctx.plan, disk):
+            ctx.chroot("bootloader-install", command.argv, input=command.input, timeout=600)
+        for argv in fixes.bootloader_config_commands(ctx.layout):
+            ctx.chroot("bootloader-install", argv, timeout=600)
     _pin_grub_root(ctx)
-    report.changed(f"{kind} installed to the image's MBR")
+    report.changed(f"{bootloader.get('kind')} installed to the image's MBR"
+                   + (f"; {bootloader['config_path']} regenerated" if bootloader.get("config_path") else ""))
+
+
+@contextlib.contextmanager
+def _grub2_device_map(ctx: FixContext, disk: str) -> Iterator[None]:
+    """grub2's probes then write hd0 hints, not loop ones; the map is ours and goes away again."""
+    bootloader = ctx.layout["system"]["bootloader"]
+    config_path = bootloader.get("config_path")
+    if bootloader.get("kind") != "grub2" or not config_path:
+        yield
+        return
+    device_map = f"{os.path.dirname(config_path)}/device.map"
+    if ctx.tree.exists(device_map):
+        yield
+        return
+    write_text_in_root(ctx.root, device_map, f"(hd0) {disk}\n")
+    try:
+        yield
+    finally:
+        remove_in_root(ctx.root, device_map)
 
 
 _LINUX_ROOT = re.compile(r"(^\s*linux(?:16)?\s+\S+.*?\s)root=\S+", re.MULTILINE)
@@ -367,9 +365,7 @@ def _write_record(root: Path, record: Mapping[str, Any]) -> None:
 
 
 def _steps() -> list[tuple[str, Callable[[FixContext], None]]]:
-    edit_steps: list[tuple[str, Callable[[FixContext], None]]] = [
-        (name, lambda ctx, name=name: apply_edits(ctx, name)) for name in EDIT_STEPS  # type: ignore[misc]
-    ]
+    edit_steps = [(name, functools.partial(apply_edits, step=name)) for name in EDIT_STEPS]
     return [*edit_steps, ("packages", install_packages), ("cloud-init-clean", clean_cloud_init),
             ("services", disable_services), ("initrd", regenerate_initrd), ("bootloader-install", install_bootloader)]
 

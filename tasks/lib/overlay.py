@@ -13,6 +13,7 @@ lacks.)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -74,8 +75,6 @@ def _wait_for_export(export: Path, overlay: Path, wanted: int, daemon: subproces
 
 
 def _virtual_size(image: Path) -> int:
-    import json
-
     info = json.loads(run(["qemu-img", "info", "--output=json", str(image)]).stdout)
     return int(info["virtual-size"])
 

@@ -268,8 +268,9 @@ def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
         while loop and loop not in loops:
             loops.append(loop)
             loop = _backing_loop(loop)
-    for image in own_images:
-        loops += [loop for loop in loops_backed_by(image) if loop not in loops]
+    backings: list[str | os.PathLike[str]] = [*own_images, *stale_exports]
+    for backing in backings:
+        loops += [loop for loop in loops_backed_by(backing) if loop not in loops]
     released: list[str] = []
     for _, target in sorted(stale_mounts, key=lambda item: item[1].count("/"), reverse=True):
         unmount(target)

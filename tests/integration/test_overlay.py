@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import run
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+from tests.integration.test_inspect import sha256
 
 
 def make_image(path: Path) -> None:
