@@ -36,16 +36,18 @@ except P2VError as error:
     raise SystemExit(2) from None
 
 
-def _stage_creator(stage: Stage) -> Callable[[], Iterator[dict[str, Any]]]:
+def _stage_creator(stage: Stage, after: Stage | None) -> Callable[[], Iterator[dict[str, Any]]]:
     def create() -> Iterator[dict[str, Any]]:
-        yield from stage_tasks(stage, SPECS)
+        yield from stage_tasks(stage, SPECS, after=after)
 
     create.__doc__ = stage.doc
     return create
 
 
-for _stage in STAGES:
-    globals()[f"task_{_stage.name}"] = _stage_creator(_stage)
+# Each stage runs after the one before it in STAGES, so that `doit -n N` never
+# runs two stages of one host side by side (they would meet on the host lock).
+for _after, _stage in zip([None, *STAGES[:-1]], STAGES, strict=True):
+    globals()[f"task_{_stage.name}"] = _stage_creator(_stage, _after)
 
 
 def task_convert() -> Iterator[dict[str, Any]]:

@@ -43,6 +43,7 @@ from typing import Any
 
 from tasks.disk import supports_direct_io
 from tasks.lib import fixes
+from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import EditPlan
 from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
 from tasks.lib.paths import RootTreeReader, read_text_in_root, remove_in_root, resolve_in_root, write_text_in_root
@@ -147,11 +148,51 @@ def package_repository(ctx: FixContext, source: PackageSource) -> Iterator[None]
                 log.info("indexed %d packages from %s", count, directory)
             stack.enter_context(mounted(str(directory), pool, bind=True, options=["ro"]))
         else:
-            # The server's resolver is the old network's; name lookups must work from here.
-            resolv = resolve_in_root(ctx.root, "/etc/resolv.conf")
-            if resolv.is_file():
-                stack.enter_context(mounted("/etc/resolv.conf", resolv, bind=True, options=["ro"]))
+            stack.enter_context(host_resolver(ctx.root))
         yield
+
+
+@contextlib.contextmanager
+def host_resolver(root: Path) -> Iterator[None]:
+    """Name lookups in the chroot through this host's resolver, for the package step only.
+
+    The server's own resolver is the old network's. Its /etc/resolv.conf is
+    often a link into /run (systemd-resolved, resolvconf), which in the chroot
+    is p2v's empty tmpfs: the link's target is made there, a throw-away file.
+    A link into the image itself, or no file at all, gets a file for the
+    duration that is removed again; the link itself is never changed.
+    """
+    host_text = Path("/etc/resolv.conf").read_text()
+    link = root / "etc/resolv.conf"
+    resolved = resolve_in_root(root, "/etc/resolv.conf")
+    with contextlib.ExitStack() as stack:
+        if resolved.is_file():
+            stack.enter_context(mounted("/etc/resolv.conf", resolved, bind=True, options=["ro"]))
+        else:
+            # A link into /run lands in the chroot's tmpfs; anything else is on
+            # the image, and removed again with the directories made for it.
+            made = _make_missing_dirs(resolved.parent)
+            resolved.write_text(host_text)
+            stack.callback(_remove_made, resolved, made)
+        log.debug("chroot resolver for the package step: %s (link %s)", resolved,
+                  os.readlink(link) if link.is_symlink() else "none")
+        yield
+
+
+def _make_missing_dirs(directory: Path) -> list[Path]:
+    made: list[Path] = []
+    for parent in [*reversed(directory.parents), directory]:
+        if not parent.exists():
+            parent.mkdir()
+            made.append(parent)
+    return made
+
+
+def _remove_made(file: Path, directories: Sequence[Path]) -> None:
+    file.unlink(missing_ok=True)
+    for directory in reversed(directories):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 @contextlib.contextmanager
@@ -301,11 +342,50 @@ def install_bootloader(ctx: FixContext) -> None:
     with _grub2_device_map(ctx, disk):
         for command in fixes.bootloader_install_commands(ctx.layout, ctx.plan, disk):
             ctx.chroot("bootloader-install", command.argv, input=command.input, timeout=600)
-        for argv in fixes.bootloader_config_commands(ctx.layout):
-            ctx.chroot("bootloader-install", argv, timeout=600)
+        with os_prober_hidden(ctx.root, report):
+            for argv in fixes.bootloader_config_commands(ctx.layout):
+                ctx.chroot("bootloader-install", argv, timeout=600, env={"GRUB_DISABLE_OS_PROBER": "true"})
     _pin_grub_root(ctx)
     report.changed(f"{bootloader.get('kind')} installed to the image's MBR"
                    + (f"; {bootloader['config_path']} regenerated" if bootloader.get("config_path") else ""))
+    _point_grub_pc_at_virtio(ctx)
+
+
+@contextlib.contextmanager
+def os_prober_hidden(root: Path, report: StepReport) -> Iterator[None]:
+    """grub-mkconfig without os-prober: in the chroot it would list the conversion
+    host's own disks (bound /dev) as other systems to boot. The image's script is
+    covered by a bind mount of a no-op for this run only, so the image keeps its
+    own file, whatever its /etc/default/grub says about GRUB_DISABLE_OS_PROBER."""
+    script = resolve_in_root(root, fixes.OS_PROBER_SCRIPT)
+    if not script.is_file():
+        yield
+        return
+    # In the chroot's /run: a tmpfs of this run, gone with it.
+    stub = resolve_in_root(root, "/run/p2v-os-prober-off")
+    stub.write_text("#!/bin/sh\n# p2v: no other systems on a converted server's menu\nexit 0\n")
+    stub.chmod(0o755)
+    report.commands.append(f"(hidden for grub-mkconfig: {fixes.OS_PROBER_SCRIPT})")
+    with mounted(str(stub), script, bind=True, options=["ro"]):
+        yield
+
+
+def _point_grub_pc_at_virtio(ctx: FixContext) -> None:
+    """grub-pc's debconf answer names the disks its upgrades install boot code to."""
+    report = ctx.report("bootloader-install")
+    command = fixes.debconf_install_device_command(ctx.layout, ctx.plan)
+    if command is None or not _is_installed(ctx, "grub-pc"):
+        return
+    before = question_value(read_text_in_root(ctx.root, CONFIG_DAT) or "", fixes.GRUB_PC_INSTALL_DEVICES)
+    if before == fixes.VIRTIO_BOOT_DISK:
+        return
+    ctx.chroot("bootloader-install", command.argv, input=command.input, timeout=120)
+    after = question_value(read_text_in_root(ctx.root, CONFIG_DAT) or "", fixes.GRUB_PC_INSTALL_DEVICES)
+    if after != fixes.VIRTIO_BOOT_DISK:
+        raise P2VError(f"debconf {fixes.GRUB_PC_INSTALL_DEVICES} is {after!r} after debconf-set-selections, "
+                       f"not {fixes.VIRTIO_BOOT_DISK}", hint=f"see {CONFIG_DAT} in the image and the fix log")
+    report.changed(f"debconf {fixes.GRUB_PC_INSTALL_DEVICES}: {before or '(unset)'} -> {fixes.VIRTIO_BOOT_DISK} "
+                   "(grub-pc upgrades install to the virtio disk)")
 
 
 @contextlib.contextmanager

@@ -161,8 +161,15 @@ def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
     os.replace(partial, target)
 
 
-def stage_tasks(stage: Stage, specs: Sequence[Spec]) -> Iterator[dict[str, Any]]:
-    """One doit group per stage, one subtask per host, chained by files."""
+def stage_tasks(stage: Stage, specs: Sequence[Spec], after: Stage | None = None) -> Iterator[dict[str, Any]]:
+    """One doit group per stage, one subtask per host, chained by files.
+
+    `after` is the stage before this one in pipeline order. Files already order
+    most stages, but two stages that read the same input (report and upload
+    both read verified.stamp) would otherwise be scheduled side by side by
+    `doit -n N`, and one would fail on the other's host lock. A task_dep orders
+    them without making the later stage depend on the earlier one's content.
+    """
     yield {"basename": stage.name, "name": None, "doc": stage.doc}
     for spec in specs:
         state.register_host(spec.host, spec.state_dir)
@@ -172,6 +179,7 @@ def stage_tasks(stage: Stage, specs: Sequence[Spec]) -> Iterator[dict[str, Any]]
             "doc": f"{stage.doc} ({spec.host})",
             "actions": [(run_stage, [stage, spec])],
             "file_dep": [str(spec.artifact(name)) for name in stage.inputs],
+            "task_dep": [f"{after.name}:{spec.host}"] if after is not None else [],
             "targets": [str(spec.artifact(name)) for name in (stage.target, *stage.outputs)],
             "uptodate": [config_changed(dict(stage.config(spec)))],
             "clean": True,

@@ -25,6 +25,8 @@ import pytest
 import yaml
 
 from tasks.lib.bootcheck import boot_check
+from tasks.lib.debconf import CONFIG_DAT, question_value
+from tasks.lib.fixes import GRUB_PC_INSTALL_DEVICES, VIRTIO_BOOT_DISK
 from tasks.lib.manifest import build_manifest
 from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import chroot_binds
@@ -178,7 +180,14 @@ def test_grub_config_names_no_loop_device_and_the_new_root(converted: dict[str, 
     with image_tree(workdir / "disk.img", plan, converted["project"] / "mnt-grub") as tree:
         grub_cfg = (tree / "boot/grub/grub.cfg").read_text()
         fstab = (tree / "etc/fstab").read_text()
+        debconf = (tree / CONFIG_DAT.lstrip("/")).read_text()
     assert "/dev/loop" not in grub_cfg
+    # grub-mkconfig ran without os-prober (nothing of the conversion host), and
+    # grub-pc's upgrades will install to the virtio disk.
+    prober = grub_cfg.partition("### BEGIN /etc/grub.d/30_os-prober ###")[2].partition("### END")[0]
+    assert prober.strip() == "", prober
+    if plan.firmware != "uefi":
+        assert question_value(debconf, GRUB_PC_INSTALL_DEVICES) == VIRTIO_BOOT_DISK
     assert f"root=UUID={plan.filesystem('/').uuid}" in grub_cfg
     for fs in plan.filesystems:
         assert (fs.uuid and fs.uuid in fstab) or f"LABEL={fs.label}" in fstab

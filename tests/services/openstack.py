@@ -192,6 +192,7 @@ class OpenStackServices:
         self.log = log
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.timing: Timing | None = None
+        self.reused = False  # start() found both services up and answering
 
     # -- paths and state
 
@@ -261,6 +262,17 @@ class OpenStackServices:
         after_venv = time.monotonic()
         state = self._state()
         fresh = not state.get("bootstrapped") or state.get("venv") != str(venv)
+        if not fresh and self.healthy():
+            # A second `bin/demo`, or a second clone sharing the cache: the
+            # services this state dir started are up and answer, so use them.
+            self.reused = True
+            self.timing = Timing(venv=after_venv - started, bootstrap=0.0, start=time.monotonic() - after_venv)
+            return self.timing
+        self.reused = False
+        if not fresh:
+            # Half up, or up but not answering: start both again from their state.
+            for name in reversed(SERVICES):
+                self.stop_service(name, kill=True)
         if fresh:
             self._wipe()
             self._configure(venv)
@@ -281,6 +293,19 @@ class OpenStackServices:
         self.timing = Timing(venv=after_venv - started, bootstrap=after_setup - after_venv,
                              start=after_start - after_setup)
         return self.timing
+
+    def healthy(self) -> bool:
+        """Both services of this state dir are running and answer their health URLs."""
+        state = self._state()
+        for name in SERVICES:
+            pid = state.get("pids", {}).get(name)
+            if not pid or not _alive(int(pid)) or _http_status(self._health_url(name)) != 200:
+                return False
+        return True
+
+    def _health_url(self, name: str) -> str:
+        port = int(self._state()["ports"][name])
+        return f"http://127.0.0.1:{port}/v3" if name == "keystone" else f"http://127.0.0.1:{port}/healthcheck"
 
     def stop(self) -> None:
         for name in reversed(SERVICES):
@@ -359,8 +384,7 @@ class OpenStackServices:
     def _wait_ready(self, name: str) -> None:
         state = self._state()
         pid = int(state["pids"][name])
-        port = int(state["ports"][name])
-        url = f"http://127.0.0.1:{port}/v3" if name == "keystone" else f"http://127.0.0.1:{port}/healthcheck"
+        url = self._health_url(name)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if not _alive(pid):
@@ -685,16 +709,26 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - bin/openst
                         help="where configs, databases, images and logs live (default: %(default)s)")
     args = parser.parse_args(argv)
     services = OpenStackServices(args.state_dir, log=lambda text: print(text, file=sys.stderr))
-    if args.command == "start":
+    try:
+        return _command(services, args.command)
+    except (ServiceError, OSError) as error:
+        # One line for the operator; the logs named in it have the rest.
+        print(f"openstack-services {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _command(services: OpenStackServices, command: str) -> int:  # pragma: no cover - bin/openstack-services
+    if command == "start":
         started = time.monotonic()
         services.start()
-        print(f"keystone {services.auth_url}  glance {services.glance_url}  "
-              f"(ready in {time.monotonic() - started:.1f} s; logs {services.log_dir})", file=sys.stderr)
+        how = "already running, reused" if services.reused else f"ready in {time.monotonic() - started:.1f} s"
+        print(f"keystone {services.auth_url}  glance {services.glance_url}  ({how}; logs {services.log_dir})",
+              file=sys.stderr)
         print(services.clouds_yaml)
-    elif args.command == "stop":
+    elif command == "stop":
         services.stop()
         print("stopped", file=sys.stderr)
-    elif args.command == "status":
+    elif command == "status":
         for name, text in services.status().items():
             print(f"{name}: {text}")
         return 0 if all(t.startswith("running") for t in services.status().values()) else 3

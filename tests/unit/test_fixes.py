@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,60 @@ def _tree_snapshot(top: Path, exclude: Path) -> dict[str, str]:
         for name in names:
             out[os.path.join(directory, name)] = _fingerprint(Path(directory, name))
     return out
+
+
+# ---------------------------------------------------------------- grubenv that cannot hold the new kernelopts
+
+
+def _rhel8_style(root: Path, kernelopts: str) -> None:
+    """The rhel9 tree as RHEL 8 has it: entries say `options $kernelopts`, grubenv holds the value."""
+    entries = root / "boot" / "loader" / "entries"
+    for entry in entries.glob("*.conf"):
+        text = entry.read_text()
+        entry.write_text(re.sub(r"^options .*$", "options $kernelopts $tuned_params", text, flags=re.MULTILINE))
+    head = "# GRUB Environment Block\n"
+    body = head + f"saved_entry=x\nkernelopts={kernelopts}\n"
+    assert len(body.encode()) <= 1024
+    (root / "boot" / "grub2" / "grubenv").write_text(body + "#" * (1024 - len(body.encode())))
+
+
+def test_a_grubenv_too_small_for_the_new_kernelopts_is_a_finding_and_the_entries_carry_them(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    lay, plan, policy = build("rhel9-nm", root)
+    old = "root=/dev/mapper/rhel-root ro crashkernel=auto rd.lvm.lv=rhel/root rd.lvm.lv=rhel/swap rhgb quiet"
+    # Padding arguments that fill the block so that the longer new value cannot fit.
+    filler = " ".join(f"p2v.pad{n}=0123456789abcdef" for n in range(32)) + " p2v.tail=1234567"  # 1020 bytes
+    _rhel8_style(root, f"{old} {filler}")
+    lay = tree_layout("rhel9-nm", root)
+    edits = plan_edits(RootTreeReader(root), lay, plan, policy)
+    findings = [f.message for f in edits.findings if f.step == "bootloader-config"]
+    assert any("do not fit its 1024-byte block" in m and "grubenv keeps the old value" in m for m in findings), \
+        findings
+    written = {e.path: e.text for e in edits.edits if e.text is not None}
+    assert "/boot/grub2/grubenv" not in written  # the block is left as it was, and the finding says so
+    entries = [path for path in written if path.startswith("/boot/loader/entries/")]
+    assert entries
+    for path in entries:
+        options = next(line for line in written[path].splitlines() if line.startswith("options "))
+        assert "$kernelopts" not in options
+        assert f"root=UUID={plan.filesystem('/').uuid}" in options.split()
+        assert not any(word.startswith("rd.lvm.lv=") for word in options.split())
+        assert "p2v.pad0=0123456789abcdef" in options.split()
+    # What the verify stage expects the kernel to get is what the entries now say.
+    assert f"root=UUID={plan.filesystem('/').uuid}" in edits.kernel_cmdline
+    for edit in edits.edits:
+        apply_edit(root, edit)
+    again = plan_edits(RootTreeReader(root), lay, plan, policy)
+    assert again.edits == ()
+
+
+def test_a_grubenv_that_fits_is_rewritten_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    lay, plan, policy = build("rhel9-nm", root)
+    _rhel8_style(root, "root=/dev/mapper/rhel-root ro rd.lvm.lv=rhel/root")
+    lay = tree_layout("rhel9-nm", root)
+    edits = plan_edits(RootTreeReader(root), lay, plan, policy)
+    assert not any("1024-byte block" in f.message for f in edits.findings)
+    grubenv = next(e.text for e in edits.edits if e.path == "/boot/grub2/grubenv")
+    assert grubenv is not None and len(grubenv.encode()) == 1024
+    assert f"kernelopts=root=UUID={plan.filesystem('/').uuid} ro" in grubenv

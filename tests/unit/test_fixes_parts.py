@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lib.fixes import choose_kernel, service_commands
-from tasks.lib.fixes.bootconfig import rewrite_grubenv
+from tasks.lib.fixes.bootconfig import GrubenvOverflow, rewrite_grubenv
 from tasks.lib.fixes.cmdline import CmdlineTarget, rewrite_args
 from tasks.lib.fixes.network import drop_netplan_macs, drop_networkd_macs, drop_udev_rules
 from tasks.lib.fixes.text import set_shell_var
@@ -52,6 +52,11 @@ def test_grubenv_keeps_its_block_size():
     assert "kernelopts=root=UUID=r ro net.ifnames=0 biosdevname=0 console=tty0 console=ttyS0,115200n8\n" in new
     assert "saved_entry=x\n" in new
     assert rewrite_grubenv("# GRUB Environment Block\n" + "#" * 999, TARGET) is None
+    full = "# GRUB Environment Block\nkernelopts=root=/dev/sda1 " + "x" * 960 + "\n"
+    with pytest.raises(GrubenvOverflow) as overflow:
+        rewrite_grubenv(full + "#" * (1024 - len(full)), TARGET)
+    assert overflow.value.size == 1024 and overflow.value.needed > 1024
+    assert overflow.value.kernelopts == ("root=/dev/sda1", "x" * 960)
 
 
 def test_udev_rules_keep_other_rules_and_go_when_empty():

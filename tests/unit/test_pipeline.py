@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,3 +133,42 @@ def test_a_second_run_on_the_same_host_is_refused(tmp_path: Path) -> None:
     assert "first:web1: another p2v run is working on host web1" in refused.stdout
     assert not (tmp_path / "project" / "work" / "web1" / "first.txt").exists()
     assert doit(run_dir, spec_dir, "convert:web1", dodo=TOY_DODO).returncode == 0
+
+
+OVERLAP_DODO = Path(__file__).parent / "data" / "dodo_overlap.py"
+
+
+def _events(workdir: Path) -> list[tuple[float, str, str]]:
+    events = []
+    for line in (workdir / "events.txt").read_text().splitlines():
+        stamp, what, stage = line.split()
+        events.append((float(stamp), what, stage))
+    return events
+
+
+def test_stages_of_one_host_never_meet_on_its_lock_in_a_parallel_batch(tmp_path: Path) -> None:
+    """doit -n 2 --continue, as an operator's batch runs: a slow report beside a fast upload."""
+    spec_dir = make_project(tmp_path / "project", ["web1"])
+    workdir = tmp_path / "project" / "work" / "web1"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    batch = doit(run_dir, spec_dir, "-n", "2", "--continue", "convert:web1", dodo=OVERLAP_DODO)
+    assert batch.returncode == 0, batch.stdout + batch.stderr
+    assert "another p2v run" not in batch.stdout + batch.stderr
+    events = _events(workdir)
+    report_end = next(t for t, what, stage in events if (what, stage) == ("end", "report"))
+    upload_start = next(t for t, what, stage in events if (what, stage) == ("start", "upload"))
+    assert upload_start >= report_end, events
+    assert (workdir / "report.txt").exists() and (workdir / "uploaded.txt").exists()
+
+
+def test_the_overlap_test_does_force_an_overlap(tmp_path: Path) -> None:
+    """Without the ordering, the same batch fails on the lock: the test above proves something."""
+    spec_dir = make_project(tmp_path / "project", ["web1"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    batch = doit(run_dir, spec_dir, "-n", "2", "--continue", "convert:web1", dodo=OVERLAP_DODO,
+                 env={"P2V_TEST_UNORDERED": "1"})
+    assert batch.returncode != 0
+    # Whichever of the two starts second fails (the seed's CI saw report fail).
+    assert re.search(r"(report|upload):web1: another p2v run is working on host web1", batch.stdout), batch.stdout

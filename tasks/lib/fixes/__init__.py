@@ -21,7 +21,15 @@ from typing import Any
 
 from tasks.lib.fixes.apply import apply_edit
 from tasks.lib.fixes.bootconfig import cmdline_target, fix_bootloader_config
-from tasks.lib.fixes.commands import bootloader_config_commands, bootloader_install_commands, service_commands
+from tasks.lib.fixes.commands import (
+    GRUB_PC_INSTALL_DEVICES,
+    OS_PROBER_SCRIPT,
+    VIRTIO_BOOT_DISK,
+    bootloader_config_commands,
+    bootloader_install_commands,
+    debconf_install_device_command,
+    service_commands,
+)
 from tasks.lib.fixes.fstab import fix_fstab, rewrite_fstab
 from tasks.lib.fixes.guest import CLOUD_INIT_CONFIG, fix_cloud_init, fix_selinux
 from tasks.lib.fixes.initrd import (
@@ -48,6 +56,9 @@ from tasks.lib.spec import FixPolicy
 
 __all__ = [
     "CLOUD_INIT_CONFIG",
+    "GRUB_PC_INSTALL_DEVICES",
+    "OS_PROBER_SCRIPT",
+    "VIRTIO_BOOT_DISK",
     "VIRTIO_MODULES",
     "Command",
     "EditPlan",
@@ -58,6 +69,7 @@ __all__ = [
     "bootloader_config_commands",
     "bootloader_install_commands",
     "choose_kernel",
+    "debconf_install_device_command",
     "expected_initrd_drivers",
     "initrd_check_command",
     "initrd_commands",

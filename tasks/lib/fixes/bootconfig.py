@@ -88,13 +88,19 @@ def mkconfig_cmdline(default_grub: str, target: CmdlineTarget) -> tuple[str, ...
             *values.get("GRUB_CMDLINE_LINUX_DEFAULT", "").split())
 
 
-def rewrite_bls_entry(text: str, target: CmdlineTarget, boot_moved: bool) -> str:
+def rewrite_bls_entry(text: str, target: CmdlineTarget, boot_moved: bool,
+                      inline_kernelopts: tuple[str, ...] | None = None) -> str:
+    """`inline_kernelopts`: grubenv's kernelopts, to write in place of `$kernelopts`
+    where grubenv cannot hold the new value (see GrubenvOverflow)."""
     out: list[str] = []
     for line in text.splitlines():
         indent = line[: len(line) - len(line.lstrip())]
         keyword, _, rest = line.strip().partition(" ")
         if keyword == "options":
             words = rest.split()
+            if inline_kernelopts is not None and "$kernelopts" in words:
+                at = words.index("$kernelopts")
+                words[at:at + 1] = inline_kernelopts
             from_env = "$kernelopts" in words  # RHEL 8: the arguments live in grubenv
             words = list(rewrite_args(words, target, primary=not from_env, set_root=not from_env))
             line = f"{indent}options {' '.join(words)}"
@@ -105,11 +111,22 @@ def rewrite_bls_entry(text: str, target: CmdlineTarget, boot_moved: bool) -> str
     return text if new.rstrip("\n") == text.rstrip("\n") else new
 
 
+class GrubenvOverflow(Exception):
+    """The rewritten grubenv does not fit the block grub rewrites in place."""
+
+    def __init__(self, needed: int, size: int, kernelopts: tuple[str, ...]):
+        super().__init__(f"{needed} bytes needed, {size} available")
+        self.needed = needed
+        self.size = size
+        self.kernelopts = kernelopts  # the value as the source had it
+
+
 def rewrite_grubenv(text: str, target: CmdlineTarget) -> str | None:
     """grubenv with `kernelopts` rewritten, padded to its block size; None when it has none.
 
     grubenv is a fixed-size block (1024 bytes) that grub itself rewrites in
-    place: the new text must keep that size exactly.
+    place: the new text must keep that size exactly. GrubenvOverflow when it
+    cannot: the caller must not leave the old kernelopts in use silently.
     """
     values = parse_grubenv(text)
     if "kernelopts" not in values:
@@ -120,7 +137,7 @@ def rewrite_grubenv(text: str, target: CmdlineTarget) -> str | None:
     lines = [f"kernelopts={' '.join(args)}" if line.startswith("kernelopts=") else line for line in body.split("\n")]
     new = "\n".join(lines)
     if len(new.encode()) > size:
-        return None
+        raise GrubenvOverflow(len(new.encode()), size, tuple(values["kernelopts"].split()))
     return new + "#" * (size - len(new.encode()))
 
 
@@ -163,10 +180,20 @@ def _fix_grub2(changes: Changes, tree: TreeReader, boot: Bootloader, target: Cmd
     if not boot.bls:
         return cmdline
     env: dict[str, str] = {}
+    inline: tuple[str, ...] | None = None
     if boot.grubenv_file:
         grubenv = tree.read(boot.grubenv_file)
         if grubenv is not None:
-            new_env = rewrite_grubenv(grubenv, target)
+            try:
+                new_env = rewrite_grubenv(grubenv, target)
+            except GrubenvOverflow as overflow:
+                # The old kernelopts would still boot the old root: the entries
+                # carry the arguments themselves, and the receipt says so.
+                new_env = None
+                inline = overflow.kernelopts
+                changes.note(f"{boot.grubenv_file}: the new kernelopts do not fit its {overflow.size}-byte block "
+                             f"({overflow.needed} bytes needed); grubenv keeps the old value, and the BLS entries "
+                             "carry the new arguments in place of $kernelopts")
             if new_env is not None:
                 changes.write(boot.grubenv_file, new_env, "kernelopts: the same arguments as the BLS entries")
                 grubenv = new_env
@@ -178,8 +205,10 @@ def _fix_grub2(changes: Changes, tree: TreeReader, boot: Bootloader, target: Cmd
         entry = tree.read(path)
         if entry is None:
             continue
-        new = rewrite_bls_entry(entry, target, boot_moved)
-        changes.write(path, new, "BLS entry options: new root/resume, no LVM/md arguments, serial console")
+        new = rewrite_bls_entry(entry, target, boot_moved, inline)
+        changes.write(path, new, "BLS entry options: new root/resume, no LVM/md arguments, serial console"
+                      + ("; the arguments written in place of $kernelopts" if inline and "$kernelopts" in entry
+                         else ""))
         values = parse_bls_entry(new)
         if values.get("version", [""])[0] == kernel or values.get("linux", [""])[0].endswith(f"vmlinuz-{kernel}"):
             cmdline = expand_grub_vars(values.get("options", []), env)

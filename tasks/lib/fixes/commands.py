@@ -42,6 +42,25 @@ def bootloader_install_commands(layout: Mapping[str, Any], plan: DiskPlan, disk_
                    hint="install grub on the server, then rerun inspect:<host>")
 
 
+# grub-mkconfig's script that lists other operating systems: in the chroot it
+# would find the conversion host's own disks (its /dev is bound in), so the fix
+# stage hides it for that run.
+OS_PROBER_SCRIPT = "/etc/grub.d/30_os-prober"
+# Where Nova attaches an image's disk on virtio-blk (hw_disk_bus=virtio).
+VIRTIO_BOOT_DISK = "/dev/vda"
+GRUB_PC_INSTALL_DEVICES = "grub-pc/install_devices"
+
+
+def debconf_install_device_command(layout: Mapping[str, Any], plan: DiskPlan) -> Command | None:
+    """Debian's grub-pc reinstalls boot code on upgrades to the disks its debconf
+    answer names: the physical server's disk id, which the cloud does not have.
+    Point it at the virtio disk; None where grub-pc's answer does not apply."""
+    system = describe(layout)
+    if system.os.family != "debian" or system.bootloader.kind != "grub2" or plan.firmware == "uefi":
+        return None
+    return Command(("debconf-set-selections",), f"grub-pc {GRUB_PC_INSTALL_DEVICES} multiselect {VIRTIO_BOOT_DISK}\n")
+
+
 def bootloader_config_commands(layout: Mapping[str, Any]) -> list[list[str]]:
     """grub2: regenerate grub.cfg from /etc/default/grub; grub legacy: [] (its file is edited)."""
     boot = describe(layout).bootloader
