@@ -16,6 +16,7 @@ from tasks.lib.pipeline import Stage, convert_tasks, stage_tasks
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.plan import plan_tasks
+from tasks.pxe import pxe_tasks
 
 SPEC_DIR = Path(os.environ.get("P2V_SPECS", PROJECT_DIR / "specs")).resolve()
 
@@ -58,3 +59,8 @@ def task_convert() -> Iterator[dict[str, Any]]:
 def task_plan() -> Iterator[dict[str, Any]]:
     """show the target disk plan, source -> target (writes nothing)"""
     yield from plan_tasks(SPECS)
+
+
+def task_pxe() -> Iterator[dict[str, Any]]:
+    """render the PXE network's DHCP, TFTP, HTTP and NFS files (live path)"""
+    yield from pxe_tasks(SPECS)

@@ -423,5 +423,5 @@ STAGE = Stage(
     target="layout.json",
     inputs=(),
     run=inspect_host,
-    config=lambda spec: {"source": [spec.source.disks, spec.source.root], "layout_version": LAYOUT_VERSION},
+    config=lambda spec: {"source": [spec.source.identity, spec.source.root], "layout_version": LAYOUT_VERSION},
 )

@@ -7,6 +7,7 @@ Every error is one line: `<file>: <field path>: <what was expected>`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -44,14 +45,41 @@ class Source:
     devices: tuple[str, ...] = ()
     images: tuple[Path, ...] = ()
     root: str | None = None
+    # PXE live path: ("auto",) or stable disk names (by-id, serial:, wwn:),
+    # resolved to device nodes only by the live system on the server.
+    live_disks: tuple[str, ...] = ()
 
     @property
     def live(self) -> bool:
         return bool(self.devices)
 
     @property
+    def pxe(self) -> bool:
+        return bool(self.live_disks)
+
+    @property
     def disks(self) -> tuple[str, ...]:
+        if self.pxe and not self.devices:
+            raise P2VError("the source's disks (source.disks) are the server's own: they are reachable only "
+                           "from the live system on the server",
+                           hint="PXE-boot the server (`doit pxe` renders its boot files); "
+                                "stages that read the source run there")
         return self.devices or tuple(str(p) for p in self.images)
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What names the source in doit's state: the same on the infra side and in the live system."""
+        return self.live_disks or self.disks
+
+
+@dataclass(frozen=True)
+class LivePolicy:
+    """The PXE live path (see tasks/pxe.py and live/)."""
+
+    mac: str | None = None  # lower case, colon-separated
+    address: str | None = None
+    debug: bool = False
+    last_stage: str = "upload"
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,7 @@ class Spec:
     verify: bool = True
     shutdown: bool = True
     description: str = ""
+    live: LivePolicy = field(default_factory=LivePolicy)
 
     @property
     def state_dir(self) -> Path:
@@ -125,9 +154,18 @@ class Spec:
 
 
 @cache
-def _schema() -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+def _schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(path.read_text())
     return schema
+
+
+def validate(data: Any, schema_path: Path, shown: str) -> None:
+    """Check a document against its schema; the first error, as one SpecError line."""
+    validator = jsonschema.Draft202012Validator(_schema(schema_path))
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        field_path, message = _describe(errors[0])
+        raise SpecError(shown, field_path, message)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -198,7 +236,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _read_yaml(path: Path, shown: str) -> Any:
+def read_yaml(path: Path, shown: str) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -223,8 +261,12 @@ def _resolve(path_text: str, base: Path) -> Path:
 def _check_source(file: Path, source: Mapping[str, Any], base: Path) -> Source:
     devices = source.get("devices", [])
     images = source.get("images", [])
-    if bool(devices) == bool(images):
-        raise SpecError(file, "source", "expected exactly one of source.devices (live) or source.images (offline)")
+    live_disks = source.get("disks", [])
+    if sum(bool(kind) for kind in (devices, images, live_disks)) != 1:
+        raise SpecError(file, "source", "expected exactly one of source.devices (disks this machine sees), "
+                        "source.images (offline) or source.disks (PXE live path)")
+    if live_disks:
+        return Source(live_disks=("auto",) if live_disks == "auto" else tuple(live_disks), root=source.get("root"))
     for index, device in enumerate(devices):
         try:
             mode = os.stat(device).st_mode
@@ -248,20 +290,16 @@ def _check_source(file: Path, source: Mapping[str, Any], base: Path) -> Source:
 def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
     """Load and validate one spec file; raise SpecError naming file and field."""
     host = path.name.rsplit(".", 1)[0]
-    shown = _shown(path, base)
+    shown = shown_path(path, base)
     if not HOST_NAME.match(host):
         raise SpecError(
             shown, "(file name)",
             f"host name {host!r} must be one lower-case DNS label: a-z, 0-9 and '-', at most 63 characters",
         )
-    data = _read_yaml(path, shown)
+    data = read_yaml(path, shown)
     if data is None:
         data = {}
-    validator = jsonschema.Draft202012Validator(_schema())
-    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-    if errors:
-        field_path, message = _describe(errors[0])
-        raise SpecError(shown, field_path, message)
+    validate(data, SCHEMA_PATH, shown)
     source = _check_source(Path(shown), data["source"], base)
     target = data.get("target", {})
     if target.get("compress") and target.get("format", "raw") != "qcow2":
@@ -269,7 +307,7 @@ def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
     fix = data.get("fix", {})
     cloud_init = fix.get("cloud_init", {})
     glance = data.get("glance", {})
-    workdir = _resolve(data.get("workdir", f"work/{host}"), base)
+    workdir = _resolve(data.get("workdir", _default_workdir(host, source, base)), base)
     return Spec(
         host=host,
         path=path.resolve(),
@@ -297,7 +335,34 @@ def parse_spec(path: Path, base: Path = PROJECT_DIR) -> Spec:
         verify=data.get("verify", True),
         shutdown=data.get("live", {}).get("shutdown", True),
         description=data.get("description", ""),
+        live=_check_live(shown, data.get("live", {}), source),
     )
+
+
+def _default_workdir(host: str, source: Source, base: Path) -> str:
+    """work/<host>; for a PXE-booted server, its directory in the site's NFS work area,
+    which its live system mounts at the same path."""
+    if not source.pxe:
+        return f"work/{host}"
+    from tasks.lib.site import load_site  # the site matters to PXE hosts alone
+
+    return str(load_site(base=base).host_work_dir(host))
+
+
+def _check_live(shown: str, live: Mapping[str, Any], source: Source) -> LivePolicy:
+    if source.pxe:
+        for key in ("mac", "address"):
+            if key not in live:
+                raise SpecError(shown, f"live.{key}", "required for a PXE-booted server (source.disks)")
+    address = live.get("address")
+    if address is not None:
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            raise SpecError(shown, "live.address", f"{address!r} is not an IPv4 address") from None
+    mac = live.get("mac")
+    return LivePolicy(mac=mac.lower() if mac else None, address=address, debug=live.get("debug", False),
+                      last_stage=live.get("last_stage", "upload"))
 
 
 def _package_source(file: Path, shown: str, text: str, base: Path) -> str:
@@ -312,7 +377,7 @@ def _package_source(file: Path, shown: str, text: str, base: Path) -> str:
     return str(directory)
 
 
-def _shown(path: Path, base: Path) -> str:
+def shown_path(path: Path, base: Path) -> str:
     try:
         return str(path.resolve().relative_to(base.resolve()))
     except ValueError:
@@ -336,8 +401,9 @@ def load_specs(spec_dir: Path, base: Path | None = None) -> list[Spec]:
     for path in spec_files(spec_dir):
         spec = parse_spec(path, base)
         if spec.host in specs:
-            other = _shown(specs[spec.host].path, base)
-            raise SpecError(_shown(path, base), "(file name)", f"duplicate host {spec.host!r}: also defined by {other}")
+            other = shown_path(specs[spec.host].path, base)
+            raise SpecError(shown_path(path, base), "(file name)",
+                            f"duplicate host {spec.host!r}: also defined by {other}")
         specs[spec.host] = spec
     _check_shared_resources(list(specs.values()), base)
     return list(specs.values())
@@ -348,12 +414,16 @@ def _check_shared_resources(specs: list[Spec], base: Path) -> None:
     owners: dict[str, Spec] = {}
     for spec in specs:
         claims = [("workdir", str(spec.workdir))]
+        # One server, one boot NIC and one reserved address: DHCP and the NFS
+        # export would otherwise hand one host's work to another.
+        claims += [("live.mac", f"mac {spec.live.mac}")] if spec.live.mac else []
+        claims += [("live.address", f"address {spec.live.address}")] if spec.live.address else []
         claims += [(f"source.images[{i}]", str(p)) for i, p in enumerate(spec.source.images)]
         claims += [(f"source.devices[{i}]", os.path.realpath(d)) for i, d in enumerate(spec.source.devices)]
         for field_path, key in claims:
             if key in owners and owners[key] is not spec:
                 raise SpecError(
-                    _shown(spec.path, base), field_path,
-                    f"{key} is also used by host {owners[key].host!r} ({_shown(owners[key].path, base)})",
+                    shown_path(spec.path, base), field_path,
+                    f"{key} is also used by host {owners[key].host!r} ({shown_path(owners[key].path, base)})",
                 )
             owners[key] = spec

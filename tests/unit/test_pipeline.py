@@ -58,7 +58,7 @@ def test_list_all_shows_every_stage_and_host(tmp_path: Path) -> None:
             assert f"{stage.name}:{host}" in names
     groups = doit(PROJECT_DIR, spec_dir, "list")
     group_names = {line.split()[0] for line in groups.stdout.splitlines() if line.strip()}
-    assert group_names == {"convert", "plan", *(s.name for s in STAGES)}
+    assert group_names == {"convert", "plan", "pxe", *(s.name for s in STAGES)}
 
 
 def test_state_lives_in_each_workdir_and_reruns_do_nothing(tmp_path: Path) -> None:

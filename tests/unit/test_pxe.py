@@ -1,0 +1,212 @@
+"""`doit pxe`: the PXE network's files rendered from the site and the specs (golden files),
+the specs' live fields refused with one line when wrong, and the deploy tree written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.pxe import LIVE_FILES, render_deploy
+from tasks.lib.runner import P2VError
+from tasks.lib.site import load_site, pxe_specs
+from tasks.lib.spec import PROJECT_DIR, SpecError, load_specs
+from tasks.pxe import deploy
+
+GOLDEN = Path(__file__).parent / "data" / "pxe"
+
+SITE = """\
+server: 192.0.2.1
+network: 192.0.2.0/24
+router: 192.0.2.254
+interface: br-p2v
+http_port: 8080
+work_area: {work_area}
+deploy_dir: /srv/p2v/pxe
+"""
+
+SPECS = {
+    "web1": """\
+description: an old web server
+source:
+  disks: auto
+live:
+  mac: "52:54:00:AA:00:01"
+  address: 192.0.2.21
+fix:
+  cloud_init:
+    source: distro
+""",
+    "db2": """\
+source:
+  disks:
+    - /dev/disk/by-id/wwn-0x5000c500a1b2c3d4
+    - serial:Z1D2E3F4
+live:
+  mac: "52:54:00:aa:00:02"
+  address: 192.0.2.22
+  debug: true
+  last_stage: fix
+""",
+    "images1": "source:\n  images: [disk.img]\n",  # not a PXE host: no files for it
+}
+
+
+def project(tmp_path: Path, specs: dict[str, str] = SPECS, site: str = SITE,
+            work_area: str = "/srv/p2v/work") -> tuple[Path, Path]:
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir(parents=True)
+    (tmp_path / "disk.img").write_bytes(b"\0" * 512)
+    for host, text in specs.items():
+        (spec_dir / f"{host}.yaml").write_text(text)
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(site.format(work_area=work_area))
+    return spec_dir, site_file
+
+
+@pytest.fixture
+def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    site_file = tmp_path / "site.yaml"
+    monkeypatch.setenv("P2V_SITE", str(site_file))
+    return site_file
+
+
+def test_rendered_files_match_the_golden_files(tmp_path: Path, site_env: Path) -> None:
+    spec_dir, _ = project(tmp_path)
+    site = load_site(site_env, base=tmp_path)
+    files = render_deploy(site, pxe_specs(site, load_specs(spec_dir)))
+    if os.environ.get("P2V_REGENERATE_PXE"):
+        for relative, text in files.items():
+            path = GOLDEN / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    golden = {str(p.relative_to(GOLDEN)): p.read_text() for p in sorted(GOLDEN.rglob("*")) if p.is_file()}
+    assert sorted(files) == sorted(golden)
+    for relative, text in files.items():
+        assert text == golden[relative], relative
+
+
+def test_rendered_values_say_what_the_specs_say(tmp_path: Path, site_env: Path) -> None:
+    spec_dir, _ = project(tmp_path)
+    site = load_site(site_env, base=tmp_path)
+    files = render_deploy(site, pxe_specs(site, load_specs(spec_dir)))
+    assert "dhcp-host=52:54:00:aa:00:01,192.0.2.21,web1" in files["dnsmasq.conf"]
+    assert "dhcp-range=192.0.2.0,static,255.255.255.0,12h" in files["dnsmasq.conf"]
+    web1 = files["http/ipxe/52-54-00-aa-00-01.ipxe"]
+    assert "root=live:http://192.0.2.1:8080/live/squashfs.img" in web1
+    assert "p2v.host=web1 p2v.work=192.0.2.1:/srv/p2v/work/web1" in web1
+    assert "p2v.debug=1" not in web1 and "p2v.debug=1" in files["http/ipxe/52-54-00-aa-00-02.ipxe"]
+    assert files["tftp/pxelinux.cfg/01-52-54-00-aa-00-01"].count("APPEND ") == 1
+    ganesha = files["ganesha.conf"]
+    assert ganesha.count("EXPORT {") == 2 and "Clients = 192.0.2.21;" in ganesha
+    assert "/srv/p2v/work/db2 192.0.2.22(rw,sync,no_root_squash,no_subtree_check)" in files["exports"]
+    assert "images1" not in "".join(files.values())
+
+
+def test_a_pxe_host_works_in_its_directory_of_the_work_area(tmp_path: Path, site_env: Path) -> None:
+    spec_dir, _ = project(tmp_path)
+    specs = {s.host: s for s in load_specs(spec_dir)}
+    assert specs["web1"].workdir == Path("/srv/p2v/work/web1")
+    assert specs["web1"].source.pxe and not specs["images1"].source.pxe
+    assert specs["db2"].source.identity == ("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4", "serial:Z1D2E3F4")
+    assert specs["web1"].live.mac == "52:54:00:aa:00:01"
+    with pytest.raises(P2VError, match="reachable only from the live system"):
+        _ = specs["web1"].source.disks
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    ({"web1": SPECS["web1"], "web2": SPECS["web1"]},
+     r"^specs/web2.yaml: live.mac: mac 52:54:00:aa:00:01 is also used by host 'web1' \(specs/web1.yaml\)$"),
+    ({"web1": SPECS["web1"], "web2": SPECS["web1"].replace("AA:00:01", "AA:00:09")},
+     r"^specs/web2.yaml: live.address: address 192.0.2.21 is also used by host 'web1' \(specs/web1.yaml\)$"),
+    ({"web1": SPECS["web1"].replace("52:54:00:AA:00:01", "52:54:00:AA:00")},
+     r"^specs/web1.yaml: live.mac: '52:54:00:AA:00' does not match the expected form"),
+    ({"web1": SPECS["web1"].replace("52:54:00:AA:00:01", "52-54-00-aa-00-01")},
+     r"^specs/web1.yaml: live.mac: '52-54-00-aa-00-01' does not match the expected form"),
+    ({"web1": "source:\n  disks: auto\nlive:\n  address: 192.0.2.21\n"},
+     r"^specs/web1.yaml: live.mac: required for a PXE-booted server \(source.disks\)$"),
+    ({"web1": SPECS["web1"].replace("192.0.2.21", "192.0.2.300")},
+     r"^specs/web1.yaml: live.address: '192.0.2.300' is not an IPv4 address$"),
+    ({"web1": "source:\n  disks: [/dev/sda]\nlive: {mac: '52:54:00:aa:00:01', address: 192.0.2.21}\n"},
+     r"^specs/web1.yaml: source.disks\[0\]: '/dev/sda' does not match the expected form"),
+    ({"web1": "source:\n  disks: all\nlive: {mac: '52:54:00:aa:00:01', address: 192.0.2.21}\n"},
+     r"^specs/web1.yaml: source.disks: 'all' does not match the expected form"),
+])
+def test_bad_live_fields_are_one_line_naming_file_and_field(tmp_path: Path, site_env: Path,
+                                                          specs: dict[str, str], message: str) -> None:
+    spec_dir, _ = project(tmp_path, specs)
+    with pytest.raises(SpecError, match=message) as error:
+        load_specs(spec_dir)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("192.0.2.21", "198.51.100.21"), r"live.address: 198.51.100.21 is not a host address of the PXE network"),
+    (("192.0.2.21", "192.0.2.1"), r"live.address: 192.0.2.1 is the infra server's own address"),
+])
+def test_addresses_must_fit_the_site(tmp_path: Path, site_env: Path, change: tuple[str, str], message: str) -> None:
+    spec_dir, _ = project(tmp_path, {"web1": SPECS["web1"].replace(*change)})
+    site = load_site(site_env, base=tmp_path)
+    with pytest.raises(SpecError, match=rf"^specs/web1.yaml: {message}"):
+        pxe_specs(site, load_specs(spec_dir))
+
+
+@pytest.mark.parametrize(("site", "message"), [
+    (SITE.replace("server: 192.0.2.1", "server: 198.51.100.1"), "server: 198.51.100.1 is not in the PXE network"),
+    (SITE.replace("network: 192.0.2.0/24", "network: 192.0.2.0"), "network: '192.0.2.0' does not match"),
+    (SITE.replace("http_port: 8080", "http_port: 0"), "http_port: 0 is out of range"),
+    (SITE + "tftp: yes\n", "tftp: unknown key"),
+])
+def test_a_bad_site_is_one_line(tmp_path: Path, site_env: Path, site: str, message: str) -> None:
+    project(tmp_path, {}, site=site)
+    with pytest.raises(SpecError, match=rf"^site.yaml: {message}"):
+        load_site(site_env, base=tmp_path)
+
+
+def test_deploy_writes_the_tree_and_each_hosts_spec(tmp_path: Path, site_env: Path) -> None:
+    work_area = tmp_path / "area"
+    spec_dir, _ = project(tmp_path, work_area=str(work_area))
+    site_env.write_text(site_env.read_text().replace("/srv/p2v/pxe", str(tmp_path / "deploy")))
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in LIVE_FILES:
+        (live / name).write_bytes(name.encode())
+    site = load_site(site_env, base=tmp_path)
+    specs = pxe_specs(site, load_specs(spec_dir))
+    counts = deploy(site, specs, live)
+    deployed = tmp_path / "deploy"
+    assert counts["hosts"] == 2 and counts["changed"] == counts["files"] + 2
+    assert (deployed / "tftp/pxelinux.0").is_file() and (deployed / "tftp/ldlinux.c32").is_file()
+    assert (deployed / "http/live/squashfs.img").read_bytes() == b"squashfs.img"
+    assert (deployed / "tftp/live/vmlinuz").read_bytes() == b"vmlinuz"
+    assert not (deployed / "tftp/live/squashfs.img").exists()
+    assert (work_area / "web1/spec/web1.yaml").read_text() == SPECS["web1"]
+    assert (work_area / "web1/spec/web1.yaml").stat().st_mode & 0o777 == 0o600
+    # Again: nothing changes. Then db2's spec goes: its boot files go with it.
+    assert deploy(site, specs, live)["changed"] == 0
+    (spec_dir / "db2.yaml").unlink()
+    again = deploy(site, pxe_specs(site, load_specs(spec_dir)), live)
+    assert again["removed"] == 2
+    assert not (deployed / "http/ipxe/52-54-00-aa-00-02.ipxe").exists()
+    assert "52:54:00:aa:00:02" not in (deployed / "dnsmasq.conf").read_text()
+
+
+def test_doit_pxe_without_a_live_system_is_one_line(tmp_path: Path) -> None:
+    spec_dir, site_file = project(tmp_path, {"web1": SPECS["web1"]})
+    env = {**os.environ, "P2V_SPECS": str(spec_dir), "P2V_SITE": str(site_file)}
+    env.pop("P2V_LIVE_DIR", None)
+    result = subprocess.run([sys.executable, "-m", "doit", "pxe"], cwd=PROJECT_DIR, env=env, capture_output=True,
+                            text=True, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "pxe: no live system to serve" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_dnsmasq_accepts_the_rendered_config() -> None:
+    result = subprocess.run(["dnsmasq", "--test", f"--conf-file={GOLDEN / 'dnsmasq.conf'}"], capture_output=True,
+                            text=True, check=False, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "syntax check OK" in result.stderr
