@@ -27,6 +27,9 @@ from tasks.lib.runner import P2VError
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = PROJECT_DIR / "tasks" / "schemas" / "spec.schema.json"
 
+# Set by the live runner (live/runner.py): the server's disks for source.disks, in order.
+LIVE_DISKS_ENV = "P2V_LIVE_DISKS"
+
 # One DNS label, lower case: host names become directory names and doit task
 # names (`inspect:<host>`), so no dots, colons, slashes or upper case.
 HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -266,7 +269,14 @@ def _check_source(file: Path, source: Mapping[str, Any], base: Path) -> Source:
         raise SpecError(file, "source", "expected exactly one of source.devices (disks this machine sees), "
                         "source.images (offline) or source.disks (PXE live path)")
     if live_disks:
-        return Source(live_disks=("auto",) if live_disks == "auto" else tuple(live_disks), root=source.get("root"))
+        names = ("auto",) if live_disks == "auto" else tuple(live_disks)
+        # In the live system, its runner has resolved the names to this boot's
+        # device nodes (tasks/lib/livehost.py); elsewhere they stay names.
+        nodes = tuple(filter(None, os.environ.get(LIVE_DISKS_ENV, "").split(",")))
+        for node in nodes:
+            if not os.path.exists(node) or not stat.S_ISBLK(os.stat(node).st_mode):
+                raise SpecError(file, "source.disks", f"{node} ({LIVE_DISKS_ENV}) is not a block device")
+        return Source(live_disks=names, devices=nodes, root=source.get("root"))
     for index, device in enumerate(devices):
         try:
             mode = os.stat(device).st_mode
