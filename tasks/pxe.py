@@ -87,6 +87,7 @@ def deploy(site: Site, specs: Sequence[Spec], live: Path) -> dict[str, int]:
             if str(path.relative_to(deploy_dir)) not in files and not path.name.endswith(".partial"):
                 path.unlink()
                 stale += 1
+    (deploy_dir / "ganesha-recovery").mkdir(parents=True, exist_ok=True)
     for name, source in PXELINUX_FILES.items():
         if not source.is_file():
             raise P2VError(f"{source} is missing", hint="apt-get install pxelinux syslinux-common (bin/install)")
