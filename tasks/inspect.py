@@ -3,7 +3,9 @@
     inspect:<host>  ->  <workdir>/layout.json
 
 Attach the disks read-only, discover partitions, filesystems, md and LVM,
-find the root by its /etc/fstab, mount the tree the way that fstab says,
+read every filesystem that was not shut down cleanly through a throw-away
+overlay with its journal replayed (tasks/lib/replay.py), find the root by
+its /etc/fstab, mount the tree the way that fstab says,
 describe the OS, and write a deterministic, versioned layout.json
 (tasks/schemas/layout.schema.json) that every later stage plans from.
 """

@@ -30,6 +30,7 @@ journal.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -68,7 +69,8 @@ def replay_mount_options(fstype: str) -> list[str]:
 
 
 def _slug(device: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", device)
+    """A file name for a device name, unique (lv:a-b/c and lv:a/b-c differ)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", device) + "-" + hashlib.sha256(device.encode()).hexdigest()[:6]
 
 
 def _kernel_log() -> list[str]:

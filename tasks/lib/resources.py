@@ -295,7 +295,7 @@ def _process_gone(pid: int) -> bool:
     return stat_line.rpartition(")")[2].split()[0] == "Z"  # a zombie holds nothing any more
 
 
-def stop_daemon(daemon: StaleDaemon, timeout: float = 10.0) -> None:
+def _stop_daemon(daemon: StaleDaemon, timeout: float = 10.0) -> None:
     """SIGTERM (qemu flushes and unmounts its export), SIGKILL if it does not go."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
         with contextlib.suppress(ProcessLookupError):
@@ -355,7 +355,7 @@ def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path |
         released.append(f"loop {loop}")
     held: list[str] = []
     for daemon in _stale_daemons(run_dir):
-        stop_daemon(daemon)
+        _stop_daemon(daemon)
         released.append(f"qemu-storage-daemon {daemon.pid}")
         for loop in daemon.held_loops:
             while loop and loop not in loops and loop not in held:
@@ -363,6 +363,8 @@ def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path |
                 loop = _backing_loop(loop)
     for export in stale_exports:
         run(["umount", "-l", export], check=False)
+        with contextlib.suppress(OSError):
+            Path(export).unlink()  # the empty file the export was mounted on
         released.append(f"export {export}")
     for loop in held:  # the source under an overlay: free once its daemon is gone
         detach_loop(loop)

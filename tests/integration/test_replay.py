@@ -358,23 +358,42 @@ with inspect.reachable_source(spec) as (discovery, devices):
 """
 
 
-def test_release_stale_frees_what_a_killed_replay_left(server: tuple[Path, Path], tmp_path: Path) -> None:
-    images = list(server)
-    spec = images_spec(tmp_path, "powercut-killed", images)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "specs")], cwd=PROJECT_DIR,
+def kill_during_replay(spec: Spec, images: list[Path]) -> None:
+    """A process that reaches the source (both journals replayed) and is SIGKILLed: no cleanup at all."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(spec.path.parent)], cwd=PROJECT_DIR,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().split() == ["disk1p1", "disk2p1"]
     finally:
-        os.kill(holder.pid, signal.SIGKILL)  # no cleanup at all: daemons, exports, loops and overlays stay
+        os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     left = leftovers(spec, images)
-    assert sum(line.startswith("process ") for line in left) == 2
+    assert sum(line.startswith("process ") for line in left) == 2  # the daemons live on
     assert sum(line.startswith("file ") and line.endswith(".qcow2") for line in left) == 2
+
+
+def test_the_next_stage_frees_what_a_killed_replay_left(server: tuple[Path, Path], tmp_path: Path) -> None:
+    images = list(server)
+    spec = images_spec(tmp_path, "powercut-killed", images)
+    kill_during_replay(spec, images)
+    # The next stage of the host releases all of it first (pipeline -> release_stale), then works as usual.
+    assert run_stage(inspect.STAGE, spec) is None
+    released = next(line for line in (spec.log_dir / "inspect.log").read_text().splitlines()
+                    if "released what an interrupted run left" in line)
+    assert released.count("qemu-storage-daemon ") == 2 and released.count(".qcow2") == 2, released
+    assert leftovers(spec, images) == []
+    assert json.loads(spec.artifact("layout.json").read_text())["root"] == "disk1p1"
+
+
+def test_release_stale_frees_a_killed_replay(server: tuple[Path, Path], tmp_path: Path) -> None:
+    images = list(server)
+    spec = images_spec(tmp_path, "powercut-killed2", images)
+    kill_during_replay(spec, images)
     released = release_stale(spec.run_dir, [], scratch_dir=spec.scratch_dir)
     assert sum(item.startswith("qemu-storage-daemon ") for item in released) == 2
     deadline = time.monotonic() + 10
     while leftovers(spec, images) and time.monotonic() < deadline:
         time.sleep(0.2)  # a loop released with autoclear goes when its last holder has exited
     assert leftovers(spec, images) == []
+    assert sorted(path.name for path in spec.run_dir.iterdir()) == []  # no pid file, no export file
