@@ -7,7 +7,8 @@ overlay is exported as a plain file by qemu-storage-daemon (FUSE), attached
 to a loop device like any image, mounted, edited, released; then qemu boots
 the overlay. disk.img is opened read-only the whole time, and the overlay is
 deleted afterwards. (No NBD or device-mapper is needed, which this kernel
-lacks.)
+lacks.) Inspect and sync use the same parts to replay the journal of a source
+filesystem that was not shut down cleanly (tasks/lib/replay.py).
 """
 
 from __future__ import annotations
