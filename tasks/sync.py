@@ -5,9 +5,9 @@
 The source tree is mounted read-only as inspect found it (a filesystem that
 was not shut down cleanly through a throw-away overlay with its journal
 replayed, so that the copy and its check see what the source really holds:
-tasks/lib/replay.py), the target as the disk plan says; the copy engine (tasks/lib/copy.py) copies each source
-filesystem, proves the copy with a manifest of both trees, and its receipt is
-the stamp. A rerun after a failure or a kill continues the copy in the same
+tasks/lib/replay.py), the target as the disk plan says; the copy engine
+(tasks/lib/copy.py) copies each source filesystem, proves the copy with a
+manifest of both trees, and its receipt is the stamp. A rerun after a failure or a kill continues the copy in the same
 disk.img instead of starting over.
 
 A rerun with nothing to do (`doit forget sync:<host>`, a new stamp
