@@ -3,7 +3,9 @@
     inspect:<host>  ->  <workdir>/layout.json
 
 Attach the disks read-only, discover partitions, filesystems, md and LVM,
-find the root by its /etc/fstab, mount the tree the way that fstab says,
+read every filesystem that was not shut down cleanly through a throw-away
+overlay with its journal replayed (tasks/lib/replay.py), find the root by
+its /etc/fstab, mount the tree the way that fstab says,
 describe the OS, and write a deterministic, versioned layout.json
 (tasks/schemas/layout.schema.json) that every later stage plans from.
 """
@@ -16,7 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from tasks.lib import storage
 from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, source_kind
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
+from tasks.lib.replay import ReplayedFilesystem, replayed_journal
 from tasks.lib.resources import mounted, read_only_mount_options
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
@@ -32,7 +35,7 @@ from tasks.lib.system import combine_bootloader, describe_system, guess_boot_sec
 log = logging.getLogger("p2v.inspect")
 
 LAYOUT_FORMAT = "p2v-layout"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: filesystems[].needs_recovery
 OS_RELEASE_FILES = ("etc/os-release", "usr/lib/os-release", "etc/redhat-release", "etc/debian_version")
 
 
@@ -138,6 +141,8 @@ class Discovery:
     probes: dict[str, dict[str, str]]  # stable device name -> blkid probe
     lvm: dict[str, Any]
     md_arrays: list[dict[str, Any]]
+    # Filesystems read through a throw-away overlay with their journal replayed (tasks/lib/replay.py).
+    replayed: dict[str, ReplayedFilesystem] = field(default_factory=dict)
 
 
 def _scratch_dir(run_dir: Path, purpose: str) -> Path:
@@ -156,8 +161,17 @@ def scratch_dir(run_dir: Path, purpose: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def reachable_source(spec: Spec) -> Iterator[tuple[Discovery, storage.DeviceMap]]:
-    """Attach the spec's disks read-only and make every volume on them reachable."""
+def reachable_source(spec: Spec, *, replay: Mapping[str, str] | None = None
+                     ) -> Iterator[tuple[Discovery, storage.DeviceMap]]:
+    """Attach the spec's disks read-only and make every volume on them reachable.
+
+    Each filesystem whose journal holds changes not yet in place (not shut
+    down cleanly) is then reached through a throw-away overlay with the
+    journal replayed: its DeviceMap node is the replayed view, so every mount
+    of it sees what the source really holds. `replay` names the filesystems to
+    check (device -> how messages call it, its mountpoint); None checks every
+    filesystem found, {} none (sync's fingerprints read the real source).
+    """
     with contextlib.ExitStack() as stack:
         attached, devices = stack.enter_context(storage.attached_source(spec.source))
         disks = []
@@ -184,7 +198,21 @@ def reachable_source(spec: Spec) -> Iterator[tuple[Discovery, storage.DeviceMap]
         stack.enter_context(storage.activated_lvs(lvm, devices, config_dir))
         for lv in lvm["lvs"]:
             probes[lv["device"]] = storage.probe(devices.node(lv["device"]))
-        yield Discovery(disks=disks, probes=probes, lvm=lvm, md_arrays=md_arrays), devices
+        discovery = Discovery(disks=disks, probes=probes, lvm=lvm, md_arrays=md_arrays)
+        wanted = _filesystem_names(probes) if replay is None else sorted(set(replay) & set(_filesystem_names(probes)))
+        for name in wanted:
+            fstype = probes[name]["TYPE"]
+            reason = storage.unreplayed_journal(fstype, devices.node(name))
+            if reason is None:
+                continue
+            replayed = stack.enter_context(replayed_journal(
+                name, fstype, devices.node(name), reason, scratch_dir=spec.scratch_dir, run_dir=spec.run_dir,
+                called=(replay or {}).get(name, "")))
+            devices.nodes[name] = replayed.view
+            discovery.replayed[name] = replayed
+            # A label or UUID set just before the cut may be in the journal only.
+            probes[name] = storage.probe(replayed.view)
+        yield discovery, devices
 
 
 def _filesystem_names(probes: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -204,7 +232,8 @@ def measure_filesystems(
             node = devices.node(name)
             record: dict[str, Any] = {
                 "device": name, "type": fstype, "uuid": info.get("UUID", "").lower(), "label": info.get("LABEL", ""),
-                "size": storage.block_size(node), **storage.fs_features(fstype, node),
+                "size": storage.block_size(node), "needs_recovery": name in discovery.replayed,
+                **storage.fs_features(fstype, node),
             }
             with mounted(node, point, fstype=fstype, options=read_only_mount_options(fstype)):
                 usage = os.statvfs(point)
@@ -292,15 +321,30 @@ def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: stora
         yield tree
 
 
+@dataclass(frozen=True)
+class SourceView:
+    root: Path  # the server's tree, mounted read-only as its fstab says
+    replayed: tuple[ReplayedFilesystem, ...]  # filesystems in it read with their journal replayed
+
+
 @contextlib.contextmanager
-def source_tree(spec: Spec, layout: Mapping[str, Any]) -> Iterator[Path]:
+def source_tree(spec: Spec, layout: Mapping[str, Any]) -> Iterator[SourceView]:
     """The source tree, read-only, as inspect found it (for sync and later stages).
 
     Refuses to go on if a filesystem is not the one layout.json recorded:
-    the disks changed since inspect, and the layout must be made again.
+    the disks changed since inspect, and the layout must be made again. A
+    filesystem that needs recovery now is read with its journal replayed,
+    whatever inspect found: what counts is what the source holds now.
     """
     recorded = {fs["device"]: fs for fs in layout["filesystems"]}
-    with reachable_source(spec) as (discovery, devices):
+    mountpoints = {mount["device"]: mount["mountpoint"] for mount in layout["mounts"]}
+    with reachable_source(spec, replay=mountpoints) as (discovery, devices):
+        for device, point in sorted(mountpoints.items()):
+            if recorded[device]["needs_recovery"] != (device in discovery.replayed):
+                log.warning("%s (%s) %s", device, point,
+                            "needs recovery now but did not when inspected: the source ran since"
+                            if device in discovery.replayed
+                            else "needed recovery when inspected but not now: it was mounted read-write since")
         for mount in layout["mounts"]:
             found = discovery.probes.get(mount["device"], {})
             want = recorded[mount["device"]]
@@ -311,12 +355,16 @@ def source_tree(spec: Spec, layout: Mapping[str, Any]) -> Iterator[Path]:
                     hint=f"the source changed since inspect: remove layout.json and run inspect:{spec.host} again",
                 )
         with mounted_tree(spec, layout["mounts"], devices) as tree:
-            yield tree
+            yield SourceView(root=tree, replayed=tuple(discovery.replayed[d] for d in sorted(discovery.replayed)))
 
 
 def later_work(layout: Mapping[str, Any]) -> list[str]:
     """What fix and disk will have to handle, for the summary and the report."""
     notes = []
+    for fs in layout["filesystems"]:
+        if fs["needs_recovery"]:
+            notes.append(f"{fs['device']} ({fs.get('mountpoint') or 'not mounted'}, {fs['type']}) was not shut down "
+                         "cleanly: inspect read it with its journal replayed in a throw-away overlay")
     if layout["lvm"]["lvs"]:
         notes.append("LVM on the source: flatten drops it; rd.lvm.* arguments must go")
     if layout["md"]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
+from tasks.inspect import LAYOUT_FORMAT, LAYOUT_VERSION
 from tasks.lib import state
 from tasks.lib.plan import DiskPlan, plan_disk, render_plan
 from tasks.lib.runner import P2VError
@@ -33,8 +34,8 @@ def read_layout(path: Path) -> dict[str, Any]:
         raise P2VError(f"{path} does not exist", hint="run inspect:<host> first") from None
     except ValueError as error:
         raise P2VError(f"{path} is not valid JSON: {error}", hint="rerun inspect:<host>") from None
-    if not isinstance(data, dict) or data.get("format") != "p2v-layout" or data.get("version") != 1:
-        raise P2VError(f"{path} is not a p2v layout (version 1)", hint="rerun inspect:<host>")
+    if not isinstance(data, dict) or data.get("format") != LAYOUT_FORMAT or data.get("version") != LAYOUT_VERSION:
+        raise P2VError(f"{path} is not a p2v layout (version {LAYOUT_VERSION})", hint="rerun inspect:<host>")
     return data
 
 

@@ -41,6 +41,9 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
         f"initrd by {(system.get('initrd') or {}).get('tool')}",
         f"- disks: {len(layout.get('disks', []))}; used: {_mib(int(layout.get('used_bytes', 0)))}",
         f"- mounts: {', '.join(m['mountpoint'] + ' (' + m['fstype'] + ')' for m in layout.get('mounts', []))}",
+        *[f"- not shut down cleanly: {fs['device']} ({fs.get('mountpoint') or 'not mounted'}, {fs['type']}); "
+          "inspect read it with its journal replayed in a throw-away overlay"
+          for fs in layout.get("filesystems", []) if fs.get("needs_recovery")],
         "",
         "## Target disk",
         "",
@@ -55,6 +58,9 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
         "",
         f"- {copy.get('files', '?')} entries, {_mib(int(copy.get('bytes', 0)))}, in {sync.get('seconds', '?')} s; "
         f"manifest of both trees equal (digest `{str(copy.get('manifest_digest', ''))[:16]}`)",
+        *[f"- journal replayed: {fs['device']} ({fs['mountpoint']}, {fs['fstype']}) was not shut down cleanly; it "
+          "was copied and verified from a throw-away overlay in which the kernel replayed its journal (the source "
+          "was not written)" for fs in copy.get("journal_replayed", [])],
         "",
         "## Fix",
         "",

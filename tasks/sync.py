@@ -2,10 +2,12 @@
 
     sync:<host>  layout.json + disk-plan.json  ->  rootfs-synced.stamp
 
-The source tree is mounted read-only as inspect found it, the target as the
-disk plan says; the copy engine (tasks/lib/copy.py) copies each source
-filesystem, proves the copy with a manifest of both trees, and its receipt is
-the stamp. A rerun after a failure or a kill continues the copy in the same
+The source tree is mounted read-only as inspect found it (a filesystem that
+was not shut down cleanly through a throw-away overlay with its journal
+replayed, so that the copy and its check see what the source really holds:
+tasks/lib/replay.py), the target as the disk plan says; the copy engine
+(tasks/lib/copy.py) copies each source filesystem, proves the copy with a
+manifest of both trees, and its receipt is the stamp. A rerun after a failure or a kill continues the copy in the same
 disk.img instead of starting over.
 
 A rerun with nothing to do (`doit forget sync:<host>`, a new stamp
@@ -21,10 +23,12 @@ after a verified copy:
   read-write mount changes (see fingerprint()), and the stat of disk.img
   after it was let go, with the copy's receipt. Why it is a proof is told at
   write_stage_seal(). Written only when every source filesystem can be
-  fingerprinted (ext2/3/4, xfs) and did not change during the run.
+  fingerprinted (ext2/3/4, xfs; not one that needs recovery) and did not
+  change during the run.
 
 The stamp's receipt says which way the copy was proved ("verified_by":
-"manifests", "seal" or "stage seal").
+"manifests", "seal" or "stage seal"), and which filesystems were read with
+their journal replayed ("journal_replayed").
 
 The stamp depends on disk-plan.json rather than on disk.img: later stages
 write into disk.img, and that must not make the copy run again. A new disk
@@ -38,17 +42,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tasks.disk import supports_direct_io
 from tasks.inspect import reachable_source, source_tree
+from tasks.lib import storage
 from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tree, target_matches_seal
 from tasks.lib.paths import resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan
+from tasks.lib.replay import ReplayedFilesystem
 from tasks.lib.runner import CommandError, P2VError, run
 from tasks.lib.spec import Spec
 from tasks.lib.target import MountedTarget, mounted_target
@@ -115,38 +121,39 @@ def fingerprint(node: str, fstype: str) -> str | None:
     read-write mount writes to the log and moves its head, and the superblock
     LSN and counters on unmount; while mounted read-write the log is dirty.
     So: no fingerprint for a filesystem that is mounted read-write now (or
-    was not cleanly unmounted), and an equal fingerprint later means no
-    read-write mount in between. Other filesystem types: None.
+    was not cleanly unmounted: then sync reads it with its journal replayed,
+    tasks/lib/replay.py, and no stage seal vouches for that copy), and an
+    equal fingerprint later means no read-write mount in between. Other
+    filesystem types: None.
     """
     try:
         if fstype in ("ext2", "ext3", "ext4"):
-            fields = {}
-            for line in run(["tune2fs", "-l", node]).stdout.splitlines():
-                name, colon, value = line.partition(":")
-                if colon:
-                    fields[name.strip()] = value.strip()
-            if "needs_recovery" in fields.get("Filesystem features", "").split() \
-                    or fields.get("Filesystem state") != "clean":
+            fields = storage.tune2fs_fields(node)
+            if storage.ext_needs_recovery(fields) or fields.get("Filesystem state") != "clean":
                 return None
             text = "\n".join(f"{name}: {fields.get(name, '')}" for name in _EXT_FIELDS)
         elif fstype == "xfs":
             superblock = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print uuid icount ifree fdblocks lsn", node]).stdout
-            log_state = [line.strip() for line in run(["xfs_logprint", "-t", node]).stdout.splitlines()
-                         if line.strip().startswith("log tail:")]
-            if len(log_state) != 1 or not log_state[0].endswith("state: <CLEAN>"):
+            log_state = storage.xfs_log_state(node)
+            if not storage.xfs_log_is_clean(log_state):
                 return None
-            text = superblock + log_state[0]
+            text = superblock + log_state
         else:
             return None
-    except CommandError as error:
+    except P2VError as error:  # CommandError included
         log.info("no fingerprint of %s (%s): %s", node, fstype, error)
         return None
     return f"{fstype}:sha256:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def source_fingerprints(spec: Spec, layout: Mapping[str, Any]) -> dict[str, str] | None:
-    """Each source filesystem's fingerprint, read with the disks attached read-only and nothing mounted."""
-    with reachable_source(spec) as (_discovery, devices):
+    """Each source filesystem's fingerprint, read with the disks attached read-only and nothing mounted.
+
+    Read from the real source, never from a replayed overlay (replay={}): a
+    filesystem that needs recovery has none, so its copy is never vouched for
+    by a stage seal.
+    """
+    with reachable_source(spec, replay={}) as (_discovery, devices):
         found = {}
         for mount in layout["mounts"]:
             value = fingerprint(devices.node(mount["device"]), mount["fstype"])
@@ -250,7 +257,8 @@ def sync_host(run_: StageRun) -> None:
     inputs = inputs_digest(run_)
     held = stage_seal_holds(spec, layout, image, inputs)
     if held is not None:
-        receipt = {**held["receipt"], "verified_by": "stage seal", "fast_path": True,
+        # A held seal means every source filesystem had a fingerprint: none needed recovery.
+        receipt = {**held["receipt"], "verified_by": "stage seal", "fast_path": True, "journal_replayed": [],
                    "seal": f"stage seal held (written {held['created']})", "bytes_transferred": 0,
                    "duration_seconds": round(time.monotonic() - started, 3), "copy_seconds": 0.0,
                    "verify_seconds": round(time.monotonic() - started, 3)}
@@ -264,8 +272,9 @@ def sync_host(run_: StageRun) -> None:
     vouched = False
     with source_tree(spec, layout) as source, \
             mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
+        replayed = journal_replayed(layout, source.replayed)
         result = copy_tree(
-            source, target.root, mountpoints,
+            source.root, target.root, mountpoints,
             log_file=spec.log_dir / "sync-copy.log",
             exclude_contents=contents_to_leave_behind(layout),
             swap_files=swap_files(layout),
@@ -274,10 +283,17 @@ def sync_host(run_: StageRun) -> None:
         )
         if before is not None and result.verified:
             vouched = sealed_target(target, plan, spec, layout)
-    receipt = result.receipt()
-    if vouched and before is not None and source_fingerprints(spec, layout) == before:
+    receipt = {**result.receipt(), "journal_replayed": replayed}
+    if vouched and before is not None and not replayed and source_fingerprints(spec, layout) == before:
         write_stage_seal(spec, inputs, before, image, receipt)
     write_stamp(run_, receipt, started)
+
+
+def journal_replayed(layout: Mapping[str, Any], replayed: Sequence[ReplayedFilesystem]) -> list[dict[str, str]]:
+    """The receipt's record of the filesystems copied from a replayed overlay (none: an empty list)."""
+    mountpoints = {mount["device"]: mount["mountpoint"] for mount in layout["mounts"]}
+    return [{"device": fs.device, "mountpoint": mountpoints[fs.device], "fstype": fs.fstype, "reason": fs.reason}
+            for fs in replayed]
 
 
 def write_stamp(run_: StageRun, receipt: Mapping[str, Any], started: float) -> None:
@@ -291,6 +307,9 @@ def write_stamp(run_: StageRun, receipt: Mapping[str, Any], started: float) -> N
     run_.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     log.info("synced %s files, %s bytes in %.1f s; manifest %s (verified by %s)", receipt.get("files"),
              receipt.get("bytes"), stamp["seconds"], receipt.get("manifest_digest"), receipt.get("verified_by"))
+    for fs in receipt.get("journal_replayed", []):
+        log.warning("%s (%s) was not shut down cleanly: copied with its journal replayed in a throw-away overlay; "
+                    "the source was not written", fs["device"], fs["mountpoint"])
 
 
 def _config(spec: Spec) -> dict[str, object]:

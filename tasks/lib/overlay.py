@@ -7,7 +7,8 @@ overlay is exported as a plain file by qemu-storage-daemon (FUSE), attached
 to a loop device like any image, mounted, edited, released; then qemu boots
 the overlay. disk.img is opened read-only the whole time, and the overlay is
 deleted afterwards. (No NBD or device-mapper is needed, which this kernel
-lacks.)
+lacks.) Inspect and sync use the same parts to replay the journal of a source
+filesystem that was not shut down cleanly (tasks/lib/replay.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ def create_overlay(image: Path, overlay: Path) -> None:
 
 
 @contextlib.contextmanager
-def fuse_export(overlay: Path, export: Path, *, timeout: float = 20) -> Iterator[Path]:
-    """Export a qcow2 file as a raw, writable file at `export` until the block exits."""
+def fuse_export(overlay: Path, export: Path, *, timeout: float = 20, pidfile: Path | None = None) -> Iterator[Path]:
+    """Export a qcow2 file as a raw, writable file at `export` until the block exits.
+
+    With `pidfile` (in the host's run dir) the daemon writes its pid there, so
+    that release_stale can stop it after a killed run: a daemon outlives the
+    stage that started it, and one whose export was unmounted spins.
+    """
     which("qemu-storage-daemon")
     size = _virtual_size(overlay)  # before the daemon holds the image's lock
     export.touch()
@@ -41,6 +47,7 @@ def fuse_export(overlay: Path, export: Path, *, timeout: float = 20) -> Iterator
         "--blockdev", f"driver=file,node-name=file0,filename={overlay}",
         "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
         "--export", f"type=fuse,id=export0,node-name=disk0,mountpoint={export},writable=on",
+        *(["--pidfile", str(pidfile)] if pidfile is not None else []),
     ]
     log.debug("+ %s", " ".join(argv))
     daemon = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -147,7 +147,8 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
 
 def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
     partial = target.with_name(target.name + ".partial")
-    released = release_stale(spec.run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial")])
+    released = release_stale(spec.run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial")],
+                             scratch_dir=spec.scratch_dir)
     if released:
         log.warning("released what an interrupted run left: %s", ", ".join(released))
     for stale in (target, *(spec.artifact(name) for name in stage.outputs)):

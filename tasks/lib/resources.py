@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -239,20 +240,93 @@ def _backing_loop(loop: str) -> str | None:
     return _loop_of(backing)
 
 
-def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
+def _loops_backed_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file lies below a directory (a FUSE export there, even a dead one)."""
+    text = output(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False)
+    prefix = str(directory).rstrip("/") + "/"
+    found = []
+    for line in text.splitlines():
+        name, _, backing = line.strip().partition(" ")
+        if backing.strip().startswith(prefix):
+            found.append(name)
+    return found
+
+
+@dataclass(frozen=True)
+class StaleDaemon:
+    pid: int
+    pidfile: Path
+    held_loops: tuple[str, ...]  # the loop devices it has open (the source under a replay overlay)
+
+
+def _stale_daemons(run_dir: Path) -> list[StaleDaemon]:
+    """The qemu-storage-daemons a killed run left: each one wrote `--pidfile <run_dir>/<name>.pid`.
+
+    A process counts only while its own command line names that pid file, so
+    a recycled pid is never taken for one of ours.
+    """
+    daemons = []
+    for pidfile in sorted(run_dir.glob("*.pid")) if run_dir.is_dir() else []:
+        try:
+            pid = int(pidfile.read_text().strip())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            pidfile.unlink(missing_ok=True)  # its process is gone
+            continue
+        if os.fsencode(pidfile) not in argv:
+            pidfile.unlink(missing_ok=True)
+            continue
+        held = []
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    loop = _loop_of(os.readlink(fd))
+                    if loop and loop not in held:
+                        held.append(loop)
+        daemons.append(StaleDaemon(pid=pid, pidfile=pidfile, held_loops=tuple(held)))
+    return daemons
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line.rpartition(")")[2].split()[0] == "Z"  # a zombie holds nothing any more
+
+
+def _stop_daemon(daemon: StaleDaemon, timeout: float = 10.0) -> None:
+    """SIGTERM (qemu flushes and unmounts its export), SIGKILL if it does not go."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _process_gone(daemon.pid):
+                daemon.pidfile.unlink(missing_ok=True)
+                return
+            time.sleep(0.05)
+    raise P2VError(f"qemu-storage-daemon (pid {daemon.pid}) of an interrupted run does not exit")
+
+
+def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path | None = None) -> list[str]:
     """Undo what a killed run of this host left behind; return what was released.
 
     A SIGKILLed stage cannot clean up after itself, so the next stage of the
     same host does, before it attaches anything (the same image mounted
     read-write twice would be corrupted). Released: every mount below the
     host's run directory, the loop devices under those mounts (and the loops
-    they sit on), and loops over the host's own images (disk.img). Loops of
-    other hosts and of other programs are never touched.
+    they sit on), loops over the host's own images (disk.img) and over files
+    in the run directory (FUSE exports), the qemu-storage-daemons that wrote a
+    pid file there with the source loops they held (a journal replay's
+    overlay sits on one), and last the throw-away files in `scratch_dir`
+    (the replay overlays). Loops of other hosts and of other programs are
+    never touched.
     """
     table = output(["findmnt", "--raw", "--noheadings", "--output", "FSTYPE,SOURCE,TARGET"], check=False)
     prefix = str(run_dir).rstrip("/") + "/"
     stale_mounts: list[tuple[str, str]] = []
-    # FUSE exports (verify's overlay) back loop devices: they go after the loops.
+    # FUSE exports (verify's and a replay's overlay) back loop devices: they go after the loops.
     stale_exports: list[str] = []
     for line in table.splitlines():
         fstype, _, rest = line.partition(" ")
@@ -271,6 +345,7 @@ def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
     backings: list[str | os.PathLike[str]] = [*own_images, *stale_exports]
     for backing in backings:
         loops += [loop for loop in loops_backed_by(backing) if loop not in loops]
+    loops += [loop for loop in _loops_backed_under(run_dir) if loop not in loops]
     released: list[str] = []
     for _, target in sorted(stale_mounts, key=lambda item: item[1].count("/"), reverse=True):
         unmount(target)
@@ -278,7 +353,24 @@ def release_stale(run_dir: Path, own_images: Sequence[Path]) -> list[str]:
     for loop in loops:  # offset loops before the loops they sit on
         detach_loop(loop)
         released.append(f"loop {loop}")
+    held: list[str] = []
+    for daemon in _stale_daemons(run_dir):
+        _stop_daemon(daemon)
+        released.append(f"qemu-storage-daemon {daemon.pid}")
+        for loop in daemon.held_loops:
+            while loop and loop not in loops and loop not in held:
+                held.append(loop)
+                loop = _backing_loop(loop)
     for export in stale_exports:
         run(["umount", "-l", export], check=False)
+        with contextlib.suppress(OSError):
+            Path(export).unlink()  # the empty file the export was mounted on
         released.append(f"export {export}")
+    for loop in held:  # the source under an overlay: free once its daemon is gone
+        detach_loop(loop)
+        released.append(f"loop {loop}")
+    if scratch_dir is not None and scratch_dir.is_dir():
+        for leftover in sorted(p for p in scratch_dir.iterdir() if p.is_file()):
+            leftover.unlink(missing_ok=True)
+            released.append(f"file {leftover}")
     return released

@@ -149,6 +149,11 @@ class Spec:
         return host_run_dir(self.host, self.workdir)
 
     @property
+    def scratch_dir(self) -> Path:
+        """Throw-away files of a run on the work area (a journal replay's overlay): emptied after a killed run."""
+        return self.state_dir / "scratch"
+
+    @property
     def log_dir(self) -> Path:
         return self.workdir / "logs"
 

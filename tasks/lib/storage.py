@@ -168,13 +168,53 @@ def lsblk_tree(nodes: Sequence[str]) -> list[dict[str, Any]]:
     return devices
 
 
-def ext_features(node: str) -> dict[str, Any]:
-    text = output(["tune2fs", "-l", node])
+def tune2fs_fields(node: str) -> dict[str, str]:
+    """An ext2/3/4 superblock as `tune2fs -l` prints it: field name -> value."""
     fields = {}
-    for line in text.splitlines():
+    for line in output(["tune2fs", "-l", node]).splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key.strip()] = value.strip()
+    return fields
+
+
+def xfs_log_state(node: str) -> str:
+    """The xfs log's head and tail as `xfs_logprint -t` finds them: `log tail: 2 head: 11 state: <DIRTY>`."""
+    lines = [line.strip() for line in output(["xfs_logprint", "-t", node]).splitlines()
+             if line.strip().startswith("log tail:")]
+    if len(lines) != 1:
+        raise P2VError(f"xfs_logprint -t {node} printed {len(lines)} log state lines, not one",
+                       hint="is the log external? p2v reads xfs with an internal log only")
+    return lines[0]
+
+
+def ext_needs_recovery(fields: Mapping[str, str]) -> bool:
+    return "needs_recovery" in fields.get("Filesystem features", "").split()
+
+
+def xfs_log_is_clean(state: str) -> bool:
+    return state.endswith("state: <CLEAN>")
+
+
+def unreplayed_journal(fstype: str, node: str) -> str | None:
+    """What says that the filesystem's journal holds changes not yet in place; None when it holds none.
+
+    Such changes (a file fsync'ed just before a power cut, a rename) are
+    missing from a `ro,noload` / `ro,norecovery` mount: only a journal replay
+    puts them where a reader finds them. ext3/4: the needs_recovery feature,
+    set while mounted read-write and cleared on a clean unmount; xfs: a log
+    whose head is not a clean unmount record.
+    """
+    if fstype in ("ext2", "ext3", "ext4"):
+        return "ext feature needs_recovery" if ext_needs_recovery(tune2fs_fields(node)) else None
+    if fstype == "xfs":
+        state = xfs_log_state(node)
+        return None if xfs_log_is_clean(state) else f"xfs {state}"
+    return None
+
+
+def ext_features(node: str) -> dict[str, Any]:
+    fields = tune2fs_fields(node)
     return {
         "features": sorted(fields.get("Filesystem features", "").split()),
         "block_size": int(fields.get("Block size", "0") or 0),

@@ -82,7 +82,7 @@ def tree_layout(host: str, root: Path) -> dict[str, Any]:
         source_kind_, value = source_kind(entry.spec)
         fs: dict[str, Any] = {"device": device, "type": entry.vfstype, "mountpoint": entry.file, "label": "",
                               "uuid": value if source_kind_ == "uuid" else _uuid(number),
-                              "size": 8 * GiB, "used_bytes": GiB, "used_inodes": 20000}
+                              "size": 8 * GiB, "used_bytes": GiB, "used_inodes": 20000, "needs_recovery": False}
         if entry.vfstype == "xfs":
             fs["features"] = dict(XFS_FEATURES)
         elif entry.vfstype.startswith("ext"):
@@ -92,7 +92,7 @@ def tree_layout(host: str, root: Path) -> dict[str, Any]:
                        "mountpoint": entry.file, "options": list(entry.options)})
     root_device = next(m["device"] for m in mounts if m["mountpoint"] == "/")
     return {
-        "format": "p2v-layout", "version": 1, "host": host,
+        "format": "p2v-layout", "version": 2, "host": host,
         "boot": {"bootloader": system.bootloader.kind, "firmware": system.bootloader.firmware},
         "filesystems": filesystems, "mounts": mounts, "fstab": fstab, "swaps": swaps,
         "lvm": {"lvs": lvs, "pvs": [], "vgs": []}, "md": [], "root": root_device,

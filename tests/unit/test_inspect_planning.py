@@ -175,3 +175,55 @@ def test_resolve_in_root_never_escapes(tmp_path: Path) -> None:
     assert read_text_in_root(root, "/etc/escape") is None
     assert read_text_in_root(root, "/etc/hostname") is None  # a loop to itself, inside the root
     assert resolve_in_root(root, "/../../etc") == root / "etc"
+
+
+# ---------------------------------------------------------------- recorded layouts, recovery
+
+
+def test_recorded_layouts_are_current_and_match_the_schema() -> None:
+    import json
+
+    import jsonschema
+
+    from tasks.inspect import LAYOUT_VERSION
+    from tasks.lib.spec import PROJECT_DIR
+    from tests.unit.layouts import LAYOUTS, layout
+
+    schema = json.loads((PROJECT_DIR / "tasks" / "schemas" / "layout.schema.json").read_text())
+    names = sorted(path.stem for path in LAYOUTS.glob("*.json"))
+    assert names
+    for name in names:
+        recorded = layout(name)
+        assert recorded["version"] == LAYOUT_VERSION, name
+        jsonschema.Draft202012Validator(schema).validate(recorded)
+
+
+def test_a_filesystem_that_needed_recovery_is_a_note_for_later() -> None:
+    from tasks.inspect import later_work
+    from tests.unit.layouts import layout
+
+    recorded = layout("plain-bookworm")
+    assert not [note for note in later_work(recorded) if "shut down" in note]
+    for fs in recorded["filesystems"]:
+        fs["needs_recovery"] = fs.get("mountpoint") == "/srv"
+    assert [note for note in later_work(recorded) if "shut down" in note] == [
+        "disk2p1 (/srv, xfs) was not shut down cleanly: inspect read it with its journal replayed in a throw-away "
+        "overlay"]
+
+
+@pytest.mark.parametrize(("features", "expected"), [
+    ("has_journal ext_attr needs_recovery extent", True),
+    ("has_journal ext_attr extent", False),
+    ("", False),
+])
+def test_ext_needs_recovery_reads_the_feature_list(features: str, expected: bool) -> None:
+    from tasks.lib.storage import ext_needs_recovery
+
+    assert ext_needs_recovery({"Filesystem features": features, "Filesystem state": "clean"}) is expected
+
+
+def test_xfs_log_is_clean_only_at_a_clean_unmount_record() -> None:
+    from tasks.lib.storage import xfs_log_is_clean
+
+    assert xfs_log_is_clean("log tail: 21 head: 21 state: <CLEAN>")
+    assert not xfs_log_is_clean("log tail: 2 head: 11 state: <DIRTY>")

@@ -121,3 +121,36 @@ def test_report_says_what_changed_and_what_was_checked() -> None:
     assert "| swap | FAILED: not active |" in text
     assert "a planner note" in text and "a \\| warning" in text
     assert "Debian GNU/Linux 12" in text
+
+
+def _report(lay: dict[str, object], sync: dict[str, object]) -> str:
+    fix = {"kernel": "6.1.0-50-amd64", "kernel_cmdline": ["ro"], "installed_packages": [], "steps": []}
+    return render_report("plain-bookworm", lay, completed_plan("plain-bookworm"), sync, fix, {"skipped": True})
+
+
+def test_report_says_journal_replayed_for_each_replayed_filesystem_and_only_those() -> None:
+    lay = layout("plain-bookworm")
+    for fs in lay["filesystems"]:
+        fs["needs_recovery"] = fs.get("mountpoint") in ("/", "/srv")
+    replayed = [{"device": "disk1p2", "mountpoint": "/", "fstype": "ext4", "reason": "ext feature needs_recovery"},
+                {"device": "disk2p1", "mountpoint": "/srv", "fstype": "xfs", "reason": "xfs log tail: 2 head: 11"}]
+    text = _report(lay, {"copy": {"files": 10, "bytes": 1 << 30, "journal_replayed": replayed}, "seconds": 3})
+    copy_lines = [line for line in text.splitlines() if line.startswith("- journal replayed: ")]
+    assert copy_lines == [
+        "- journal replayed: disk1p2 (/, ext4) was not shut down cleanly; it was copied and verified from a "
+        "throw-away overlay in which the kernel replayed its journal (the source was not written)",
+        "- journal replayed: disk2p1 (/srv, xfs) was not shut down cleanly; it was copied and verified from a "
+        "throw-away overlay in which the kernel replayed its journal (the source was not written)",
+    ]
+    assert "- not shut down cleanly: disk1p2 (/, ext4); inspect read it with its journal replayed" in text
+    assert "- not shut down cleanly: disk2p1 (/srv, xfs); inspect read it with its journal replayed" in text
+    assert "disk1p1 (/boot" not in text
+
+
+def test_report_claims_no_replay_that_did_not_happen() -> None:
+    lay = layout("plain-bookworm")
+    assert not any(fs["needs_recovery"] for fs in lay["filesystems"])
+    for sync in ({"copy": {"files": 10, "bytes": 1, "journal_replayed": []}, "seconds": 3},
+                 {"copy": {"files": 10, "bytes": 1}, "seconds": 3}):  # a stamp from before journal replay
+        text = _report(lay, sync)
+        assert "replayed" not in text and "not shut down cleanly" not in text
