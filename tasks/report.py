@@ -106,8 +106,8 @@ def _restored_flags(fix: Mapping[str, Any]) -> str:
     if not restored:
         return "none (no immutable or append-only entry on the source)"
     shown = ", ".join(f"{row['path']} ({row['flags']})" for row in restored[:10])
-    return f"{len(restored)} entries, read back: {shown}" + (f" and {len(restored) - 10} more"
-                                                              if len(restored) > 10 else "")
+    count = f"{len(restored)} entr{'y' if len(restored) == 1 else 'ies'}"
+    return f"{count}, read back: {shown}" + (f" and {len(restored) - 10} more" if len(restored) > 10 else "")
 
 
 def _cell(text: str) -> str:

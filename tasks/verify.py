@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import inodeflags
 from tasks.lib.bootcheck import BootCheckError, BootResult, boot_check, serial_tail
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.paths import read_text_in_root, write_text_in_root
@@ -276,6 +277,7 @@ def verification_overlay(spec: Spec, plan: DiskPlan, password: str) -> Iterator[
             mount_point.mkdir(exist_ok=True)
             with mounted(loop.partition(root_part.number), mount_point, fstype=root_fs.fstype,
                          options=target_mount_options(root_fs.fstype, True)):
+                _unlock_for_login(mount_point)
                 shadow = read_text_in_root(mount_point, "/etc/shadow")
                 if shadow is None:
                     raise P2VError("the image has no /etc/shadow, so verify cannot log in")
@@ -288,6 +290,15 @@ def verification_overlay(spec: Spec, plan: DiskPlan, password: str) -> Iterator[
         yield overlay
     finally:
         overlay.unlink(missing_ok=True)
+
+
+def _unlock_for_login(root: Path) -> None:
+    """An immutable /etc/shadow (a hardening some servers have, kept by the fix stage) in the throw-away
+    overlay only: the one-time password must go in; disk.img keeps its flags."""
+    for path in ("/etc", "/etc/shadow", "/etc/securetty"):
+        with inodeflags.open_entry(root, path) as fd:
+            if fd is not None and (inodeflags.get_raw(fd) or 0) & inodeflags.DEFERRED:
+                inodeflags.apply_flags(fd, 0, inodeflags.DEFERRED)
 
 
 def _stop_stale_daemons(run_dir: Path) -> None:

@@ -144,3 +144,28 @@ def test_report_says_what_changed_and_what_was_checked() -> None:
     assert "| swap | FAILED: not active |" in text
     assert "a planner note" in text and "a \\| warning" in text
     assert "Debian GNU/Linux 12" in text
+
+
+def test_report_says_what_became_of_swap_and_inode_flags() -> None:
+    from tests.unit.layouts import with_swap_file
+
+    lay = with_swap_file("plain-bookworm", size=256 << 20)
+    plan = plan_disk(lay, make_spec()).with_uuids({1: "11111111-2222-4333-8444-555555555501"})
+    copy = {"files": 10, "bytes": 1 << 30,
+            "inode_flags": {"entries": 3, "kept": {"d": 2, "A": 1},
+                            "pending": [{"path": "/etc/resolv.conf", "flags": "i"}],
+                            "dropped": [{"path": "/srv/x", "flags": "C", "reason": "Operation not supported"}]},
+            "warnings": ["inode flag C (no copy on write) not kept on 1 entry of the target (Operation not "
+                         "supported): /srv/x"]}
+    fix = {"steps": [], "inode_flags": {"restored": [{"path": "/etc/resolv.conf", "flags": "i"}]}}
+    text = render_report("x", lay, plan, {"copy": copy, "seconds": 3}, fix, {"skipped": True})
+    assert "- swap: the source had 256 MiB of swap in fstab; swap file /swap.img of 256 MiB (made by the fix " \
+           "stage)" in text
+    assert "- inode flags: 3 source entries have some; on the target: A on 1, d on 2; 1 immutable/append-only " \
+           "left to the fix stage; 1 the target filesystem does not keep (see the warnings)" in text
+    assert "- inode flags set last: 1 entry, read back: /etc/resolv.conf (i)" in text
+    assert "- inode flag C (no copy on write) not kept on 1 entry" in text
+    # Receipts of an older p2v do not say: neither does the report.
+    old = render_report("x", lay, plan, {"copy": {"files": 1, "bytes": 1}}, {"steps": []}, {"skipped": True})
+    assert "- inode flags: not recorded (a copy by an older p2v)" in old
+    assert "- inode flags set last: not recorded (a fix by an older p2v)" in old
