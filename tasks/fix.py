@@ -12,16 +12,22 @@ chroot, and a flat list of named steps runs, in this order:
     cloud-init-config  datasources ConfigDrive and OpenStack; kept network stays kept
     initrd-config      virtio modules for initramfs-tools, resume device
     selinux            autorelabel where labels may not have survived
+    swap-file          the planned swap file: zeros (not sparse), mode 0600, mkswap
     packages           cloud-init and the spec's extras, from the spec's package source
     cloud-init-clean   no instance state from the build
     services           the spec's hardware agents disabled
     initrd             regenerated non-hostonly; virtio drivers proven in it
     bootloader-install grub to the image's MBR, its config regenerated and checked
+    inode-flags        i (immutable) and a (append-only), as on the source: last, so
+                       that every step before could still write (tasks/lib/inodeflags.py)
 
 What to change is planned by pure functions (tasks/lib/fixes, tasks/lib/packages);
 this module carries it out. Every file edit goes through paths confined to the
 target root. Each step is idempotent: a second run finds nothing to do, or
-redoes a command whose output is the same (see `_initrd_is_current`).
+redoes a command whose output is the same (see `_initrd_is_current`). A
+second run first clears the i and a flags the first one set (the paths are in
+the image's conversion record and in the sync receipt), and sets them again
+at its end.
 The receipt (the stamp) lists what each step changed, and its warnings.
 """
 
@@ -42,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.disk import supports_direct_io
-from tasks.lib import fixes
+from tasks.lib import fixes, inodeflags
 from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import EditPlan
 from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
@@ -50,7 +56,7 @@ from tasks.lib.paths import RootTreeReader, read_text_in_root, remove_in_root, r
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import chroot_binds, mounted
-from tasks.lib.runner import P2VError, chroot_run
+from tasks.lib.runner import P2VError, chroot_run, run
 from tasks.lib.spec import Spec
 from tasks.lib.target import MountedTarget, mounted_target
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
@@ -58,7 +64,7 @@ from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 log = logging.getLogger("p2v.fix")
 
 STAMP_FORMAT = "p2v-fix-stamp"
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: steps swap-file and inode-flags
 SYNC_STAMP = "rootfs-synced.stamp"
 VIRTIO_DRIVERS = ("virtio_blk", "virtio_scsi", "virtio_pci", "virtio_net")
 # Inside the target: what p2v did, for the server's next administrator, and
@@ -67,7 +73,7 @@ CONVERSION_RECORD = "/var/lib/p2v/conversion.json"
 # The order steps run in; the spec's fix.skip may name any of them (for
 # diagnosis: verify then shows what the step was for).
 STEP_NAMES = ("fstab", "bootloader-config", "network", "cloud-init-config", "initrd-config", "selinux",
-              "packages", "cloud-init-clean", "services", "initrd", "bootloader-install")
+              "swap-file", "packages", "cloud-init-clean", "services", "initrd", "bootloader-install", "inode-flags")
 EDIT_STEPS = ("fstab", "bootloader-config", "network", "cloud-init-config", "initrd-config", "selinux")
 
 
@@ -97,6 +103,7 @@ class FixContext:
     edits: EditPlan
     reports: dict[str, StepReport] = field(default_factory=dict)
     installed_packages: list[str] = field(default_factory=list)
+    restored_flags: list[tuple[str, str]] = field(default_factory=list)  # (path, letters) set by inode-flags
 
     @property
     def root(self) -> Path:
@@ -265,6 +272,136 @@ def clean_cloud_init(ctx: FixContext) -> None:
     ctx.chroot("cloud-init-clean", ["cloud-init", "clean", "--logs"], timeout=300)
     if had_state:
         report.changed("removed cloud-init instance state and logs")
+
+
+SWAP_SIGNATURE = b"SWAPSPACE2"  # mkswap's v1 header ends the first 4 KiB page with it (x86_64)
+SWAP_PAGE = 4096
+
+
+def is_swap_area(path: Path, size: int) -> bool:
+    """Whether `path` is a regular file of `size` bytes with a swap signature (made by an earlier run)."""
+    try:
+        info = os.lstat(path)
+        if not os.path.isfile(path) or os.path.islink(path) or info.st_size != size:
+            return False
+        with open(path, "rb") as handle:
+            handle.seek(SWAP_PAGE - len(SWAP_SIGNATURE))
+            return handle.read(len(SWAP_SIGNATURE)) == SWAP_SIGNATURE
+    except OSError:
+        return False
+
+
+def make_swap_file(ctx: FixContext) -> None:
+    """The plan's swap file: written with zeros (swapon refuses holes, and older kernels the unwritten
+    extents fallocate leaves on xfs), mode 0600, mkswap from the server's own util-linux; made under a
+    temporary name and renamed, so that a killed run never leaves a half-made one at the planned path."""
+    report = ctx.report("swap-file")
+    planned = ctx.plan.swap_file
+    if planned is None:
+        report.status = "skipped"
+        report.changes.append("no swap file in the plan")
+        return
+    size_mib = planned.size // (1 << 20)
+    path = resolve_in_root(ctx.root, planned.path, follow_last=False)
+    if os.path.lexists(path):
+        if is_swap_area(path, planned.size):
+            if os.lstat(path).st_mode & 0o777 != 0o600:
+                os.chmod(path, 0o600)
+                report.changed(f"{planned.path}: mode 0600")
+            report.changes.append(f"{planned.path} is already the planned {size_mib} MiB swap area")
+            return
+        raise P2VError(f"{planned.path} exists on the target and is not the planned {size_mib} MiB swap file, "
+                       "so the swap-file step would overwrite a file of the server",
+                       hint=f"choose target.swap: partition (or none) in {ctx.spec.file}, or move that file on "
+                            "the server")
+    partial = path.with_name(f".{path.name}.p2v-partial")
+    partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    os.chmod(partial, 0o600)  # past the umask
+    argv = ["dd", "if=/dev/zero", f"of={partial}", "bs=1M", f"count={size_mib}", "conv=notrunc,fsync",
+            "status=none"]
+    report.commands.append(" ".join(argv))
+    run(argv, timeout=3600)
+    ctx.chroot("swap-file", ["mkswap", "/" + str(partial.relative_to(ctx.root))], timeout=600)
+    os.replace(partial, path)
+    report.changed(f"made the swap file {planned.path}: {size_mib} MiB of zeros (not sparse), mode 0600, mkswap")
+
+
+def target_devices(target: MountedTarget, plan: DiskPlan) -> frozenset[int]:
+    """The st_dev of every target filesystem: flags are set there and nowhere else (not through a bind)."""
+    return frozenset(os.stat(resolve_in_root(target.root, mp)).st_dev for mp in plan.mount_order)
+
+
+def pending_flags(sync_stamp: Path) -> list[tuple[str, str]]:
+    """(path, letters) the sync stage left for this stage to set: i and a."""
+    stamp = json.loads(sync_stamp.read_text())
+    rows = stamp.get("copy", {}).get("inode_flags", {}).get("pending", [])
+    return [(row["path"], row["flags"]) for row in rows]
+
+
+def applied_flag_paths(root: Path) -> list[str]:
+    rows = _read_record(root).get("inode_flags", {}).get("applied", [])
+    return [row["path"] for row in rows if isinstance(row, dict) and isinstance(row.get("path"), str)]
+
+
+def clear_deferred_flags(root: Path, paths: Sequence[str], devices: frozenset[int]) -> int:
+    """Clear i and a (set by an earlier run) so that the steps can write; return how many were set."""
+    cleared = 0
+    for path in sorted(set(paths), key=os.fsencode, reverse=True):
+        with inodeflags.open_entry(root, path, devices) as fd:
+            if fd is None or not (inodeflags.get_raw(fd) or 0) & inodeflags.DEFERRED:
+                continue
+            inodeflags.apply_flags(fd, 0, inodeflags.DEFERRED)
+            if (inodeflags.get_raw(fd) or 0) & inodeflags.DEFERRED:
+                raise P2VError(f"cannot clear the immutable or append-only flag of {path} on the target")
+            cleared += 1
+    return cleared
+
+
+def set_deferred_flags(root: Path, pending: Sequence[tuple[str, str]],
+                       devices: frozenset[int]) -> list[tuple[str, str]]:
+    """Set i and a where the source had them; read each back; return (path, letters) set.
+
+    The paths go into the image's conversion record first, so that a later
+    run (fix again, or sync into this image) knows what to unlock even if
+    this one is killed halfway.
+    """
+    record = _read_record(root)
+    applied = [{"path": path, "flags": flags} for path, flags in pending]
+    if record.get("inode_flags", {}).get("applied") != applied:
+        _write_record(root, {**record, "inode_flags": {"applied": applied}})
+    done = []
+    missing = []
+    for path, flags in pending:
+        want = inodeflags.bits_of(flags) & inodeflags.DEFERRED
+        with inodeflags.open_entry(root, path, devices) as fd:
+            if fd is None:
+                missing.append(path)
+                continue
+            got, refused = inodeflags.apply_flags(fd, want, inodeflags.DEFERRED)
+        if refused or got & want != want:
+            why = "; ".join(sorted(set(refused.values()))) or "not there when read back"
+            raise P2VError(f"could not make {path} {inodeflags.describe(want)} on the target: {why}")
+        done.append((path, inodeflags.letters(got & inodeflags.DEFERRED)))
+    if missing:
+        raise P2VError(f"{len(missing)} entries the source had immutable or append-only are not on the target: "
+                       f"{', '.join(missing[:5])}", hint="rerun sync:<host>; the copy was verified, so something "
+                                                         "removed them since")
+    return done
+
+
+def restore_deferred_flags(ctx: FixContext, pending: Sequence[tuple[str, str]], devices: frozenset[int]) -> None:
+    """The inode-flags step: i and a where the source had them, after every other step (set_deferred_flags)."""
+    report = ctx.report("inode-flags")
+    if not pending:
+        report.changes.append("no immutable or append-only file or directory on the source")
+        return
+    ctx.restored_flags = set_deferred_flags(ctx.root, pending, devices)
+    counts = {letter: sum(1 for _, flags in ctx.restored_flags if letter in flags) for letter in "ia"}
+    listed = ", ".join(f"{path} ({flags})" for path, flags in ctx.restored_flags[:20])
+    more = f" and {len(ctx.restored_flags) - 20} more" if len(ctx.restored_flags) > 20 else ""
+    report.changed(f"set i (immutable) on {counts['i']} and a (append only) on {counts['a']} entries, as on the "
+                   f"source, read back: {listed}{more}")
 
 
 def disable_services(ctx: FixContext) -> None:
@@ -446,12 +583,13 @@ def _write_record(root: Path, record: Mapping[str, Any]) -> None:
 
 def _steps() -> list[tuple[str, Callable[[FixContext], None]]]:
     edit_steps = [(name, functools.partial(apply_edits, step=name)) for name in EDIT_STEPS]
-    return [*edit_steps, ("packages", install_packages), ("cloud-init-clean", clean_cloud_init),
+    return [*edit_steps, ("swap-file", make_swap_file), ("packages", install_packages),
+            ("cloud-init-clean", clean_cloud_init),
             ("services", disable_services), ("initrd", regenerate_initrd), ("bootloader-install", install_bootloader)]
 
 
 def fix_tree(spec: Spec, layout: Mapping[str, Any], plan: DiskPlan, target: MountedTarget) -> FixContext:
-    """Run every step on a mounted target (binds in place); return what each did."""
+    """Run every step but inode-flags on a mounted target (binds in place); return what each did."""
     edits = fixes.plan_edits(RootTreeReader(target.root), layout, plan, spec.fix)
     ctx = FixContext(spec=spec, layout=layout, plan=plan, target=target, edits=edits)
     for finding in edits.findings:
@@ -467,17 +605,34 @@ def fix_tree(spec: Spec, layout: Mapping[str, Any], plan: DiskPlan, target: Moun
             report.warnings.append("skipped by the spec (fix.skip)")
             log.warning("fix step %s skipped by the spec", name)
             continue
-        started = time.monotonic()
-        step(ctx)
-        log.info("fix %-18s %-9s %4.1f s%s", name, report.status, time.monotonic() - started,
-                 "".join(f"\n    {change}" for change in report.changes))
-        for warning in report.warnings:
-            log.warning("fix %s: %s", name, warning)
+        _run_step(ctx, name, step)
     record = _read_record(target.root)
     summary = {"kernel": edits.kernel, "kernel_cmdline": list(edits.kernel_cmdline), "host": spec.host}
     if {k: record.get(k) for k in summary} != summary:
         _write_record(target.root, {**record, **summary})
     return ctx
+
+
+def _run_step(ctx: FixContext, name: str, step: Callable[[FixContext], None]) -> None:
+    report = ctx.report(name)
+    started = time.monotonic()
+    step(ctx)
+    log.info("fix %-18s %-9s %4.1f s%s", name, report.status, time.monotonic() - started,
+             "".join(f"\n    {change}" for change in report.changes))
+    for warning in report.warnings:
+        log.warning("fix %s: %s", name, warning)
+
+
+def finish_flags(ctx: FixContext, pending: Sequence[tuple[str, str]], devices: frozenset[int]) -> None:
+    """The last step: outside the chroot binds, after everything else has written."""
+    if "inode-flags" in ctx.spec.fix.skip:
+        report = ctx.report("inode-flags")
+        report.status = "skipped"
+        report.warnings.append("skipped by the spec (fix.skip)" + (
+            f": {len(pending)} entries stay without the i/a flags they have on the source" if pending else ""))
+        log.warning("fix step inode-flags skipped by the spec")
+        return
+    _run_step(ctx, "inode-flags", lambda c: restore_deferred_flags(c, pending, devices))
 
 
 def fix_host(run: StageRun) -> None:
@@ -488,10 +643,17 @@ def fix_host(run: StageRun) -> None:
     # Fatal before anything is written: no kernel that can boot on virtio.
     kernel = fixes.choose_kernel(layout)
     log.info("kernel %s (it has virtio)", kernel)
+    pending = pending_flags(run.input(SYNC_STAMP))
     started = time.monotonic()
-    with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target, \
-            chroot_binds(target.root):
-        ctx = fix_tree(spec, layout, plan, target)
+    with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
+        devices = target_devices(target, plan)
+        cleared = clear_deferred_flags(target.root, [*applied_flag_paths(target.root), *(p for p, _ in pending)],
+                                       devices)
+        if cleared:
+            log.info("cleared i/a on %d entries an earlier fix set; set again at the end", cleared)
+        with chroot_binds(target.root):
+            ctx = fix_tree(spec, layout, plan, target)
+        finish_flags(ctx, pending, devices)
     stamp = {
         "format": STAMP_FORMAT,
         "version": STAMP_VERSION,
@@ -500,6 +662,7 @@ def fix_host(run: StageRun) -> None:
         "kernel": ctx.edits.kernel,
         "kernel_cmdline": list(ctx.edits.kernel_cmdline),
         "installed_packages": ctx.installed_packages,
+        "inode_flags": {"restored": [{"path": path, "flags": flags} for path, flags in ctx.restored_flags]},
         "steps": [ctx.report(name).to_json() for name in STEP_NAMES],
         "warnings": [f"{r.name}: {w}" for name in STEP_NAMES for r in [ctx.report(name)] for w in r.warnings],
         "sync_receipt_sha256": hashlib.sha256(run.input(SYNC_STAMP).read_bytes()).hexdigest(),

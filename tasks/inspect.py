@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,6 +254,17 @@ def _swaps(probes: Mapping[str, Mapping[str, str]], devices: storage.DeviceMap) 
             for name, info in sorted(probes.items()) if info.get("TYPE") == "swap"]
 
 
+def swap_file_size(tree: Path, path: str) -> tuple[int, str | None]:
+    """(size in bytes, why there is none) of a swap file in the read-only mounted source tree."""
+    try:
+        info = os.stat(resolve_in_root(tree, path))
+    except (OSError, P2VError):
+        return 0, "no such file on the source"
+    if not stat.S_ISREG(info.st_mode):
+        return 0, "not a regular file on the source"
+    return info.st_size, None
+
+
 def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
                 filesystems: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Resolve each fstab entry; return (fstab records, mounts in mount order)."""
@@ -398,6 +410,12 @@ def build_layout(spec: Spec) -> dict[str, Any]:
             filesystems[mount["device"]]["mountpoint"] = mount["mountpoint"]
         with mounted_tree(spec, mounts, devices) as tree:
             description = describe_system(tree)
+            for record in fstab_records:
+                if record.get("status") == "swapfile":
+                    size, missing = swap_file_size(tree, record["spec"])
+                    record["size"] = size
+                    if missing:
+                        record["reason"] = missing
         system = description.to_json()
         boot_disk = discovery.disks[0]
         bootloader, boot_warnings = combine_bootloader(description.bootloader, boot_disk["boot_code"])

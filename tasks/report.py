@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import DiskPlan, render_plan
+from tasks.lib.plan import DiskPlan, render_plan, swap_summary
 from tasks.lib.spec import Spec
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 
@@ -61,11 +61,14 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
         *[f"- journal replayed: {fs['device']} ({fs['mountpoint']}, {fs['fstype']}) was not shut down cleanly; it "
           "was copied and verified from a throw-away overlay in which the kernel replayed its journal (the source "
           "was not written)" for fs in copy.get("journal_replayed", [])],
+        f"- inode flags: {_copied_flags(copy)}",
         "",
         "## Fix",
         "",
         f"- kernel {fix.get('kernel')}, command line: `{' '.join(fix.get('kernel_cmdline', []))}`",
         f"- packages: {', '.join(fix.get('installed_packages', [])) or 'none'}",
+        f"- swap: {swap_summary(plan)}",
+        f"- inode flags set last: {_restored_flags(fix)}",
         "",
         "| step | result | what changed |",
         "|---|---|---|",
@@ -84,10 +87,33 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
         for check in verify.get("checks", []):
             result = "ok" if check.get("ok") else f"FAILED: {_cell(check.get('problem') or '')}"
             lines.append(f"| {check['name']} | {result} | {_cell(check.get('output', ''))[:300]} |")
-    warnings = [*layout.get("warnings", []), *plan.notes, *fix.get("warnings", [])]
+    warnings = [*layout.get("warnings", []), *plan.notes, *copy.get("warnings", []), *fix.get("warnings", [])]
     lines += ["", "## Warnings and notes", ""]
     lines += [f"- {_cell(w)}" for w in warnings] or ["- none"]
     return "\n".join(lines) + "\n"
+
+
+def _copied_flags(copy: Mapping[str, Any]) -> str:
+    flags = copy.get("inode_flags")
+    if flags is None:
+        return "not recorded (a copy by an older p2v)"
+    if not flags.get("entries"):
+        return "none on the source"
+    kept = ", ".join(f"{letter} on {count}" for letter, count in sorted(flags.get("kept", {}).items())) or "none"
+    return (f"{flags['entries']} source entries have some; on the target: {kept}; "
+            f"{len(flags.get('pending', []))} immutable/append-only left to the fix stage; "
+            f"{len(flags.get('dropped', []))} the target filesystem does not keep (see the warnings)")
+
+
+def _restored_flags(fix: Mapping[str, Any]) -> str:
+    restored = fix.get("inode_flags", {}).get("restored")
+    if restored is None:
+        return "not recorded (a fix by an older p2v)"
+    if not restored:
+        return "none (no immutable or append-only entry on the source)"
+    shown = ", ".join(f"{row['path']} ({row['flags']})" for row in restored[:10])
+    count = f"{len(restored)} entr{'y' if len(restored) == 1 else 'ies'}"
+    return f"{count}, read back: {shown}" + (f" and {len(restored) - 10} more" if len(restored) > 10 else "")
 
 
 def _cell(text: str) -> str:

@@ -30,6 +30,17 @@ The stamp's receipt says which way the copy was proved ("verified_by":
 "manifests", "seal" or "stage seal"), and which filesystems were read with
 their journal replayed ("journal_replayed").
 
+Inode flags: the copy sets every one the target keeps but i (immutable)
+and a (append-only), which the fix stage sets as its last act; the receipt
+lists them as pending, and those the target filesystem does not keep as
+warnings. A copy into a target that an earlier fix already locked first
+clears i and a on the paths that fix recorded in the image
+(/var/lib/p2v/conversion.json) and on every pending path.
+
+The swap file the plan makes (tasks/fix.py, step swap-file) is left out of
+the copy like the source's own swap files, unless the source has a file of
+that name (which is then copied, and the fix stage refuses to overwrite it).
+
 The stamp depends on disk-plan.json rather than on disk.img: later stages
 write into disk.img, and that must not make the copy run again. A new disk
 (a new plan, with new UUIDs) does.
@@ -48,10 +59,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks.disk import supports_direct_io
+from tasks.fix import CONVERSION_RECORD
 from tasks.inspect import reachable_source, source_tree
-from tasks.lib import storage
+from tasks.lib import inodeflags, storage
 from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tree, target_matches_seal
-from tasks.lib.paths import resolve_in_root
+from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan
 from tasks.lib.replay import ReplayedFilesystem
@@ -63,9 +75,9 @@ from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 log = logging.getLogger("p2v.sync")
 
 STAMP_FORMAT = "p2v-sync-stamp"
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: inode flags, the plan's swap file left out
 STAGE_SEAL_FORMAT = "p2v-sync-stage-seal"
-STAGE_SEAL_VERSION = 1
+STAGE_SEAL_VERSION = 2
 SKIPPED_CONTENT_REASONS = ("network filesystem", "pseudo filesystem", "FUSE filesystem")
 
 
@@ -78,6 +90,26 @@ def contents_to_leave_behind(layout: Mapping[str, Any]) -> list[str]:
 
 def swap_files(layout: Mapping[str, Any]) -> list[str]:
     return sorted(entry["spec"] for entry in layout["fstab"] if entry.get("status") == "swapfile")
+
+
+def left_out(layout: Mapping[str, Any], plan: DiskPlan, source: Path) -> list[str]:
+    """What the copy leaves out altogether: the source's swap files, and the swap file the plan makes
+    (fix stage) unless the source holds something of that name."""
+    omitted = set(swap_files(layout))
+    made = plan.swap_file.path if plan.swap_file is not None else None
+    if made and made not in omitted and not os.path.lexists(resolve_in_root(source, made, follow_last=False)):
+        omitted.add(made)
+    return sorted(omitted)
+
+
+def flags_set_by_fix(target: Path) -> list[str]:
+    """Paths an earlier fix made immutable or append-only in this image (its conversion record)."""
+    try:
+        record = json.loads(read_text_in_root(target, CONVERSION_RECORD) or "{}")
+    except ValueError:
+        return []
+    rows = record.get("inode_flags", {}).get("applied", []) if isinstance(record, dict) else []
+    return [row["path"] for row in rows if isinstance(row, dict) and isinstance(row.get("path"), str)]
 
 
 def check_work_area(image: Path, plan: DiskPlan) -> None:
@@ -182,7 +214,8 @@ def inputs_digest(run_: StageRun) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def sealed_target(target: MountedTarget, plan: DiskPlan, spec: Spec, layout: Mapping[str, Any]) -> bool:
+def sealed_target(target: MountedTarget, plan: DiskPlan, spec: Spec, layout: Mapping[str, Any],
+                  omitted: list[str]) -> bool:
     """Remount the target read-only, then check it against the copy's seal: nothing can change it after that."""
     try:
         for mountpoint in reversed(plan.mount_order):
@@ -191,7 +224,8 @@ def sealed_target(target: MountedTarget, plan: DiskPlan, spec: Spec, layout: Map
         log.info("target not remounted read-only, no stage seal: %s", error)
         return False
     return target_matches_seal(seal_path(spec), target.root, [m["mountpoint"] for m in layout["mounts"]],
-                               exclude_contents=contents_to_leave_behind(layout), swap_files=swap_files(layout))
+                               exclude_contents=contents_to_leave_behind(layout), swap_files=omitted,
+                               defer_flags=inodeflags.DEFERRED)
 
 
 def write_stage_seal(spec: Spec, inputs: str, fingerprints: Mapping[str, str], image: Path,
@@ -273,16 +307,19 @@ def sync_host(run_: StageRun) -> None:
     with source_tree(spec, layout) as source, \
             mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
         replayed = journal_replayed(layout, source.replayed)
+        omitted = left_out(layout, plan, source.root)
         result = copy_tree(
             source.root, target.root, mountpoints,
             log_file=spec.log_dir / "sync-copy.log",
             exclude_contents=contents_to_leave_behind(layout),
-            swap_files=swap_files(layout),
+            swap_files=omitted,
             progress=console_progress(),
             seal=seal_path(spec),
+            defer_flags=inodeflags.DEFERRED,
+            unlock=flags_set_by_fix(target.root),
         )
         if before is not None and result.verified:
-            vouched = sealed_target(target, plan, spec, layout)
+            vouched = sealed_target(target, plan, spec, layout, omitted)
     receipt = {**result.receipt(), "journal_replayed": replayed}
     if vouched and before is not None and not replayed and source_fingerprints(spec, layout) == before:
         write_stage_seal(spec, inputs, before, image, receipt)

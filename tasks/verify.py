@@ -11,7 +11,7 @@ output with what the layout and the plan promise:
     system-state  systemd reached `running` (or the SysV runlevel is up)
     root-virtio   / is mounted from a virtio disk
     mounts        every planned filesystem is mounted, from its new UUID
-    swap          the planned swap is active
+    swap          each planned swap area is active with its planned size, as much as the source had
     hostname      the server's own
     network       the kept addresses are on the interfaces of the same name
     cloud-init    installed, when the spec asked for it
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import inodeflags
 from tasks.lib.bootcheck import BootCheckError, BootResult, boot_check, serial_tail
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.paths import read_text_in_root, write_text_in_root
@@ -113,8 +114,7 @@ def plan_checks(layout: Mapping[str, Any], plan: DiskPlan, spec: Spec) -> list[C
               _judge_root_virtio),
         Check("mounts", "findmnt -rn -t ext2,ext3,ext4,xfs,btrfs,vfat -o TARGET,UUID,FSTYPE",
               _mounts_judge(expected_mounts(plan))),
-        Check("swap", "for d in $(swapon --noheadings --raw --show=NAME); do echo \"$d $(blkid -s UUID -o value $d)\"; "
-                      "done", _swap_judge(plan)),
+        Check("swap", SWAP_COMMAND, _swap_judge(plan)),
         Check("hostname", "hostname", _hostname_judge(layout["system"].get("hostname"))),
         Check("network", "ip -o -4 addr show", _network_judge(expected_addresses(layout, spec), spec)),
     ]
@@ -163,16 +163,45 @@ def _mounts_judge(wanted: Mapping[str, str]) -> Callable[[str, int], str | None]
     return judge
 
 
+# Every active swap area: /proc/swaps' name, type and size (KiB), and the area's UUID.
+SWAP_COMMAND = ("tail -n +2 /proc/swaps | while read -r name type size rest; do "
+                "echo \"$name $type $size $(blkid -s UUID -o value \"$name\" 2>/dev/null)\"; done")
+SWAP_PAGE = 4096  # x86_64
+
+
+def active_swap_kib(area_size: int) -> int:
+    """What /proc/swaps shows for a swap area of `area_size` bytes: its pages less mkswap's header page."""
+    return max(0, area_size // SWAP_PAGE - 1) * SWAP_PAGE // 1024
+
+
 def _swap_judge(plan: DiskPlan) -> Callable[[str, int], str | None]:
-    swap_uuid = next((p.swap.uuid for p in plan.partitions if p.swap is not None), None)
-    swap_file = plan.swap_file.path if plan.swap_file else None
+    """Each planned swap area active with exactly its planned size; together as much as the source had."""
+    wanted: list[tuple[str, Callable[[list[str]], bool], int]] = []  # (what, matches a line, KiB)
+    part = plan.swap_partition
+    if part is not None and part.swap is not None:
+        uuid = (part.swap.uuid or "").lower()
+        wanted.append((f"the swap partition (UUID {uuid})", lambda item: len(item) > 3 and item[3].lower() == uuid,
+                       active_swap_kib(part.size)))
+    if plan.swap_file is not None:
+        path = plan.swap_file.path
+        wanted.append((f"the swap file {path}", lambda item: item[0] == path, active_swap_kib(plan.swap_file.size)))
 
     def judge(output: str, code: int) -> str | None:
-        active = [line.split() for line in output.splitlines() if line.strip()]
-        if swap_uuid and not any(len(item) > 1 and item[1].lower() == swap_uuid.lower() for item in active):
-            return f"the swap partition (UUID {swap_uuid}) is not active: {output.strip() or 'no swap at all'}"
-        if swap_file and not any(item[0] == swap_file for item in active):
-            return f"the swap file {swap_file} is not active: {output.strip() or 'no swap at all'}"
+        active = [line.split() for line in output.splitlines() if len(line.split()) >= 3]
+        problems = []
+        total = 0
+        for what, matches, kib in wanted:
+            found = [item for item in active if matches(item)]
+            if not found:
+                problems.append(f"{what} is not active")
+            elif int(found[0][2]) != kib:
+                problems.append(f"{what} is active with {found[0][2]} KiB, not the planned {kib} KiB")
+            else:
+                total += (kib * 1024) + SWAP_PAGE
+        if not problems and plan.source_swap and plan.policy.swap != "none" and total < plan.source_swap:
+            problems.append(f"{total >> 20} MiB of swap active, less than the source's {plan.source_swap >> 20} MiB")
+        if problems:
+            return "; ".join(problems) + f" (active: {output.strip() or 'no swap at all'})"
         return None
     return judge
 
@@ -248,6 +277,7 @@ def verification_overlay(spec: Spec, plan: DiskPlan, password: str) -> Iterator[
             mount_point.mkdir(exist_ok=True)
             with mounted(loop.partition(root_part.number), mount_point, fstype=root_fs.fstype,
                          options=target_mount_options(root_fs.fstype, True)):
+                _unlock_for_login(mount_point)
                 shadow = read_text_in_root(mount_point, "/etc/shadow")
                 if shadow is None:
                     raise P2VError("the image has no /etc/shadow, so verify cannot log in")
@@ -260,6 +290,15 @@ def verification_overlay(spec: Spec, plan: DiskPlan, password: str) -> Iterator[
         yield overlay
     finally:
         overlay.unlink(missing_ok=True)
+
+
+def _unlock_for_login(root: Path) -> None:
+    """An immutable /etc/shadow (a hardening some servers have, kept by the fix stage) in the throw-away
+    overlay only: the one-time password must go in; disk.img keeps its flags."""
+    for path in ("/etc", "/etc/shadow", "/etc/securetty"):
+        with inodeflags.open_entry(root, path) as fd:
+            if fd is not None and (inodeflags.get_raw(fd) or 0) & inodeflags.DEFERRED:
+                inodeflags.apply_flags(fd, 0, inodeflags.DEFERRED)
 
 
 def _stop_stale_daemons(run_dir: Path) -> None:

@@ -15,6 +15,18 @@ hard links (across directories), symlinks as they are, POSIX ACLs, every xattr
 mtimes in ns, directories included. atimes are not kept: nothing compares
 them, tar cannot, and relatime changes them on the first read anyway.
 
+Inode flags (chattr): neither tool copies them, so copy_tree reads the
+source's (manifest.scan_flags) and sets them on the target itself after the
+tools ran, then reads them back (tasks/lib/inodeflags.py). `defer_flags`
+(the sync stage: i and a) are left off and listed as pending, for the step
+that sets them later; a flag the target filesystem does not keep is listed
+with the kernel's reason as a warning. The verification compares the target
+with that view of the source (manifest.Manifest.with_flags), so every flag is
+either proved on the target or named in the receipt. Before copying into a
+target that already holds data, the deferred flags a later step set there
+(`unlock`, and every pending path) are cleared: rsync cannot write into an
+immutable file.
+
 Two methods, the same guarantees (both verified by the manifest afterwards):
 
 - "rsync": `rsync -aHAXS --numeric-ids --one-file-system --inplace`. No -z
@@ -87,6 +99,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from tasks.lib import inodeflags
 from tasks.lib import manifest as manifests
 from tasks.lib.fstab import mount_order
 from tasks.lib.manifest import Manifest, compare, normalize, render_differences, shown
@@ -132,7 +145,7 @@ RECEIPT_VERSION = 1
 # clock set back past the seal. Neither happens to a source that p2v mounts
 # read-only or to the image p2v owns in its workdir.
 SEAL_FORMAT = "p2v-copy-seal"
-SEAL_VERSION = 1
+SEAL_VERSION = 2  # 2: inode flags
 LISTING_FORMAT = r"%y %i %m %U %G %n %s %T@ %C@ %P\0"
 SETTLE_FINE = 0.05  # several coarse clock ticks (HZ >= 100: 10 ms or less)
 SETTLE_COARSE = 1.05  # filesystems that keep whole seconds only
@@ -219,6 +232,41 @@ class PassResult:
 
 
 @dataclass(frozen=True)
+class FlagOutcome:
+    """The copy's inode flags: what was set on the target, what is left for a later step, what the target lost."""
+
+    entries: int = 0  # source files and directories with recorded flags
+    kept: dict[str, int] = dataclasses.field(default_factory=dict)  # flag letter -> entries that have it on the target
+    pending: tuple[tuple[str, str], ...] = ()  # (path, letters) deferred to a later step
+    dropped: tuple[tuple[str, str, str], ...] = ()  # (path, letters, why) the target filesystem does not keep
+
+    def receipt(self) -> dict[str, Any]:
+        return {"entries": self.entries, "kept": dict(self.kept),
+                "pending": [{"path": path, "flags": flags} for path, flags in self.pending],
+                "dropped": [{"path": path, "flags": flags, "reason": why} for path, flags, why in self.dropped]}
+
+    @classmethod
+    def from_receipt(cls, data: Mapping[str, Any]) -> FlagOutcome:
+        return cls(entries=int(data.get("entries", 0)), kept=dict(data.get("kept", {})),
+                   pending=tuple((row["path"], row["flags"]) for row in data.get("pending", [])),
+                   dropped=tuple((row["path"], row["flags"], row["reason"]) for row in data.get("dropped", [])))
+
+    def warnings(self) -> list[str]:
+        """One line per flag and reason the target did not keep (never silent)."""
+        by_flag: dict[tuple[str, str], list[str]] = {}
+        for path, flags, why in self.dropped:
+            for letter in flags:
+                by_flag.setdefault((letter, why), []).append(path)
+        lines = []
+        for (letter, why), paths in sorted(by_flag.items()):
+            shown_paths = ", ".join(shown(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5
+                                                                    else "")
+            lines.append(f"inode flag {inodeflags.describe(inodeflags.bits_of(letter))} not kept on "
+                         f"{len(paths)} entr{'y' if len(paths) == 1 else 'ies'} of the target ({why}): {shown_paths}")
+        return lines
+
+
+@dataclass(frozen=True)
 class CopyResult:
     method: Method
     passes: tuple[PassResult, ...]
@@ -236,6 +284,7 @@ class CopyResult:
     # changed on either side since a run that did (see SEAL_FORMAT).
     verified_by: str | None = None
     sealed: str = "no seal asked for"  # what became of the seal in this run
+    flags: FlagOutcome = dataclasses.field(default_factory=FlagOutcome)
 
     @property
     def fast_path(self) -> bool:
@@ -276,6 +325,8 @@ class CopyResult:
             "excluded_contents": list(self.excluded_contents),
             "swap_files_skipped": list(self.swap_files),
             "atimes": "not kept",
+            "inode_flags": self.flags.receipt(),
+            "warnings": self.flags.warnings(),
             "filesystems": [
                 {**dataclasses.asdict(p), "seconds": round(p.seconds, 3),
                  "excluded_contents": list(p.excluded_contents), "swap_files": list(p.swap_files)}
@@ -676,6 +727,8 @@ def copy_tree(
     verify: bool = True,
     progress: Callable[[Progress], None] | None = None,
     seal: Path | None = None,
+    defer_flags: int = 0,
+    unlock: Sequence[str] = (),
 ) -> CopyResult:
     """Copy every filesystem of `source` (mounted as the server mounts them) into `target`.
 
@@ -689,6 +742,11 @@ def copy_tree(
     `seal`: a file outside both trees. With `verify`, a verified copy writes
     it, and a later call whose trees are provably unchanged since (see
     SEAL_FORMAT) returns at once with verified_by="seal".
+
+    `defer_flags`: inode flags (inodeflags bits) left off the target and
+    listed as pending in the result, for a later step to set. `unlock`: paths
+    on which a later step of an earlier run set them; they are cleared before
+    anything is copied (see the module doc).
     """
     if method not in METHODS:
         raise P2VError(f"unknown copy method {method!r} (known: {', '.join(METHODS)})")
@@ -700,7 +758,8 @@ def copy_tree(
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     excluded_by_fs = assign(excluded, points)
     swaps_by_fs = assign(swaps, points)
-    scope = _Scope(points=tuple(points), excluded=excluded_by_fs, omitted=swaps_by_fs)
+    scope = _Scope(points=tuple(points), excluded=excluded_by_fs, omitted=swaps_by_fs,
+                   deferred_flags=inodeflags.letters(defer_flags))
     log_ = _Log(log_file)
     try:
         with tempfile.TemporaryDirectory(prefix="p2v-copy-") as scratch:
@@ -711,14 +770,15 @@ def copy_tree(
                     return _sealed_result(unchanged, scope, method, started_at, time.monotonic() - started,
                                           unchanged.get("tools") or tool_versions(), excluded, swaps)
             return _full_copy(source, target, scope, method, excluded, swaps, verify, progress, seal, log_,
-                              Path(scratch), started_at, tool_versions())
+                              Path(scratch), started_at, tool_versions(), defer_flags, unlock)
     finally:
         log_.close()
 
 
 def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, excluded: Sequence[str],
                swaps: Sequence[str], verify: bool, progress: Callable[[Progress], None] | None, seal: Path | None,
-               log_: _Log, scratch: Path, started_at: str, tools: dict[str, str]) -> CopyResult:
+               log_: _Log, scratch: Path, started_at: str, tools: dict[str, str], defer: int,
+               unlock: Sequence[str]) -> CopyResult:
     points = scope.points
     if seal is not None:
         seal.unlink(missing_ok=True)  # from here on the target changes: no old seal may vouch for it
@@ -729,31 +789,54 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
                f"contents excluded: {' '.join(excluded)}; swap files left out: {' '.join(swaps) or 'none'}; "
                f"{tools['rsync']}; {tools['tar']}")
     started = time.monotonic()
-    passes = [_copy_filesystem(source, target, mp, method, scope.excluded[mp], scope.omitted[mp], sizes[mp], log_,
-                               watch, scratch) for mp in points]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flags") as pool:
+        # The source's flags are read beside the tools (the source is read-only), unless the
+        # target holds data: then an earlier fix may have locked entries the copy must write.
+        scan = pool.submit(_scan_flags, source, excluded, swaps, points, log_)
+        if holds_data(target):
+            _unlock(target, [*(p for p, bits in scan.result().items() if bits & inodeflags.DEFERRED), *unlock],
+                    log_)
+        passes = [_copy_filesystem(source, target, mp, method, scope.excluded[mp], scope.omitted[mp], sizes[mp],
+                                   log_, watch, scratch) for mp in points]
+        source_flags = scan.result()
+    refused = _restore_flags(target, source_flags, defer, log_)
     copy_seconds = time.monotonic() - started
     log.info("copied %s in %.1f s (%s)", " ".join(points), copy_seconds,
              ", ".join(f"{p.mountpoint} by {p.tool}{' (resumed)' if p.resumed else ''}" for p in passes))
     source_manifest = None
     sealed = "no seal asked for"
+    flags = _flag_outcome(source_flags, defer, refused)
     if verify:
+        def expected(ours: Manifest) -> Manifest:
+            return _expected_view(ours, defer, refused)
+
         # Listed before verification reads anything: see SEAL_FORMAT.
         listings = _settled_listings(source, target, scope, scratch) if seal is not None else None
-        source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_)
+        raw, source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_, expected)
         if differences and any(p.resumed for p in passes):
             # Not a failed copy yet: rsync's quick check cannot see every change (see _repair).
             repaired = _repair(source, target, scope, differences, log_, scratch)
+            # rsync sets no inode flags: those of every entry it made or found different, as the view says.
+            again = {d.path: inodeflags.bits_of(source_manifest.entries[d.path].flags) for d in differences
+                     if d.what != "extra" and d.path in source_manifest.entries}
+            refused.update(_restore_flags(target, again, defer, log_))
             log.info("verification found %d difference(s) rsync's quick check missed: copied again", repaired)
             log_.write(f"repaired {repaired} entries; verifying again")
             listings = _settled_listings(source, target, scope, scratch) if seal is not None else None
-            source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_)
+            raw, source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_,
+                                                               expected)
         if differences:
             raise _verification_failed(differences, log_)
+        flags = _flag_outcome({path: inodeflags.bits_of(e.flags) for path, e in raw.entries.items() if e.flags},
+                              defer, refused)
         passes = _with_tar_figures(passes, source_manifest, points)
         if seal is not None and listings is not None:
-            sealed = _write_seal(seal, source_manifest, scope, listings, tools, log_)
+            sealed = _write_seal(seal, source_manifest, scope, listings, tools, log_, flags)
     elif seal is not None:
         sealed = "not written: the copy was not verified"
+    for warning in flags.warnings():
+        log.warning("%s", warning)
+        log_.write(f"warning: {warning}")
     verify_seconds = time.monotonic() - started - copy_seconds
     return CopyResult(
         method=method, passes=tuple(passes), started=started_at, copy_seconds=copy_seconds,
@@ -762,8 +845,90 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
         regular_files=source_manifest.regular_files if source_manifest else None,
         bytes=source_manifest.total_bytes if source_manifest else None,
         manifest_digest=source_manifest.digest() if source_manifest else None,
-        verified_by="manifests" if source_manifest else None, sealed=sealed,
+        verified_by="manifests" if source_manifest else None, sealed=sealed, flags=flags,
     )
+
+
+# ---------------------------------------------------------------- inode flags (see the module doc)
+
+
+def _scan_flags(source: Path, excluded: Sequence[str], swaps: Sequence[str], points: Sequence[str],
+                log_file: _Log) -> dict[str, int]:
+    started = time.monotonic()
+    found = manifests.scan_flags(source, excluded, omit=swaps, mounts=points[1:])
+    log_file.write(f"inode flags: {len(found)} source entries have some (read in {time.monotonic() - started:.1f} s)")
+    return found
+
+
+def _target_entry(target: Path, path: str) -> bytes:
+    return os.fsencode(target) + (os.fsencode(path) if path != "/" else b"")
+
+
+def _unlock(target: Path, paths: Sequence[str], log_file: _Log) -> int:
+    """Clear i and a where a later step of an earlier run set them on the target; return how many."""
+    cleared = 0
+    for path in sorted(set(paths), key=os.fsencode, reverse=True):
+        with inodeflags.opened(_target_entry(target, path)) as fd:
+            if fd is None or not (inodeflags.get_raw(fd) or 0) & inodeflags.DEFERRED:
+                continue
+            inodeflags.apply_flags(fd, 0, inodeflags.DEFERRED)
+            if (inodeflags.get_raw(fd) or 0) & inodeflags.DEFERRED:
+                raise P2VError(f"cannot clear the immutable or append-only flag of {shown(path)} on the target, "
+                               "so it cannot be copied into again")
+            cleared += 1
+    if cleared:
+        log_file.write(f"inode flags: cleared i/a on {cleared} target entries that an earlier fix had set")
+        log.info("cleared the immutable/append-only flags an earlier fix set on %d entries", cleared)
+    return cleared
+
+
+def _restore_flags(target: Path, wanted: Mapping[str, int], defer: int, log_file: _Log) -> dict[str, dict[int, str]]:
+    """Make each entry's recorded flags on the target `wanted` less `defer`; return path -> {flag: why not kept}."""
+    refused: dict[str, dict[int, str]] = {}
+    done = 0
+    for path in sorted(wanted, key=os.fsencode, reverse=True):
+        with inodeflags.opened(_target_entry(target, path)) as fd:
+            if fd is None:
+                continue  # not on the target: the verification says so
+            _, lost = inodeflags.apply_flags(fd, wanted[path] & ~defer)
+        done += 1
+        if lost:
+            refused[path] = lost
+    if wanted:
+        log_file.write(f"inode flags: set on {done} target entries; {len(refused)} with flags the target "
+                       f"does not keep")
+    return refused
+
+
+def _expected_view(source: Manifest, defer: int, refused: Mapping[str, Mapping[int, str]]) -> Manifest:
+    """The source as the target is to hold it: without the deferred flags and those the target did not keep."""
+    changes = {}
+    for path, entry in source.entries.items():
+        if entry.flags:
+            bits = inodeflags.bits_of(entry.flags)
+            expected = bits & ~defer & ~sum(refused.get(path, {}))
+            if expected != bits:
+                changes[path] = inodeflags.letters(expected)
+    return source.with_flags(changes)
+
+
+def _flag_outcome(source_flags: Mapping[str, int], defer: int, refused: Mapping[str, Mapping[int, str]]) -> FlagOutcome:
+    kept: dict[str, int] = {}
+    pending = []
+    dropped = []
+    for path in sorted(source_flags, key=os.fsencode):
+        bits = source_flags[path]
+        lost = refused.get(path, {})
+        for letter in inodeflags.letters(bits & ~defer & ~sum(lost)):
+            kept[letter] = kept.get(letter, 0) + 1
+        if bits & defer:
+            pending.append((path, inodeflags.letters(bits & defer)))
+        by_reason: dict[str, int] = {}
+        for bit, why in lost.items():
+            if bits & bit:
+                by_reason[why] = by_reason.get(why, 0) | bit
+        dropped += [(path, inodeflags.letters(lost_bits), why) for why, lost_bits in sorted(by_reason.items())]
+    return FlagOutcome(entries=len(source_flags), kept=kept, pending=tuple(pending), dropped=tuple(dropped))
 
 
 # ---------------------------------------------------------------- the seal (see SEAL_FORMAT)
@@ -776,9 +941,11 @@ class _Scope:
     points: tuple[str, ...]
     excluded: dict[str, list[str]]
     omitted: dict[str, list[str]]
+    deferred_flags: str = ""  # inode flags left for a later step: a seal vouches only for the same
 
     def to_json(self) -> dict[str, Any]:
-        return {"mountpoints": list(self.points), "excluded_contents": self.excluded, "omitted": self.omitted}
+        return {"mountpoints": list(self.points), "excluded_contents": self.excluded, "omitted": self.omitted,
+                "deferred_flags": self.deferred_flags}
 
 
 @dataclass(frozen=True)
@@ -874,7 +1041,7 @@ def _settled_listings(source: Path, target: Path, scope: _Scope, scratch: Path) 
 
 
 def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listings, tools: dict[str, str],
-                log_file: _Log) -> str:
+                log_file: _Log, flags: FlagOutcome) -> str:
     unsettled = [f"{side} {mp}" for side, by_point in listings.items() for mp, listing in by_point.items()
                  if not listing.settled]
     if unsettled:
@@ -887,6 +1054,7 @@ def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listing
         "scope": scope.to_json(),
         "manifest_digest": manifest.digest(), "files": manifest.files, "tools": tools,
         "regular_files": manifest.regular_files, "bytes": manifest.total_bytes,
+        "inode_flags": flags.receipt(),
         "listings": {side: {mp: {"digest": listing.digest, "entries": listing.entries}
                             for mp, listing in by_point.items()} for side, by_point in listings.items()},
     }
@@ -927,7 +1095,7 @@ def _still_sealed(path: Path, source: Path, target: Path, scope: _Scope, scratch
 
 
 def target_matches_seal(seal: Path, target: Path, mountpoints: Sequence[str], *, exclude_contents: Sequence[str] = (),
-                        swap_files: Sequence[str] = ()) -> bool:
+                        swap_files: Sequence[str] = (), defer_flags: int = 0) -> bool:
     """Whether the target, listed now, is still what the seal's verified copy left (same arguments as copy_tree).
 
     For a caller that wants to vouch for the target beyond this run (the sync
@@ -937,7 +1105,8 @@ def target_matches_seal(seal: Path, target: Path, mountpoints: Sequence[str], *,
     points = _order(mountpoints)
     excluded = sorted({normalize(p) for p in (*ALWAYS_EXCLUDED, *exclude_contents)})
     swaps = sorted({normalize(p) for p in swap_files})
-    scope = _Scope(points=tuple(points), excluded=assign(excluded, points), omitted=assign(swaps, points))
+    scope = _Scope(points=tuple(points), excluded=assign(excluded, points), omitted=assign(swaps, points),
+                   deferred_flags=inodeflags.letters(defer_flags))
     try:
         sealed = json.loads(seal.read_text())
     except (OSError, ValueError):
@@ -964,6 +1133,7 @@ def _sealed_result(seal: Mapping[str, Any], scope: _Scope, method: Method, start
         excluded_contents=tuple(excluded), swap_files=tuple(swaps), files=seal["files"],
         regular_files=seal["regular_files"], bytes=seal["bytes"], manifest_digest=seal["manifest_digest"],
         verified_by="seal", sealed=f"held (written {seal['created']})",
+        flags=FlagOutcome.from_receipt(seal.get("inode_flags", {})),
     )
 
 
@@ -1019,25 +1189,24 @@ def _with_tar_figures(passes: Sequence[PassResult], source: Manifest, points: Se
 
 
 def verify_copy(source: Path, target: Path, mountpoints: Sequence[str], *, log_file: Path,
-                exclude_contents: Sequence[str] = (), swap_files: Sequence[str] = ()) -> Manifest:
-    """Check a copy made by copy_tree (same arguments) again; return the source's manifest."""
+                exclude_contents: Sequence[str] = (), swap_files: Sequence[str] = (), defer_flags: int = 0) -> Manifest:
+    """Check a copy made by copy_tree (same arguments) again; return the source's manifest, as compared.
+
+    Every inode flag but `defer_flags` must be on the target: one the target
+    filesystem did not keep is a difference here.
+    """
     points = _order(mountpoints)
     excluded = sorted({normalize(p) for p in (*ALWAYS_EXCLUDED, *exclude_contents)})
     swaps = sorted({normalize(p) for p in swap_files})
     log_ = _Log(log_file)
     try:
-        return _verify(source, target, points, excluded, swaps, log_)
+        _, ours, differences = _compare_trees(source, target, points, excluded, swaps, log_,
+                                              lambda manifest: _expected_view(manifest, defer_flags, {}))
+        if differences:
+            raise _verification_failed(differences, log_)
+        return ours
     finally:
         log_.close()
-
-
-def _verify(source: Path, target: Path, points: Sequence[str], excluded: Sequence[str], swaps: Sequence[str],
-            log_file: _Log) -> Manifest:
-    """Both trees' manifests, restricted the same way, must be equal; return the source's."""
-    ours, differences = _compare_trees(source, target, points, excluded, swaps, log_file)
-    if differences:
-        raise _verification_failed(differences, log_file)
-    return ours
 
 
 def _verification_failed(differences: Sequence[manifests.Difference], log_file: _Log) -> P2VError:
@@ -1049,8 +1218,10 @@ def _verification_failed(differences: Sequence[manifests.Difference], log_file: 
 
 
 def _compare_trees(source: Path, target: Path, points: Sequence[str], excluded: Sequence[str],
-                   swaps: Sequence[str], log_file: _Log) -> tuple[Manifest, list[manifests.Difference]]:
-    """Both trees' manifests, restricted the same way: the source's, and what differs."""
+                   swaps: Sequence[str], log_file: _Log, expected: Callable[[Manifest], Manifest]
+                   ) -> tuple[Manifest, Manifest, list[manifests.Difference]]:
+    """Both trees' manifests, restricted the same way: the source's as read, the view of it the target
+    is compared with (`expected`: see _expected_view), and what differs."""
     # mkfs.ext4 makes lost+found; a source filesystem without one (xfs) does not need it copied.
     made_by_mkfs = [f"{mp.rstrip('/')}/lost+found" for mp in points
                     if not os.path.lexists(source / mp.lstrip("/") / "lost+found")]
@@ -1063,13 +1234,14 @@ def _compare_trees(source: Path, target: Path, points: Sequence[str], excluded: 
         source_job = pool.submit(build, source, excluded, omit=swaps, mounts=points[1:])
         target_job = pool.submit(build, target, excluded, omit=[*swaps, *made_by_mkfs], mounts=points[1:])
         ours, theirs = source_job.result(), target_job.result()
-    differences = compare(ours, theirs)
+    view = expected(ours)
+    differences = compare(view, theirs)
     log_file.write(f"verify: source {ours.files} entries ({ours.stats.get('seconds', 0):.1f} s), "
                    f"target {theirs.files} entries ({theirs.stats.get('seconds', 0):.1f} s), "
-                   f"{len(differences)} difference(s); source digest {ours.digest()}")
+                   f"{len(differences)} difference(s); source digest {view.digest()}")
     for difference in differences:
         log_file.write(f"  {difference}")
-    return ours, differences
+    return ours, view, differences
 
 
 def _repair(source: Path, target: Path, scope: _Scope, differences: Sequence[manifests.Difference],
@@ -1086,9 +1258,11 @@ def _repair(source: Path, target: Path, scope: _Scope, differences: Sequence[man
         mine = [d for d in differences if filesystem_of(d.path, scope.points) == mp]
         extra = sorted({d.path for d in mine if d.what == "extra"}, key=os.fsencode, reverse=True)
         # Removing an extra entry changes its directory's mtime: that directory's attributes are copied again.
+        # (Not the directories that go too: a nested extra tree names its own parents.)
         again = sorted({d.path for d in mine if d.what != "extra"}
-                       | {os.path.dirname(path) for path in extra if filesystem_of(os.path.dirname(path),
-                                                                                   scope.points) == mp},
+                       | ({os.path.dirname(path) for path in extra if filesystem_of(os.path.dirname(path),
+                                                                                    scope.points) == mp}
+                          - set(extra)),
                        key=os.fsencode)
         for path in extra:  # children before their directories
             relative = _within(path, mp)

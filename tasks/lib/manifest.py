@@ -1,6 +1,7 @@
 """A manifest of a tree: per entry, everything a faithful copy must keep.
 
     build_manifest(root, excludes, omit=..., mounts=...) -> Manifest
+    scan_flags(root, excludes, omit=..., mounts=...) -> {path: flags}
     compare(source, target) -> list[Difference]
     manifest.digest() -> "sha256:<hex>"
 
@@ -26,6 +27,12 @@ What is recorded, and compared:
 - POSIX ACLs (access and default) decoded from their xattrs, and every other
   xattr (`security.selinux`, `security.capability`, `user.*`), sorted, except
   XFS's own copies of the ACLs (XFS_ACL_XATTRS);
+- inode flags (chattr/lsattr) of regular files and directories, as lsattr's
+  letters: the ones tasks/lib/inodeflags.py calls RECORDED (not e, I, N: the
+  filesystem's own bookkeeping). A copy compares them through a view of the
+  source (`with_flags`) that says what the target is to hold: copy.py leaves
+  out the flags deferred to the fix stage (i, a) and those the target
+  filesystem does not keep, and lists both in its receipt;
 - hard links: `link`, the first path (in byte order) of the entry's inode
   group, set on every member when at least two recorded paths share an inode.
   Link counts are not compared: a link outside the recorded area changes them.
@@ -43,7 +50,8 @@ the mounted filesystem's root, so its mode, owner, xattrs and mtime count too.
 
 The digest is the SHA-256 of the canonical JSON of every compared field
 (everything but `sparse`, the one-way property), so two trees that compare
-equal have the same digest.
+equal have the same digest; a view made by `with_flags` has the digest of
+what it says, which is what a copy compared.
 
 Entries are read and hashed in batches by a thread pool: hashlib and read()
 let go of the GIL, so big files use both cores. For many small files the
@@ -71,10 +79,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import inodeflags
 from tasks.lib.runner import CommandError, P2VError, run
 
 MANIFEST_FORMAT = "p2v-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: inode flags
 
 ACL_ACCESS = "system.posix_acl_access"
 ACL_DEFAULT = "system.posix_acl_default"
@@ -133,6 +142,7 @@ class Entry:
     xattrs: tuple[tuple[str, str], ...] = ()  # (name, hex value), sorted, without the ACLs
     link: str | None = None  # first path of the hard-link group
     sparse: bool = False  # regular file with a hole
+    flags: str = ""  # inode flags of files and directories, lsattr's letters ("ia"); see inodeflags.RECORDED
 
     def to_json(self) -> dict[str, Any]:
         data = self.comparable()
@@ -151,7 +161,7 @@ class Entry:
             "path": self.path, "type": self.type, "mode": self.mode, "uid": self.uid, "gid": self.gid,
             "mtime_ns": self.mtime_ns, "size": self.size, "sha256": self.sha256, "target": self.target,
             "rdev": list(self.rdev) if self.rdev is not None else None, "acl_access": self.acl_access,
-            "acl_default": self.acl_default, "xattrs": dict(self.xattrs), "link": self.link,
+            "acl_default": self.acl_default, "xattrs": dict(self.xattrs), "link": self.link, "flags": self.flags,
         }
 
 
@@ -200,6 +210,12 @@ class Manifest:
         entries = [Entry.from_json(row) for row in data["entries"]]
         return cls(root=data["root"], entries=_sorted(entries), excludes=tuple(data["excludes"]),
                    omit=tuple(data["omit"]), mounts=tuple(data["mounts"]))
+
+    def with_flags(self, flags: Mapping[str, str]) -> Manifest:
+        """This manifest with the flags of the entries in `flags` (path -> letters) replaced."""
+        entries = {path: replace(entry, flags=flags[path]) if path in flags else entry
+                   for path, entry in self.entries.items()}
+        return replace(self, entries=entries)
 
     def write(self, path: Path) -> None:
         # ensure_ascii keeps surrogate-escaped names intact (as \\udcXX).
@@ -373,6 +389,7 @@ def _describe(root: bytes, path: bytes, info: os.stat_result, view: memoryview) 
         fd = _open_for_reading(full)
         try:
             access, default, xattrs = _xattrs(fd)
+            flags = inodeflags.read_flags(fd)
             sha, sparse = _content(fd, full, info, view)
         finally:
             os.close(fd)
@@ -380,13 +397,22 @@ def _describe(root: bytes, path: bytes, info: os.stat_result, view: memoryview) 
     else:
         kind = _type_of(mode)
         access, default, xattrs = _xattrs(full)
+        flags = _directory_flags(full) if kind == "dir" else 0
         if kind == "symlink":
             target = os.fsdecode(os.readlink(full))
         elif kind in ("char", "block"):
             rdev = (os.major(info.st_rdev), os.minor(info.st_rdev))
     return Entry(path=os.fsdecode(path), type=kind, mode=stat.S_IMODE(mode), uid=info.st_uid, gid=info.st_gid,
                  mtime_ns=info.st_mtime_ns, size=size, sha256=sha, target=target, rdev=rdev, acl_access=access,
-                 acl_default=default, xattrs=xattrs, sparse=sparse)
+                 acl_default=default, xattrs=xattrs, sparse=sparse, flags=inodeflags.letters(flags))
+
+
+def _directory_flags(full: bytes) -> int:
+    fd = _open_for_reading(full)
+    try:
+        return inodeflags.read_flags(fd)
+    finally:
+        os.close(fd)
 
 
 def _describe_batch(root: bytes, batch: list[tuple[bytes, os.stat_result]]) -> list[Entry]:
@@ -439,6 +465,42 @@ def _walk(root: bytes, excludes: frozenset[bytes], omit: frozenset[bytes],
             yield path, info
             if stat.S_ISDIR(info.st_mode) and path not in excludes and (info.st_dev == device or path in mounts):
                 pending.append((path, info.st_dev))
+
+
+def scan_flags(
+    root: str | os.PathLike[str],
+    excludes: Sequence[str] = (),
+    *,
+    omit: Sequence[str] = (),
+    mounts: Sequence[str] = (),
+) -> dict[str, int]:
+    """The recorded inode flags of every file and directory that has any, walked as build_manifest walks.
+
+    No content is read: an open, an ioctl and a close per file or directory.
+    """
+    top = os.fsencode(os.path.abspath(root))
+    found: dict[str, int] = {}
+    walked = _walk(top, frozenset(os.fsencode(normalize(p)) for p in excludes),
+                   frozenset(os.fsencode(normalize(p)) for p in omit),
+                   frozenset(os.fsencode(normalize(p)) for p in mounts))
+    for path, info in walked:
+        if not inodeflags.has_flags(info.st_mode):
+            continue
+        full = top + path if path != b"/" else top
+        try:
+            fd = _open_for_reading(full)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise P2VError(f"cannot read the flags of {shown(os.fsdecode(path))} under {os.fsdecode(top)}: "
+                           f"{exc.strerror}") from None
+        try:
+            flags = inodeflags.read_flags(fd)
+        finally:
+            os.close(fd)
+        if flags:
+            found[os.fsdecode(path)] = flags
+    return found
 
 
 def _batches(items: Iterable[tuple[bytes, os.stat_result]]) -> Iterator[list[tuple[bytes, os.stat_result]]]:
@@ -531,6 +593,8 @@ def _render(name: str, value: Any) -> str:
         return f"{value[0]}:{value[1]}"
     if name == "sparse":
         return "yes" if value else "no"
+    if name == "flags":
+        return value or "-"
     if name == "xattr":
         return str(value) if len(value) <= 40 else str(value)[:40] + "…"
     return str(value)
@@ -539,7 +603,7 @@ def _render(name: str, value: Any) -> str:
 _LABELS = {"mtime_ns": "mtime", "acl_access": "access ACL", "acl_default": "default ACL", "link": "hard link to",
            "rdev": "device"}
 _COMPARED = ("mode", "uid", "gid", "size", "sha256", "target", "rdev", "acl_access", "acl_default", "link",
-             "mtime_ns")
+             "mtime_ns", "flags")
 
 
 def compare_entries(source: Entry, target: Entry) -> list[Difference]:

@@ -46,6 +46,17 @@ at 1 MiB and are MiB-aligned. An explicit `size` must hold at least every
 filesystem's data and overhead (without headroom); the rest goes first to the
 other filesystems' headroom, then to the root.
 
+Swap (`target.swap`): as much as the source had in its fstab, swap
+partitions and swap files (inspect records each file's size) alike. `source`
+(the default) keeps the kind: the source's swap partitions become one swap
+partition, its swap files one swap file at the first one's path, which the
+fix stage writes (zeros, not sparse) and mkswaps; `partition` and `file` put
+all of it into one of that kind (a file at the source's swap file path, else
+/swapfile), `none` drops it. Source swap files are not copied (their content
+is worthless) and their space is not counted as data. Every source swap line
+of fstab is either the line of a planned swap area or removed with a reason
+that names what replaced it.
+
 Layout of the disk: [BIOS boot (gpt)] [/boot] [ESP] [swap] [other mounts] [/]:
 the root comes last so that cloud-init's growpart can grow it into a larger
 flavor's disk. With msdos and more than four partitions, the fourth is an
@@ -193,6 +204,7 @@ class SwapFilePlan:
     path: str
     size: int
     filesystem: str  # the mountpoint of the filesystem that holds it
+    sources: tuple[str, ...] = ()  # the source swap (files, devices) it stands for
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,11 @@ class DiskPlan:
     fstab: tuple[FstabChange, ...]
     notes: tuple[str, ...]
     complete: bool = False  # True once the disk stage filled in the UUIDs
+    source_swap: int | None = None  # bytes of swap in the source's fstab (partitions, swap files); None: not known
+
+    @property
+    def swap_partition(self) -> PartitionPlan | None:
+        return next((p for p in self.partitions if p.swap is not None), None)
 
     @property
     def filesystems(self) -> tuple[FilesystemPlan, ...]:
@@ -573,6 +590,18 @@ class _Draft:
         return self.size_for(self.payload + self.headroom)
 
 
+@dataclass(frozen=True)
+class _SwapChoice:
+    """What becomes of the source's swap: sizes of the swap partition and file to make (0: none)."""
+
+    partition: int
+    file: int
+    file_path: str
+    partitions: tuple[Mapping[str, Any], ...]  # source swap partitions in fstab (layout "swaps")
+    files: tuple[Mapping[str, Any], ...]  # source swap file lines (layout "fstab", status swapfile)
+    total: int  # bytes of swap the source had
+
+
 # ---------------------------------------------------------------- the planner
 
 
@@ -588,12 +617,19 @@ class _Planner:
         self.host = host
         self.spec_file = spec_file
         self.notes: list[str] = []
+        self.swap_partition_sources: tuple[str, ...] = ()  # what the swap partition stands for
         self.by_device = {fs["device"]: fs for fs in layout["filesystems"]}
         self.bootloader: str = layout["boot"]["bootloader"]
         self.firmware: str = layout["boot"]["firmware"]
         self.kernel = oldest_kernel(layout)
         self.min_headroom = parse_size(policy.min_headroom)
         self.mounts = [self._source_mount(m) for m in layout["mounts"]]
+        # Source swap files are left out of the copy: their space is no data to hold.
+        self.left_out: dict[str, int] = {}
+        for entry in layout["fstab"]:
+            if entry.get("status") == "swapfile" and int(entry.get("size") or 0):
+                holder = self._receiver(entry["spec"], [m.mountpoint for m in self.mounts])
+                self.left_out[holder] = self.left_out.get(holder, 0) + int(entry["size"])
 
     def _source_mount(self, mount: Mapping[str, Any]) -> SourceMount:
         fs = self.by_device[mount["device"]]
@@ -707,6 +743,9 @@ class _Planner:
     def _headroom(self, used: int) -> int:
         return max(used * self.policy.headroom_percent // 100, self.min_headroom)
 
+    def _used(self, members: Sequence[SourceMount]) -> int:
+        return sum(max(0, m.used_bytes - self.left_out.get(m.mountpoint, 0)) for m in members)
+
     def _draft(self, base: SourceMount, members: Sequence[SourceMount], is_root: bool, swap_file: int) -> _Draft:
         fstype = self._root_type(base) if is_root else base.fstype
         if fstype not in SUPPORTED_TYPES:
@@ -732,7 +771,7 @@ class _Planner:
             uuid = base.uuid
             if fstype == "vfat" and not re.fullmatch(r"[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}", uuid):
                 uuid = None
-        used = sum(m.used_bytes for m in members)
+        used = self._used(members)
         allowance = 0
         for member in members:
             source_block = self._source_block_size(member)
@@ -756,17 +795,38 @@ class _Planner:
 
     # -- swap
 
-    def swap(self) -> tuple[int, list[Mapping[str, Any]]]:
-        """(bytes of swap to plan, the source swaps in fstab)."""
-        in_fstab = [s for s in self.layout["swaps"] if s.get("in_fstab")]
-        total = round_up_mib(sum(int(s["size"]) for s in in_fstab))
-        if self.policy.swap == "none":
-            if in_fstab:
+    def swap(self) -> _SwapChoice:
+        """What the source's swap becomes (module doc)."""
+        partitions = tuple(s for s in self.layout["swaps"] if s.get("in_fstab"))
+        files = tuple(e for e in self.layout["fstab"] if e.get("status") == "swapfile")
+        for entry in files:
+            if "size" not in entry:
+                raise P2VError(f"layout.json records the swap file {entry['spec']} without its size "
+                               "(made by an older inspect)",
+                               hint="run inspect:<host> again: doit forget inspect:<host>")
+            if not int(entry["size"]):
+                self.notes.append(f"the source's fstab names the swap file {entry['spec']}, which it does not hold "
+                                  f"({entry.get('reason', 'empty')}): no swap is planned for it")
+        part_bytes = sum(int(s["size"]) for s in partitions)
+        file_bytes = sum(int(e["size"]) for e in files)
+        total = part_bytes + file_bytes
+        existing = [e["spec"] for e in files if int(e["size"])]
+        path = existing[0] if existing else SWAP_FILE_PATH
+        choice = {"partition": 0, "file": 0}
+        policy = self.policy.swap
+        if policy == "none":
+            if total:
                 self.notes.append(f"swap: none; the source's {mib(total)} MiB of swap is dropped")
-            return 0, in_fstab
-        if not in_fstab:
+        elif not total and not files:
             self.notes.append("the source has no swap in fstab; none planned")
-        return total, in_fstab
+        elif policy == "partition":
+            choice["partition"] = round_up_mib(total)
+        elif policy == "file":
+            choice["file"] = round_up_mib(total)
+        else:
+            choice = {"partition": round_up_mib(part_bytes), "file": round_up_mib(file_bytes)}
+        return _SwapChoice(partition=choice["partition"], file=choice["file"], file_path=path,
+                           partitions=partitions, files=files, total=total)
 
     # -- the whole plan
 
@@ -777,11 +837,15 @@ class _Planner:
         if label == "gpt" and self.firmware == "bios" and self.bootloader == "grub-legacy":
             raise P2VError("target.label gpt: grub legacy cannot boot from a GPT disk",
                            hint=f"use target.label: msdos in {self.spec_file}")
-        swap_bytes, source_swaps = self.swap()
-        swap_file = swap_bytes if self.policy.swap == "file" else 0
-        swap_part = swap_bytes if self.policy.swap == "source" else 0
-        drafts = [self._draft(base, members, base.mountpoint == "/", swap_file if base.mountpoint == "/" else 0)
-                  for base, members in self.groups()]
+        swap = self.swap()
+        source_swaps = list(swap.partitions)
+        self.swap_partition_sources = tuple(self._swap_partition_sources(swap))
+        swap_part = swap.partition
+        groups = self.groups()
+        file_holder = self._receiver(swap.file_path, [base.mountpoint for base, _ in groups])
+        drafts = [self._draft(base, members, base.mountpoint == "/",
+                              swap.file if base.mountpoint == file_holder else 0)
+                  for base, members in groups]
         root = next(d for d in drafts if d.mountpoint == "/")
         others = [d for d in drafts if d is not root]
         ordered = [d for d in others if d.mountpoint == "/boot"] + \
@@ -800,9 +864,18 @@ class _Planner:
         sizes = self._final_sizes(slots, label)
         partitions = self._lay_out(slots, sizes, label, source_swaps)
         disk_size = partitions[-1].end + (GPT_TAIL if label == "gpt" else 0)
-        swap_file_plan = SwapFilePlan(SWAP_FILE_PATH, swap_file, "/") if swap_file else None
-        if swap_file_plan:
-            self.notes.append(f"swap: a {mib(swap_file)} MiB swap file {SWAP_FILE_PATH} in / (made by the fix stage)")
+        swap_file_plan = None
+        if swap.file:
+            sources = [e["spec"] for e in swap.files if int(e["size"])]
+            if self.policy.swap == "file":
+                sources = [s["device"] for s in swap.partitions] + sources
+            swap_file_plan = SwapFilePlan(swap.file_path, swap.file, file_holder, tuple(sources))
+            self.notes.append(f"swap: a {mib(swap.file)} MiB swap file {swap.file_path} in {file_holder}, "
+                              f"for the source's {', '.join(sources)} (made by the fix stage)")
+        swap_part_plan = next((p for p in partitions if p.swap is not None), None)
+        if swap_part_plan is not None:
+            self.notes.append(f"swap: a {mib(swap_part_plan.size)} MiB swap partition {swap_part_plan.number}, for "
+                              f"the source's {', '.join(self._swap_partition_sources(swap))}")
         if self.layout["lvm"]["lvs"]:
             self.notes.append("LVM on the source is not recreated: the target has plain partitions")
         if self.layout.get("md"):
@@ -826,14 +899,37 @@ class _Planner:
             copies=copies,
             fstab=(),
             notes=(),
+            source_swap=swap.total,
         )
-        fstab = tuple(self._fstab_change(entry, plan, copies, source_swaps) for entry in self.layout["fstab"])
+        carriers = self._swap_carriers(swap, plan)
+        fstab = tuple(self._fstab_change(entry, plan, copies, carriers) for entry in self.layout["fstab"])
         return dataclasses.replace(plan, fstab=fstab, notes=tuple(self.notes))
 
+    def _swap_partition_sources(self, swap: _SwapChoice) -> list[str]:
+        sources = [s["device"] for s in swap.partitions]
+        if self.policy.swap == "partition":
+            sources += [e["spec"] for e in swap.files if int(e["size"])]
+        return sources
+
+    def _swap_carriers(self, swap: _SwapChoice, plan: DiskPlan) -> dict[int, str]:
+        """fstab line -> "partition" or "file": the source swap line that becomes the planned swap area's line."""
+        by_device = {e.get("device"): e for e in self.layout["fstab"] if e.get("status") == "swap"}
+        partition_lines = [int(by_device[s["device"]]["line"]) for s in swap.partitions if s["device"] in by_device]
+        file_lines = [int(e["line"]) for e in swap.files if int(e["size"])]
+        carriers: dict[int, str] = {}
+        if plan.swap_partition is not None:
+            line = (partition_lines or file_lines)[:1]
+            carriers.update(dict.fromkeys(line, "partition"))
+        if plan.swap_file is not None:
+            line = [n for n in file_lines if n not in carriers][:1] or \
+                [n for n in partition_lines if n not in carriers][:1]
+            carriers.update(dict.fromkeys(line, "file"))
+        return carriers
+
     @staticmethod
-    def _receiver(mountpoint: str, fs_by_mount: Mapping[str, PartitionPlan]) -> str:
-        """The deepest target filesystem whose mountpoint contains `mountpoint`."""
-        candidates = [m for m in fs_by_mount if m == "/" or mountpoint == m or mountpoint.startswith(m + "/")]
+    def _receiver(mountpoint: str, fs_mounts: Iterable[str]) -> str:
+        """The deepest filesystem (of `fs_mounts`, "/" among them) whose mountpoint contains `mountpoint`."""
+        candidates = [m for m in fs_mounts if m == "/" or mountpoint == m or mountpoint.startswith(m + "/")]
         return max(candidates, key=len)
 
     def _final_sizes(self, slots: Sequence[tuple[Role, _Draft | None, int]], label: str) -> list[int]:
@@ -929,7 +1025,7 @@ class _Planner:
         if uuid:
             argv += ["-U", uuid]
         return SwapPlan(label=label, uuid=uuid, keep_uuid=uuid is not None, mkswap=tuple(argv),
-                        sources=tuple(s["device"] for s in source_swaps))
+                        sources=self.swap_partition_sources)
 
     def _finish(self, draft: _Draft, size: int) -> FilesystemPlan:
         """The filesystem at its final size, with its exact mkfs command."""
@@ -978,14 +1074,14 @@ class _Planner:
             keep_uuid=draft.uuid is not None, features=features, features_off=features_off,
             features_from=draft.features_from, block_size=draft.block_size,
             inode_size=draft.inode_size or None, inodes=inodes, mkfs=tuple(argv), sources=draft.sources,
-            used_bytes=sum(m.used_bytes for m in draft.sources), headroom=draft.headroom,
+            used_bytes=self._used(draft.sources), headroom=draft.headroom,
             overhead=draft.overhead(size),
         )
 
     # -- fstab mapping
 
     def _fstab_change(self, entry: Mapping[str, Any], plan: DiskPlan, copies: Sequence[CopyPlan],
-                      source_swaps: Sequence[Mapping[str, Any]]) -> FstabChange:
+                      carriers: Mapping[int, str]) -> FstabChange:
         base = {"line": int(entry["line"]), "spec": entry["spec"], "file": entry["file"],
                 "vfstype": entry["vfstype"]}
         options = tuple(entry.get("options", ()))
@@ -994,28 +1090,8 @@ class _Planner:
             return FstabChange(**base, action="keep", target=None, new_spec=None, new_vfstype=None,
                                new_options=options, new_passno=None, dropped_options=(),
                                reason=f"{status}: {entry.get('reason', '')}")
-        if status == "swapfile":
-            # The copy leaves swap files behind (their contents are worthless and
-            # often large); the plan's own swap, if any, has its own line.
-            where = {"source": "the swap partition", "file": SWAP_FILE_PATH}.get(plan.policy.swap)
-            return self._removed(base, options, "swap file, not copied" + (f"; replaced by {where}" if where else ""))
-        if status == "swap":
-            first_swap = source_swaps[0]["device"] if source_swaps else None
-            if plan.policy.swap == "none":
-                return self._removed(base, options, "swap: none")
-            if entry.get("device") != first_swap:
-                target = "swap" if plan.policy.swap == "source" else SWAP_FILE_PATH
-                return self._removed(base, options, f"merged into the one {target}")
-            if plan.swap_file is not None:
-                return FstabChange(**base, action="replace", target=plan.swap_file.path, new_spec=plan.swap_file.path,
-                                   new_vfstype="swap", new_options=options, new_passno=0, dropped_options=(),
-                                   reason="swap file")
-            swap_part = next(p for p in plan.partitions if p.swap is not None)
-            return FstabChange(**base, action="replace", target="swap",
-                               new_spec=_new_spec(entry["spec"], swap_part.swap.label if swap_part.swap else "",
-                                                  swap_part.swap.uuid if swap_part.swap else None),
-                               new_vfstype="swap", new_options=options, new_passno=0, dropped_options=(),
-                               reason=f"swap partition {swap_part.number}")
+        if status in ("swap", "swapfile"):
+            return self._swap_change(entry, base, options, plan, carriers.get(int(entry["line"])))
         mountpoint = entry["file"]
         fs_mounts = {fs.mountpoint for fs in plan.filesystems}
         if mountpoint not in fs_mounts:
@@ -1041,6 +1117,35 @@ class _Planner:
                            new_spec=_new_spec(entry["spec"], fs.label, fs.uuid), new_vfstype=fs.fstype,
                            new_options=kept, new_passno=passno, dropped_options=dropped,
                            reason=f"partition {part.number}")
+
+    def _swap_change(self, entry: Mapping[str, Any], base: Mapping[str, Any], options: tuple[str, ...],
+                     plan: DiskPlan, carries: str | None) -> FstabChange:
+        """A source swap line: the line of a planned swap area, or removed saying what (if anything) replaced it."""
+        part = plan.swap_partition
+        swap_file = plan.swap_file
+        if carries == "partition" and part is not None and part.swap is not None:
+            return FstabChange(**base, action="replace", target="swap",
+                               new_spec=_new_spec(entry["spec"], part.swap.label, part.swap.uuid),
+                               new_vfstype="swap", new_options=options, new_passno=0, dropped_options=(),
+                               reason=f"swap partition {part.number}")
+        if carries == "file" and swap_file is not None:
+            return FstabChange(**base, action="replace", target=swap_file.path, new_spec=swap_file.path,
+                               new_vfstype="swap", new_options=options, new_passno=0, dropped_options=(),
+                               reason=f"swap file {swap_file.path}, made by the fix stage")
+        is_file = entry.get("status") == "swapfile"
+        what = "swap file, not copied; " if is_file else ""
+        if is_file and not int(entry.get("size") or 0):
+            return self._removed(base, options, f"{entry.get('reason') or 'an empty swap file'}: "
+                                                "no swap planned for it")
+        if plan.policy.swap == "none":
+            return self._removed(base, options, "swap: none")
+        # Which planned area this source swap went into: one of its own kind when there is one.
+        into_file = swap_file is not None and entry.get("device", entry["spec"]) in swap_file.sources
+        if into_file and swap_file is not None:
+            return self._removed(base, options, f"{what}merged into the swap file {swap_file.path}")
+        if part is not None:
+            return self._removed(base, options, f"{what}merged into swap partition {part.number}")
+        raise P2VError(f"internal: no planned swap for fstab line {entry['line']} ({entry['spec']})")
 
     @staticmethod
     def _removed(base: Mapping[str, Any], options: tuple[str, ...], reason: str,
@@ -1103,6 +1208,24 @@ _GPT_NAMES = {GPT_TYPES["filesystem"]: "linux", GPT_TYPES["swap"]: "swap", GPT_T
               GPT_TYPES["bios_boot"]: "bios"}
 
 
+def swap_summary(plan: DiskPlan) -> str:
+    """What the plan does with swap, against what the source had, in one line."""
+    areas = []
+    part = plan.swap_partition
+    if part is not None:
+        areas.append(f"swap partition p{part.number} of {_size(part.size)}")
+    if plan.swap_file is not None:
+        areas.append(f"swap file {plan.swap_file.path} of {_size(plan.swap_file.size)} (made by the fix stage)")
+    if plan.source_swap is None:
+        had = "the plan does not record the source's swap (made by an older p2v)"
+    else:
+        had = f"the source had {_size(plan.source_swap)} of swap in fstab" if plan.source_swap else \
+            "the source had no swap"
+    if plan.policy.swap == "none" and plan.source_swap:
+        return f"{had}; none planned (target.swap: none)"
+    return f"{had}; " + (" and ".join(areas) if areas else "none planned")
+
+
 def render_plan(plan: DiskPlan) -> str:
     """The plan as a table for operators (`doit plan:<host>`)."""
     policy = plan.policy
@@ -1128,12 +1251,13 @@ def render_plan(plan: DiskPlan) -> str:
             sources = ", ".join(part.swap.sources) or "-"
             rows.append(("swap", sources, "swap", "", "->", "swap", f"p{part.number}", "swap", _size(part.size)))
     if plan.swap_file is not None:
-        rows.append(("swap", "", "swap", "", "->", plan.swap_file.path, "(file in /)", "swap",
-                     _size(plan.swap_file.size)))
+        rows.append(("swap", ", ".join(plan.swap_file.sources) or "-", "swap", "", "->", plan.swap_file.path,
+                     f"(file in {plan.swap_file.filesystem})", "swap", _size(plan.swap_file.size)))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
+    lines += ["", f"  swap: {swap_summary(plan)}"]
     lines += ["", "  partitions:"]
     for part in plan.partitions:
         what: str = part.role

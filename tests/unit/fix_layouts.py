@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tasks.inspect import swap_file_size
 from tasks.lib.fstab import parse_fstab, skip_reason, source_kind
 from tasks.lib.paths import read_text_in_root
 from tasks.lib.plan import DiskPlan, plan_disk
@@ -68,7 +69,8 @@ def tree_layout(host: str, root: Path) -> dict[str, Any]:
             record.update(status="skipped", reason=reason)
             continue
         if entry.is_swap and not entry.spec.startswith(("/dev/", "UUID=", "LABEL=")):
-            record.update(status="swapfile")  # as inspect records it
+            size, missing = swap_file_size(root, entry.spec)  # as inspect records it
+            record.update(status="swapfile", size=size, **({"reason": missing} if missing else {}))
             continue
         device = _device(entry.spec, number)
         record["device"] = device
@@ -156,7 +158,7 @@ def make_spec(host: str, **target: Any) -> Spec:
                 target=TargetPolicy(**target), fix=FixPolicy(), glance=GlancePolicy())
 
 
-def completed_plan(layout: dict[str, Any], **target: Any) -> DiskPlan:
+def completed_plan(layout: dict[str, Any], /, **target: Any) -> DiskPlan:
     """plan_disk for the layout, with UUIDs as mkfs would report them (deterministic: 1111..., 2222...)."""
     draft = plan_disk(layout, make_spec(layout["host"], **target))
     uuids = {p.number: f"{p.number:08d}-aaaa-4bbb-8ccc-{p.number:012d}" for p in draft.partitions

@@ -40,3 +40,30 @@ def without_xfs(name: str, kernel: str, bootloader: str = "grub2") -> dict[str, 
     lay["system"]["kernels"] = [{**lay["system"]["kernels"][0], "version": kernel}]
     lay["boot"]["bootloader"] = bootloader
     return lay
+
+
+def with_swap_file(name: str, path: str = "/swap.img", size: int = 2 << 30, *, keep_partitions: bool = False,
+                   reason: str | None = None) -> dict[str, Any]:
+    """`name` whose swap is a swap file, as inspect records one (fstab status swapfile, with its size).
+
+    The file's line takes the place of the first swap partition's line; with
+    `keep_partitions` it is one more line and the partitions stay. `reason`
+    (with size 0): a swap file fstab names and the source does not hold.
+    """
+    lay = layout(name)
+    # The file's blocks are in its filesystem's usage, as statvfs showed it to inspect.
+    holder = max((m for m in lay["mounts"] if m["mountpoint"] == "/" or path.startswith(m["mountpoint"] + "/")),
+                 key=lambda m: len(m["mountpoint"]))
+    next(fs for fs in lay["filesystems"] if fs["device"] == holder["device"])["used_bytes"] += size
+    record = {"file": "none", "freq": 0, "options": ["sw"], "passno": 0, "spec": path, "status": "swapfile",
+              "vfstype": "swap", "size": size, **({"reason": reason} if reason else {})}
+    swap_lines = [e for e in lay["fstab"] if e["status"] == "swap"]
+    if keep_partitions or not swap_lines:
+        lay["fstab"].append({**record, "line": max(e["line"] for e in lay["fstab"]) + 1})
+    else:
+        first = lay["fstab"].index(swap_lines[0])
+        lay["fstab"][first] = {**record, "line": swap_lines[0]["line"]}
+        lay["fstab"] = [e for e in lay["fstab"] if e not in swap_lines[1:]]
+        for swap in lay["swaps"]:
+            swap["in_fstab"] = False
+    return lay

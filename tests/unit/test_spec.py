@@ -137,3 +137,21 @@ def test_shipped_live_example_is_valid(tmp_path: Path) -> None:
     assert spec.target.format == "qcow2"
     assert spec.fix.cloud_init.packages == ("qemu-guest-agent",)
     assert spec.glance.properties == (("owner_team", "web"),)
+
+
+def test_every_swap_choice_and_fix_step_is_valid_and_old_specs_stay_valid(tmp_path: Path) -> None:
+    import json
+
+    from tasks.fix import STEP_NAMES
+
+    schema = json.loads((PROJECT_DIR / "tasks" / "schemas" / "spec.schema.json").read_text())
+    assert schema["properties"]["fix"]["properties"]["skip"]["items"]["enum"] == list(STEP_NAMES)
+    for choice in ("source", "partition", "file", "none"):  # source, file and none are the old ones
+        (tmp_path / choice).mkdir()
+        spec_dir = make_project(tmp_path / choice, {"web1.yaml": GOOD_SOURCE + f"target:\n  swap: {choice}\n"
+                                                    "fix:\n  skip: [swap-file, inode-flags]\n"})
+        (spec,) = load_specs(spec_dir)
+        assert spec.target.swap == choice
+    (tmp_path / "default").mkdir()
+    (spec,) = load_specs(make_project(tmp_path / "default", {"web1.yaml": GOOD_SOURCE}))
+    assert spec.target.swap == "source"

@@ -12,7 +12,7 @@ from tasks.lib.plan import DiskPlan, plan_disk
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import CloudInitPolicy, FixPolicy, GlancePolicy, Source, Spec, TargetPolicy
 from tasks.report import render_report
-from tasks.verify import expected_addresses, old_macs, plan_checks, shadow_with_root_password
+from tasks.verify import active_swap_kib, expected_addresses, old_macs, plan_checks, shadow_with_root_password
 from tests.unit.layouts import layout
 
 
@@ -64,10 +64,33 @@ def test_mounts_judge_wants_every_planned_mount_from_its_new_uuid() -> None:
 
 def test_swap_judge() -> None:
     plan = completed_plan("plain-bookworm")
-    swap = next(p.swap for p in plan.partitions if p.swap is not None)
+    part = plan.swap_partition
+    assert part is not None and part.swap is not None
+    kib = active_swap_kib(part.size)
+    assert kib == (part.size // 4096 - 1) * 4
     judge = checks_by_name("plain-bookworm")["swap"].judge
-    assert judge(f"/dev/vda3 {swap.uuid}\n", 0) is None
+    assert judge(f"/dev/vda3 partition {kib} {part.swap.uuid}\n", 0) is None
     assert "not active" in str(judge("", 0))
+    smaller = judge(f"/dev/vda3 partition {kib - 4} {part.swap.uuid}\n", 0)
+    assert smaller is not None and f"with {kib - 4} KiB, not the planned {kib} KiB" in smaller
+    # Active, but not the planned one (another UUID): not it.
+    assert "not active" in str(judge(f"/dev/vda3 partition {kib} 99999999-0000-4000-8000-000000000000\n", 0))
+
+
+def test_swap_judge_for_a_swap_file_wants_its_size() -> None:
+    lay = layout("plain-bookworm")
+    plan = completed_plan("plain-bookworm", swap="file")
+    assert plan.swap_file is not None and plan.swap_partition is None
+    judge = {c.name: c for c in plan_checks(lay, plan, make_spec(swap="file"))}["swap"].judge
+    kib = active_swap_kib(plan.swap_file.size)
+    assert judge(f"/swapfile file {kib} 0d6f5c1e-9a2b-4c3d-8e4f-5a6b7c8d9e0f\n", 0) is None
+    assert judge(f"/swapfile file {kib}\n", 0) is None  # a file's UUID is not what fstab names
+    assert "the swap file /swapfile is not active" in str(judge("", 0))
+    assert f"not the planned {kib} KiB" in str(judge("/swapfile file 1024\n", 0))
+    # The plan promises as much swap as the source had; a plan that gives less is caught too.
+    short = dataclasses.replace(plan, source_swap=plan.swap_file.size + (1 << 20))
+    judge = {c.name: c for c in plan_checks(lay, short, make_spec(swap="file"))}["swap"].judge
+    assert "less than the source's" in str(judge(f"/swapfile file {kib}\n", 0))
 
 
 def test_network_judge_wants_the_kept_address_on_the_same_name() -> None:
@@ -154,3 +177,28 @@ def test_report_claims_no_replay_that_did_not_happen() -> None:
                  {"copy": {"files": 10, "bytes": 1}, "seconds": 3}):  # a stamp from before journal replay
         text = _report(lay, sync)
         assert "replayed" not in text and "not shut down cleanly" not in text
+
+
+def test_report_says_what_became_of_swap_and_inode_flags() -> None:
+    from tests.unit.layouts import with_swap_file
+
+    lay = with_swap_file("plain-bookworm", size=256 << 20)
+    plan = plan_disk(lay, make_spec()).with_uuids({1: "11111111-2222-4333-8444-555555555501"})
+    copy = {"files": 10, "bytes": 1 << 30,
+            "inode_flags": {"entries": 3, "kept": {"d": 2, "A": 1},
+                            "pending": [{"path": "/etc/resolv.conf", "flags": "i"}],
+                            "dropped": [{"path": "/srv/x", "flags": "C", "reason": "Operation not supported"}]},
+            "warnings": ["inode flag C (no copy on write) not kept on 1 entry of the target (Operation not "
+                         "supported): /srv/x"]}
+    fix = {"steps": [], "inode_flags": {"restored": [{"path": "/etc/resolv.conf", "flags": "i"}]}}
+    text = render_report("x", lay, plan, {"copy": copy, "seconds": 3}, fix, {"skipped": True})
+    assert "- swap: the source had 256 MiB of swap in fstab; swap file /swap.img of 256 MiB (made by the fix " \
+           "stage)" in text
+    assert "- inode flags: 3 source entries have some; on the target: A on 1, d on 2; 1 immutable/append-only " \
+           "left to the fix stage; 1 the target filesystem does not keep (see the warnings)" in text
+    assert "- inode flags set last: 1 entry, read back: /etc/resolv.conf (i)" in text
+    assert "- inode flag C (no copy on write) not kept on 1 entry" in text
+    # Receipts of an older p2v do not say: neither does the report.
+    old = render_report("x", lay, plan, {"copy": {"files": 1, "bytes": 1}}, {"steps": []}, {"skipped": True})
+    assert "- inode flags: not recorded (a copy by an older p2v)" in old
+    assert "- inode flags set last: not recorded (a fix by an older p2v)" in old

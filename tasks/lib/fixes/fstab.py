@@ -79,8 +79,7 @@ def rewrite_fstab(text: str, plan: DiskPlan) -> tuple[str, list[str]]:
             # A swap file is not copied (sync leaves swap files out), so its line would fail at boot.
             if _is_swap_file(change.spec, change.vfstype) and (plan.swap_file is None
                                                                 or plan.swap_file.path != change.spec):
-                change = dataclasses.replace(change, action="remove",
-                                             reason="swap file, not copied; swap is planned anew")
+                change = dataclasses.replace(change, action="remove", reason="swap file, not copied")
             else:
                 continue
         if index >= len(lines) or lines[index].lstrip().startswith(REMOVED_MARK):
@@ -108,5 +107,21 @@ def fix_fstab(tree: TreeReader, plan: DiskPlan) -> Changes:
     new, warnings = rewrite_fstab(text, plan)
     for warning in warnings:
         changes.note(warning)
-    changes.write(FSTAB, new, "new UUIDs; merged mounts and old swap removed, as planned")
+    changes.write(FSTAB, new, fstab_why(plan))
     return changes
+
+
+def fstab_why(plan: DiskPlan) -> str:
+    """What the rewrite does, as the plan says it (for the receipt)."""
+    said = ["new UUIDs"]
+    merged = [c.file for c in plan.fstab if c.action == "remove" and c.vfstype != "swap"]
+    if merged:
+        said.append(f"merged mounts removed ({', '.join(merged)})")
+    swaps = [c for c in plan.fstab if c.vfstype == "swap" and c.action != "keep"]
+    if any(c.action == "remove" for c in swaps):
+        said.append("source swap lines removed: " + "; ".join(f"{c.spec} ({c.reason})" for c in swaps
+                                                             if c.action == "remove"))
+    said += [f"swap on {c.new_spec} ({c.reason})" for c in swaps if c.action == "replace"]
+    if plan.swap_file is not None and not any(c.new_spec == plan.swap_file.path for c in swaps):
+        said.append(f"swap on {plan.swap_file.path} (added)")
+    return "; ".join(said)

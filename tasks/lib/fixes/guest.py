@@ -63,7 +63,8 @@ def fix_selinux(tree: TreeReader, system: SystemDescription, layout: Mapping[str
     The copy keeps security.selinux xattrs and the writer carries a replaced
     file's over, but a file that did not exist before (cloud-init's config, a
     .link file, packages installed from a chroot whose host runs no SELinux)
-    has none, and a filesystem of another type is a reason on its own.
+    has none, and a filesystem of another type is a reason on its own. So
+    does the swap file the fix stage makes: swapon wants it labelled.
     """
     changes = Changes(tree, "selinux")
     if system.selinux == "disabled":
@@ -74,6 +75,8 @@ def fix_selinux(tree: TreeReader, system: SystemDescription, layout: Mapping[str
         reasons.append(f"new files {', '.join(new_files)}")
     if policy.cloud_init.install and not system.cloud_init.installed:
         reasons.append("cloud-init installed from the chroot")
+    if plan.swap_file is not None and not tree.exists(plan.swap_file.path):
+        reasons.append(f"the new swap file {plan.swap_file.path} (swapfile_t)")
     if reasons and not tree.exists(AUTORELABEL):
         changes.write(AUTORELABEL, "", f"SELinux {system.selinux}: relabel at first boot ({'; '.join(reasons)})",
                       0o644)
