@@ -1,4 +1,4 @@
-"""Every fixture server boots, as the old hardware would: IDE/SATA disks, an e1000 NIC.
+"""Every fixture server boots, as the old hardware would: IDE/SATA disks, an e1000 NIC, BIOS or UEFI.
 
 Inside the guest, `findmnt --fstab --verify` passes, every fstab filesystem is
 mounted and every fstab swap is active. qemu runs on TCG with -snapshot, so
@@ -57,6 +57,8 @@ def boots(fixture_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
             [VERIFY, FSTAB, MOUNTED, SWAPS, _expected_swaps_command(server.facts), CMDLINE, ADDRESSES, HOSTNAME],
             disk_bus=server.disk_bus, nic_model="e1000", mac=server.mac, login=server.login, timeout=900,
             serial_log=scratch / f"{name}.serial.log",
+            # UEFI servers boot OVMF with their own NVRAM (the installer's boot entry).
+            firmware="uefi" if server.firmware == "uefi" else "bios", varstore=server.varstore,
         )
 
     results: dict[str, BootResult | Exception] = {}
@@ -106,3 +108,10 @@ def test_fixture_boots_with_its_fstab_satisfied(name: str, fixture_server: Any,
         assert interface["address"] in outputs[ADDRESSES].output
     assert outputs[HOSTNAME].output.strip() == facts["hostname"]
     assert result.powered_off
+    if server.firmware == "uefi":
+        # Booted by the NVRAM entry for EFI/debian (there is no fallback loader on the ESP).
+        serial = result.serial_log.read_bytes().decode(errors="replace")
+        nvram = facts["bootloader"]["nvram"]
+        assert f'starting {nvram["entry"]} "{nvram["title"]}"' in serial
+        assert "\\EFI\\debian\\grubx64.efi" in serial
+        assert not any(path.upper().startswith("/EFI/BOOT") for path in facts["bootloader"]["esp"])

@@ -21,7 +21,14 @@ from typing import Any
 
 from tasks.lib.fixes.apply import apply_edit
 from tasks.lib.fixes.bootconfig import cmdline_target, fix_bootloader_config
-from tasks.lib.fixes.commands import bootloader_config_commands, bootloader_install_commands, service_commands
+from tasks.lib.fixes.commands import (
+    EFI_MODULES,
+    EfiLoader,
+    bootloader_config_commands,
+    bootloader_install_commands,
+    efi_loader,
+    service_commands,
+)
 from tasks.lib.fixes.fstab import fix_fstab, rewrite_fstab
 from tasks.lib.fixes.guest import CLOUD_INIT_CONFIG, fix_cloud_init, fix_selinux
 from tasks.lib.fixes.initrd import (
@@ -48,9 +55,11 @@ from tasks.lib.spec import FixPolicy
 
 __all__ = [
     "CLOUD_INIT_CONFIG",
+    "EFI_MODULES",
     "VIRTIO_MODULES",
     "Command",
     "EditPlan",
+    "EfiLoader",
     "FileEdit",
     "Finding",
     "TreeReader",
@@ -58,6 +67,8 @@ __all__ = [
     "bootloader_config_commands",
     "bootloader_install_commands",
     "choose_kernel",
+    "describe",
+    "efi_loader",
     "expected_initrd_drivers",
     "initrd_check_command",
     "initrd_commands",
