@@ -16,6 +16,11 @@ output with what the layout and the plan promise:
     network       the kept addresses are on the interfaces of the same name
     cloud-init    installed, when the spec asked for it
     mac-bindings  no file under /etc still names an old MAC
+    uefi          (UEFI) booted by UEFI, through the ESP's fallback loader EFI/BOOT/BOOTX64.EFI
+
+The machine is the one Nova would start the image on (tasks/lib/machine.py):
+i440fx (pc) with SeaBIOS for BIOS, q35 with OVMF for UEFI. A UEFI boot gets
+OVMF's empty variable store, so only the fallback path can boot it.
 
 A failed boot or check fails the stage with the serial console's tail. The
 receipt records every check's output.
@@ -119,6 +124,10 @@ def plan_checks(layout: Mapping[str, Any], plan: DiskPlan, spec: Spec) -> list[C
         Check("hostname", "hostname", _hostname_judge(layout["system"].get("hostname"))),
         Check("network", "ip -o -4 addr show", _network_judge(expected_addresses(layout, spec), spec)),
     ]
+    esp = next((fs for fs in plan.filesystems if fs.esp), None)
+    if plan.firmware == "uefi" and esp is not None:
+        checks.append(Check("uefi", f"test -d /sys/firmware/efi && echo booted-by-uefi; "
+                                    f"ls {shlex.quote(esp.mountpoint)}/EFI/*/", _judge_uefi))
     if spec.fix.cloud_init.install and "packages" not in spec.fix.skip:
         checks.append(Check("cloud-init", "cloud-init --version", _judge_cloud_init))
     macs = old_macs(layout)
@@ -201,6 +210,14 @@ def _network_judge(wanted: Mapping[str, Sequence[str]], spec: Spec) -> Callable[
                     if address not in found.get(name, set())]
         return "; ".join(problems) or None
     return judge
+
+
+def _judge_uefi(output: str, code: int) -> str | None:
+    if "booted-by-uefi" not in output.split():
+        return "the guest did not boot by UEFI (no /sys/firmware/efi)"
+    if "bootx64.efi" not in output.lower().split():
+        return f"the ESP has no fallback loader EFI/BOOT/BOOTX64.EFI: {' '.join(output.split())}"
+    return None
 
 
 def _judge_cloud_init(output: str, code: int) -> str | None:

@@ -176,6 +176,8 @@ def local_entries(directory: Path, attributes: Mapping[str, str] | None = None) 
         base = "/" + os.path.relpath(current, directory) if current != str(directory) else ""
         for name in dirs:
             path = f"{base}/{name}"
+            if Path(current, name).is_symlink():
+                raise P2VError(f"{path}: only files and directories can be written to a FAT filesystem")
             entries.append(EspEntry(path, "dir", 0, None, (attributes or {}).get(path, "")))
         for name in files:
             path = f"{base}/{name}"
@@ -194,11 +196,20 @@ def _mtools(argv: Sequence[str], *, check: bool = True) -> Result:
     return run(argv, env=MTOOLS_ENV, check=check, hint="mtools reads the FAT filesystem on the partition node itself")
 
 
+def _is_empty(node: str) -> bool:
+    # The recursive listings fail with "File ::/ not found" on an empty root; this one does not.
+    return not _mtools(["mdir", "-i", node, "-a", "-b", "::/"]).stdout.strip()
+
+
 def listing(node: str) -> dict[str, Literal["dir", "file"]]:
+    if _is_empty(node):
+        return {}
     return parse_mdir_bare(_mtools(["mdir", "-i", node, "-/", "-a", "-b", "::/"]).stdout)
 
 
 def attributes(node: str) -> dict[str, str]:
+    if _is_empty(node):
+        return {}
     return parse_mattrib(_mtools(["mattrib", "-i", node, "-/", "::/"]).stdout)
 
 
