@@ -45,9 +45,14 @@ def _expected_swaps_command(facts: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def boots(fixture_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootResult | Exception]:
-    """Every fixture booted, two at a time: TCG runs one vCPU per guest, and this machine has two cores."""
-    servers = {name: fixture_server(name) for name in FIXTURE_NAMES}
+def boots(request: pytest.FixtureRequest, fixture_server: Any,
+          tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootResult | Exception]:
+    """Every selected fixture booted, two at a time: TCG runs one vCPU per guest, and this machine has two cores."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if isinstance(item, pytest.Function) and item.module is request.module
+                and hasattr(item, "callspec") and "name" in item.callspec.params}
+    names = [name for name in FIXTURE_NAMES if name in selected]
+    servers = {name: fixture_server(name) for name in names}
     scratch = tmp_path_factory.mktemp("fixture-boots")
 
     def boot(name: str) -> BootResult:
@@ -63,7 +68,7 @@ def boots(fixture_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
 
     results: dict[str, BootResult | Exception] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = {name: pool.submit(boot, name) for name in FIXTURE_NAMES}
+        jobs = {name: pool.submit(boot, name) for name in names}
         for name, job in jobs.items():
             try:
                 results[name] = job.result()
