@@ -55,6 +55,9 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
         "",
         f"- {copy.get('files', '?')} entries, {_mib(int(copy.get('bytes', 0)))}, in {sync.get('seconds', '?')} s; "
         f"manifest of both trees equal (digest `{str(copy.get('manifest_digest', ''))[:16]}`)",
+        *(f"- ESP {point}: {receipt.get('files')} files, {receipt.get('bytes')} bytes, copied by mtools; "
+          f"{receipt.get('verified_by')} (digest `{str(receipt.get('digest', ''))[:16]}`)"
+          for point, receipt in sorted((copy.get("esp") or {}).items())),
         "",
         "## Fix",
         "",

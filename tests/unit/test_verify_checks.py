@@ -147,6 +147,9 @@ def test_report_names_the_machine_type_and_firmware() -> None:
     verify = {"skipped": False, "seconds_to_login": 80.0, "checks": [],
               "machine": {"disk_bus": "virtio", "nic_model": "virtio", "mac": "52:54:00:7e:57:01",
                           "machine_type": "q35", "firmware": "uefi", "hw_machine_type": "q35"}}
-    text = render_report("plain-bookworm", lay, plan, {"copy": {}, "seconds": 1}, {"steps": []}, verify)
+    esp = {"/boot/efi": {"files": 2, "bytes": 300000, "verified_by": "listing, sizes, sha256",
+                         "digest": "sha256:0123456789abcdef"}}
+    text = render_report("plain-bookworm", lay, plan, {"copy": {"esp": esp}, "seconds": 1}, {"steps": []}, verify)
+    assert "- ESP /boot/efi: 2 files, 300000 bytes, copied by mtools; listing, sizes, sha256" in text
     assert "- booted on machine type q35 with UEFI (OVMF, empty variable store) (image property " \
            "hw_machine_type: q35)" in text
