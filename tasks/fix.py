@@ -17,9 +17,15 @@ chroot, and a flat list of named steps runs, in this order:
     cloud-init-clean   no instance state from the build
     services           the spec's hardware agents disabled
     initrd             regenerated non-hostonly; virtio drivers proven in it
-    bootloader-install grub to the image's MBR, its config regenerated and checked
+    bootloader-install grub to the image's MBR (BIOS), or grub's EFI loader onto the ESP
+                       and its fallback path EFI/BOOT/BOOTX64.EFI (UEFI); its config
+                       regenerated and checked
     inode-flags        i (immutable) and a (append-only), as on the source: last, so
                        that every step before could still write (tasks/lib/inodeflags.py)
+
+The ESP (vfat) is never mounted: the steps see a writable copy of its files
+at its mount point (tasks/lib/esp.py), written back by mtools and proven
+when every step has succeeded; on a failure the ESP is left as it was.
 
 What to change is planned by pure functions (tasks/lib/fixes, tasks/lib/packages);
 this module carries it out. Every file edit goes through paths confined to the
@@ -48,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.disk import supports_direct_io
-from tasks.lib import fixes, inodeflags
+from tasks.lib import esp, fixes, inodeflags
 from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import EditPlan
 from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
@@ -476,6 +482,11 @@ def install_bootloader(ctx: FixContext) -> None:
     report = ctx.report("bootloader-install")
     disk = ctx.target.loop.path
     bootloader = ctx.layout["system"]["bootloader"]
+    efi = fixes.efi_loader(fixes.describe(ctx.layout), ctx.plan) if ctx.plan.firmware == "uefi" else None
+    if efi is not None and not ctx.tree.exists(fixes.EFI_MODULES):
+        raise P2VError(f"the server has no grub modules for UEFI ({fixes.EFI_MODULES}), so no EFI loader can be "
+                       "built for the image", hint="install grub-efi-amd64-bin (Debian) or grub2-efi-x64-modules "
+                       "(RHEL) on the server, then convert again")
     with _grub2_device_map(ctx, disk):
         for command in fixes.bootloader_install_commands(ctx.layout, ctx.plan, disk):
             ctx.chroot("bootloader-install", command.argv, input=command.input, timeout=600)
@@ -483,8 +494,16 @@ def install_bootloader(ctx: FixContext) -> None:
             for argv in fixes.bootloader_config_commands(ctx.layout):
                 ctx.chroot("bootloader-install", argv, timeout=600, env={"GRUB_DISABLE_OS_PROBER": "true"})
     _pin_grub_root(ctx)
-    report.changed(f"{bootloader.get('kind')} installed to the image's MBR"
-                   + (f"; {bootloader['config_path']} regenerated" if bootloader.get("config_path") else ""))
+    regenerated = f"; {bootloader['config_path']} regenerated" if bootloader.get("config_path") else ""
+    if ctx.plan.firmware == "bios":
+        report.changed(f"{bootloader.get('kind')} installed to the image's MBR{regenerated}")
+    elif efi is None:
+        report.changed(f"the ESP's boot chain and fallback loader kept as they were{regenerated}")
+    else:
+        images = {hashlib.sha256(resolve_in_root(ctx.root, path).read_bytes()).hexdigest() for path in efi.written}
+        if len(images) != 1:
+            raise P2VError(f"the EFI loaders {', '.join(efi.written)} are not the one image just built")
+        report.changed(efi.why + regenerated)
     _point_grub_pc_at_virtio(ctx)
 
 
@@ -523,6 +542,17 @@ def _point_grub_pc_at_virtio(ctx: FixContext) -> None:
                        f"not {fixes.VIRTIO_BOOT_DISK}", hint=f"see {CONFIG_DAT} in the image and the fix log")
     report.changed(f"debconf {fixes.GRUB_PC_INSTALL_DEVICES}: {before or '(unset)'} -> {fixes.VIRTIO_BOOT_DISK} "
                    "(grub-pc upgrades install to the virtio disk)")
+
+
+@contextlib.contextmanager
+def esp_working_copies(plan: DiskPlan, target: MountedTarget, scratch: Path) -> Iterator[None]:
+    """Each ESP as a writable view in the target tree; written back by mtools when the steps succeed."""
+    with contextlib.ExitStack() as stack:
+        for fs in plan.filesystems:
+            if fs.fstype == "vfat":
+                node = target.loop.partition(plan.partition_of(fs.mountpoint).number)
+                stack.enter_context(esp.esp_working_copy(node, resolve_in_root(target.root, fs.mountpoint), scratch))
+        yield
 
 
 @contextlib.contextmanager
@@ -651,7 +681,7 @@ def fix_host(run: StageRun) -> None:
                                        devices)
         if cleared:
             log.info("cleared i/a on %d entries an earlier fix set; set again at the end", cleared)
-        with chroot_binds(target.root):
+        with esp_working_copies(plan, target, spec.run_dir), chroot_binds(target.root):
             ctx = fix_tree(spec, layout, plan, target)
         finish_flags(ctx, pending, devices)
     stamp = {

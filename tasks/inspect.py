@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.lib import storage
+from tasks.lib import esp, storage
 from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, source_kind
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
@@ -236,6 +236,11 @@ def measure_filesystems(
                 "size": storage.block_size(node), "needs_recovery": name in discovery.replayed,
                 **storage.fs_features(fstype, node),
             }
+            if fstype == "vfat":  # never mounted (this kernel may have no vfat): read by mtools
+                record["fs_size"], record["used_bytes"] = esp.usage(node)
+                record["inodes"], record["used_inodes"] = 0, len(esp.listing(node))
+                records[name] = record
+                continue
             with mounted(node, point, fstype=fstype, options=read_only_mount_options(fstype)):
                 usage = os.statvfs(point)
                 record["fs_size"] = usage.f_blocks * usage.f_frsize
@@ -319,8 +324,15 @@ def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
 
 
 @contextlib.contextmanager
-def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: storage.DeviceMap) -> Iterator[Path]:
-    """The server's tree, read-only, mounted the way its fstab says."""
+def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: storage.DeviceMap, *,
+                 esp_views: bool = True) -> Iterator[Path]:
+    """The server's tree, read-only, mounted the way its fstab says.
+
+    A vfat filesystem (the ESP) is never mounted: with `esp_views` its files
+    are shown on a read-only tmpfs (esp.esp_view), else its mount point stays
+    the plain directory it is on the parent filesystem (sync copies the ESP
+    itself, by mtools).
+    """
     with contextlib.ExitStack() as stack:
         tree = stack.enter_context(scratch_dir(spec.run_dir, "tree"))
         for mount in mounts:
@@ -328,6 +340,10 @@ def mounted_tree(spec: Spec, mounts: Sequence[Mapping[str, Any]], devices: stora
             if not point.is_dir():
                 raise P2VError(f"mount point {mount['mountpoint']} does not exist on the source "
                                f"(needed for {mount['device']})")
+            if mount["fstype"] == "vfat":
+                if esp_views:
+                    stack.enter_context(esp.esp_view(devices.node(mount["device"]), point))
+                continue
             stack.enter_context(mounted(devices.node(mount["device"]), point, fstype=mount["fstype"],
                                         options=read_only_mount_options(mount["fstype"])))
         yield tree
@@ -340,13 +356,17 @@ class SourceView:
 
 
 @contextlib.contextmanager
-def source_tree(spec: Spec, layout: Mapping[str, Any]) -> Iterator[SourceView]:
+def source_tree(spec: Spec, layout: Mapping[str, Any], *, esp_views: bool = True,
+                devices_out: dict[str, str] | None = None) -> Iterator[SourceView]:
     """The source tree, read-only, as inspect found it (for sync and later stages).
 
     Refuses to go on if a filesystem is not the one layout.json recorded:
     the disks changed since inspect, and the layout must be made again. A
     filesystem that needs recovery now is read with its journal replayed,
     whatever inspect found: what counts is what the source holds now.
+    `esp_views`: as in mounted_tree. `devices_out` receives each mount's
+    (read-only) device node in this run, by mount point: the replayed view's
+    where there is one.
     """
     recorded = {fs["device"]: fs for fs in layout["filesystems"]}
     mountpoints = {mount["device"]: mount["mountpoint"] for mount in layout["mounts"]}
@@ -366,7 +386,9 @@ def source_tree(spec: Spec, layout: Mapping[str, Any]) -> Iterator[SourceView]:
                     f"UUID={want['uuid']} that inspect recorded",
                     hint=f"the source changed since inspect: remove layout.json and run inspect:{spec.host} again",
                 )
-        with mounted_tree(spec, layout["mounts"], devices) as tree:
+        if devices_out is not None:
+            devices_out.update({m["mountpoint"]: devices.node(m["device"]) for m in layout["mounts"]})
+        with mounted_tree(spec, layout["mounts"], devices, esp_views=esp_views) as tree:
             yield SourceView(root=tree, replayed=tuple(discovery.replayed[d] for d in sorted(discovery.replayed)))
 
 

@@ -62,6 +62,9 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
           "was copied and verified from a throw-away overlay in which the kernel replayed its journal (the source "
           "was not written)" for fs in copy.get("journal_replayed", [])],
         f"- inode flags: {_copied_flags(copy)}",
+        *(f"- ESP {point}: {receipt.get('files')} files, {receipt.get('bytes')} bytes, copied by mtools; "
+          f"{receipt.get('verified_by')} (digest `{str(receipt.get('digest', ''))[:16]}`)"
+          for point, receipt in sorted((copy.get("esp") or {}).items())),
         "",
         "## Fix",
         "",
@@ -81,7 +84,11 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
         lines.append("- **skipped** (verify: false in the spec): the image was not booted before upload.")
     else:
         machine = verify.get("machine", {})
-        lines.append(f"- booted on {machine.get('disk_bus')} disk + {machine.get('nic_model')} NIC "
+        firmware = {"uefi": "UEFI (OVMF, empty variable store)", "bios": "BIOS (SeaBIOS)"}.get(
+            machine.get("firmware", ""), "firmware not recorded")
+        lines.append(f"- booted on machine type {machine.get('machine_type', 'not recorded')} with {firmware} "
+                     f"(image property hw_machine_type: {machine.get('hw_machine_type', 'not recorded')})")
+        lines.append(f"- {machine.get('disk_bus')} disk + {machine.get('nic_model')} NIC "
                      f"(MAC {machine.get('mac')}), login after {verify.get('seconds_to_login')} s")
         lines += ["", "| check | result | output |", "|---|---|---|"]
         for check in verify.get("checks", []):

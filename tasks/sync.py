@@ -41,6 +41,13 @@ The swap file the plan makes (tasks/fix.py, step swap-file) is left out of
 the copy like the source's own swap files, unless the source has a file of
 that name (which is then copied, and the fix stage refuses to overwrite it).
 
+An EFI system partition (vfat) is not mounted on either side (this kernel
+may have no vfat): tasks/lib/esp.py copies its files by mtools, from the
+source's read-only partition node into the target's, writing only what
+differs, and proves the result against the source ESP read again (every
+path, type, size, sha256 and FAT attribute). Its receipt is `copy.esp`. No
+stage seal is written for such a source: the ESP has no fingerprint.
+
 The stamp depends on disk-plan.json rather than on disk.img: later stages
 write into disk.img, and that must not make the copy run again. A new disk
 (a new plan, with new UUIDs) does.
@@ -61,7 +68,7 @@ from typing import Any
 from tasks.disk import supports_direct_io
 from tasks.fix import CONVERSION_RECORD
 from tasks.inspect import reachable_source, source_tree
-from tasks.lib import inodeflags, storage
+from tasks.lib import esp, inodeflags, storage
 from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tree, target_matches_seal
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
@@ -284,7 +291,9 @@ def sync_host(run_: StageRun) -> None:
     layout = read_layout(run_.input(LAYOUT_FILE))
     plan = read_disk_plan(run_.input(PLAN_FILE))
     image = spec.artifact("disk.img")
-    mountpoints = [mount["mountpoint"] for mount in layout["mounts"]]
+    # The ESP (vfat) is copied by mtools, not by the copy engine: this kernel may not mount it.
+    mountpoints = [mount["mountpoint"] for mount in layout["mounts"] if mount["fstype"] != "vfat"]
+    esp_mounts = [mount["mountpoint"] for mount in layout["mounts"] if mount["fstype"] == "vfat"]
     if not image.is_file():
         raise P2VError(f"{image} does not exist", hint=f"run disk:{spec.host} first")
     started = time.monotonic()
@@ -304,7 +313,8 @@ def sync_host(run_: StageRun) -> None:
     check_work_area(image, plan)
     before = source_fingerprints(spec, layout)
     vouched = False
-    with source_tree(spec, layout) as source, \
+    nodes: dict[str, str] = {}
+    with source_tree(spec, layout, esp_views=False, devices_out=nodes) as source, \
             mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
         replayed = journal_replayed(layout, source.replayed)
         omitted = left_out(layout, plan, source.root)
@@ -318,9 +328,19 @@ def sync_host(run_: StageRun) -> None:
             defer_flags=inodeflags.DEFERRED,
             unlock=flags_set_by_fix(target.root),
         )
-        if before is not None and result.verified:
+        esp_receipts = {}
+        for mountpoint in esp_mounts:
+            log.info("copying the ESP %s by mtools", mountpoint)
+            target_node = target.loop.partition(plan.partition_of(mountpoint).number)
+            esp_receipts[mountpoint] = esp.copy_esp(nodes[mountpoint], target_node, spec.run_dir)
+            log.info("ESP %s: %d files, %d bytes, verified against the source ESP (%d entries changed)", mountpoint,
+                     esp_receipts[mountpoint]["files"], esp_receipts[mountpoint]["bytes"],
+                     esp_receipts[mountpoint]["changed_entries"])
+        if before is not None and result.verified and not esp_mounts:
             vouched = sealed_target(target, plan, spec, layout, omitted)
     receipt = {**result.receipt(), "journal_replayed": replayed}
+    if esp_receipts:
+        receipt["esp"] = esp_receipts
     if vouched and before is not None and not replayed and source_fingerprints(spec, layout) == before:
         write_stage_seal(spec, inputs, before, image, receipt)
     write_stamp(run_, receipt, started)

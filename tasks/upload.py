@@ -43,6 +43,7 @@ from typing import IO, Any
 from tasks.lib import glance
 from tasks.lib.copy import human
 from tasks.lib.image_format import UploadFile, sha512_of, upload_file
+from tasks.lib.machine import machine_properties
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan, GiB
 from tasks.lib.runner import P2VError, run
@@ -174,9 +175,8 @@ def image_request(layout: Mapping[str, Any], plan: DiskPlan, policy: GlancePolic
         props["os_version"] = str(os_info["version"])
     if guest_agent_installed(layout, fix_receipt):
         props["hw_qemu_guest_agent"] = "yes"
-    if plan.firmware == "uefi":
-        props["hw_firmware_type"] = "uefi"
-        props["hw_machine_type"] = "q35"
+    # The machine the verify stage booted the image on (tasks/lib/machine.py).
+    props.update(machine_properties(plan.firmware, policy.properties))
     for key, value in policy.properties:
         if key in RESERVED:
             raise P2VError(f"glance.properties.{key}: Glance or p2v sets this one",

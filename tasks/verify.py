@@ -16,6 +16,11 @@ output with what the layout and the plan promise:
     network       the kept addresses are on the interfaces of the same name
     cloud-init    installed, when the spec asked for it
     mac-bindings  no file under /etc still names an old MAC
+    uefi          (UEFI) booted by UEFI, through the ESP's fallback loader EFI/BOOT/BOOTX64.EFI
+
+The machine is the one Nova would start the image on (tasks/lib/machine.py):
+i440fx (pc) with SeaBIOS for BIOS, q35 with OVMF for UEFI. A UEFI boot gets
+OVMF's empty variable store, so only the fallback path can boot it.
 
 A failed boot or check fails the stage with the serial console's tail. The
 receipt records every check's output.
@@ -38,6 +43,7 @@ from typing import Any
 
 from tasks.lib import inodeflags
 from tasks.lib.bootcheck import BootCheckError, BootResult, boot_check, serial_tail
+from tasks.lib.machine import FIRMWARE_PROPERTY, MACHINE_PROPERTY, BootMachine, boot_machine
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.paths import read_text_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
@@ -51,7 +57,7 @@ from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 log = logging.getLogger("p2v.verify")
 
 STAMP_FORMAT = "p2v-verify-stamp"
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: the machine type and firmware booted
 FIX_STAMP = "fixed.stamp"
 VERIFY_MAC = "52:54:00:7e:57:01"  # a MAC no source fixture has: bindings to the old one must be gone
 BOOT_TIMEOUT = 900.0  # TCG on a shared two-core machine: boots take 1.5-4 minutes
@@ -118,6 +124,10 @@ def plan_checks(layout: Mapping[str, Any], plan: DiskPlan, spec: Spec) -> list[C
         Check("hostname", "hostname", _hostname_judge(layout["system"].get("hostname"))),
         Check("network", "ip -o -4 addr show", _network_judge(expected_addresses(layout, spec), spec)),
     ]
+    esp = next((fs for fs in plan.filesystems if fs.esp), None)
+    if plan.firmware == "uefi" and esp is not None:
+        checks.append(Check("uefi", f"test -d /sys/firmware/efi && echo booted-by-uefi; "
+                                    f"ls {shlex.quote(esp.mountpoint)}/EFI/*/", _judge_uefi))
     if spec.fix.cloud_init.install and "packages" not in spec.fix.skip:
         checks.append(Check("cloud-init", "cloud-init --version", _judge_cloud_init))
     macs = old_macs(layout)
@@ -231,6 +241,14 @@ def _network_judge(wanted: Mapping[str, Sequence[str]], spec: Spec) -> Callable[
     return judge
 
 
+def _judge_uefi(output: str, code: int) -> str | None:
+    if "booted-by-uefi" not in output.split():
+        return "the guest did not boot by UEFI (no /sys/firmware/efi)"
+    if "bootx64.efi" not in output.lower().split():
+        return f"the ESP has no fallback loader EFI/BOOT/BOOTX64.EFI: {' '.join(output.split())}"
+    return None
+
+
 def _judge_cloud_init(output: str, code: int) -> str | None:
     return None if code == 0 and "cloud-init" in output else f"cloud-init is not installed: {output.strip()}"
 
@@ -309,11 +327,13 @@ def _stop_stale_daemons(run_dir: Path) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def run_checks(image: Path, checks: Sequence[Check], password: str, serial_log: Path) -> tuple[BootResult,
-                                                                                                list[CheckResult]]:
+def run_checks(image: Path, checks: Sequence[Check], password: str, serial_log: Path,
+               machine: BootMachine) -> tuple[BootResult, list[CheckResult]]:
+    # UEFI gets OVMF's empty variable store: the cloud has no boot entry for the
+    # image either, so only the fallback path \EFI\BOOT\BOOTX64.EFI can boot it.
     result = boot_check([image], [c.command for c in checks], disk_bus="virtio", nic_model="virtio",
                         mac=VERIFY_MAC, login=("root", password), timeout=BOOT_TIMEOUT, command_timeout=360,
-                        serial_log=serial_log)
+                        serial_log=serial_log, machine=machine.machine, firmware=machine.firmware)
     results = []
     for check, out in zip(checks, result.outputs, strict=True):
         results.append(CheckResult(check.name, check.command, out.output, out.exit_code,
@@ -333,13 +353,18 @@ def verify_host(run: StageRun) -> None:
     layout = read_layout(run.input(LAYOUT_FILE))
     plan = read_disk_plan(run.input(PLAN_FILE))
     checks = plan_checks(layout, plan, spec)
+    machine = boot_machine(plan.firmware, spec.glance.properties)
+    log.info("booting on %s with %s, as Nova would (image property hw_machine_type: %s)", machine.machine,
+             "OVMF (UEFI, empty variable store)" if machine.firmware == "uefi" else "SeaBIOS",
+             machine.hw_machine_type or "unset")
     password = secrets.token_urlsafe(18)
     serial_log = spec.log_dir / "verify-serial.log"
     with verification_overlay(spec, plan, password) as overlay:
         try:
-            boot, results = run_checks(overlay, checks, password, serial_log)
+            boot, results = run_checks(overlay, checks, password, serial_log, machine)
         except BootCheckError as error:
-            raise P2VError(f"the converted image did not boot to a login on virtio: {error}",
+            raise P2VError(f"the converted image did not boot to a login on virtio "
+                           f"({machine.machine}, {machine.firmware}): {error}",
                            hint=f"the whole console is in {serial_log}") from None
     failed = [r for r in results if r.problem]
     for result in results:
@@ -355,7 +380,8 @@ def verify_host(run: StageRun) -> None:
         skipped=False,
         seconds=round(time.monotonic() - started, 1),
         seconds_to_login=round(boot.seconds_to_login, 1),
-        machine={"disk_bus": "virtio", "nic_model": "virtio", "mac": VERIFY_MAC, "accel": "tcg"},
+        machine={"disk_bus": "virtio", "nic_model": "virtio", "mac": VERIFY_MAC, "accel": "tcg",
+                 **machine.to_json()},
         serial_log=str(serial_log),
         checks=[r.to_json() for r in results],
     )
@@ -364,7 +390,9 @@ def verify_host(run: StageRun) -> None:
 
 
 def _config(spec: Spec) -> dict[str, object]:
-    return {"stamp_version": STAMP_VERSION, "verify": spec.verify}
+    # The machine properties decide what verify boots on: a change must boot again.
+    machine = [[k, v] for k, v in spec.glance.properties if k in (MACHINE_PROPERTY, FIRMWARE_PROPERTY)]
+    return {"stamp_version": STAMP_VERSION, "verify": spec.verify, "machine_properties": machine}
 
 
 STAGE = Stage(

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +32,13 @@ log = logging.getLogger("p2v.bootcheck")
 
 DiskBus = Literal["ide", "sata", "virtio"]
 NicModel = Literal["e1000", "virtio"]
+Machine = Literal["pc", "q35"]
+Firmware = Literal["bios", "uefi"]
+
+# Debian's ovmf package: the firmware without secure boot (it boots on pc and
+# q35 alike), and its empty variable store, whose copy each UEFI boot gets.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 # The serial console echoes what we type. Markers are typed split in two
 # (`==P2V-E''ND`) so that only the shell's output, never the echo, matches.
@@ -80,6 +90,18 @@ class BootConfig:
     # (an int3 Oops in the scheduler) under host load; boots are no slower.
     cpus: int = 1
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    machine: Machine | None = None  # None: what the disk bus needs (pc for IDE, q35 otherwise)
+    firmware: Firmware = "bios"
+    # UEFI: the firmware image (read-only) and this boot's own writable copy of a variable store.
+    ovmf_code: Path = OVMF_CODE
+    varstore: Path | None = None
+
+    @property
+    def machine_type(self) -> Machine:
+        if self.machine is not None:
+            return self.machine
+        # IDE needs the i440fx 'pc' machine; SATA (AHCI) and virtio use q35.
+        return "pc" if self.disk_bus == "ide" else "q35"
 
 
 def image_format(path: Path) -> str:
@@ -89,11 +111,11 @@ def image_format(path: Path) -> str:
 
 def qemu_argv(config: BootConfig) -> list[str]:
     """The qemu command line for a boot check (pure; unit-tested)."""
-    # IDE needs the i440fx 'pc' machine; SATA (AHCI) and virtio use q35.
-    machine = "pc" if config.disk_bus == "ide" else "q35"
+    if config.machine_type == "q35" and config.disk_bus == "ide":
+        raise P2VError("an IDE disk needs the pc machine; q35 has SATA (AHCI) instead")
     argv = [
         "qemu-system-x86_64",
-        "-machine", machine,
+        "-machine", config.machine_type,
         "-accel", "tcg,thread=multi",
         "-cpu", "max",
         "-smp", str(config.cpus),
@@ -105,6 +127,11 @@ def qemu_argv(config: BootConfig) -> list[str]:
         "-chardev", "stdio,id=serial0,signal=off",
         "-serial", "chardev:serial0",
     ]
+    if config.firmware == "uefi":
+        if config.varstore is None:
+            raise P2VError("a UEFI boot needs a variable store")
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={config.ovmf_code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={config.varstore}"]
     if config.disk_bus == "sata":
         argv += ["-device", "ahci,id=ahci"]
     for index, disk in enumerate(config.disks):
@@ -239,9 +266,15 @@ def boot_check(
     command_timeout: float = 120,
     serial_log: Path | None = None,
     memory_mib: int = 1024,
+    machine: Machine | None = None,
+    firmware: Firmware = "bios",
+    varstore: Path | None = None,
 ) -> BootResult:
     """Boot, log in on ttyS0, run each command, power off; never write the disks.
 
+    `machine` None boots on what the disk bus needs. UEFI boots OVMF with a
+    copy of `varstore` (default: OVMF's empty one, so that only the fallback
+    path \\EFI\\BOOT\\BOOTX64.EFI can boot); the template is never written.
     Raises BootCheckError, with the serial log tail, when the guest does not
     reach `login:` within `timeout` seconds or a command does not finish.
     Commands that exit non-zero are returned, not raised: the caller decides.
@@ -251,9 +284,35 @@ def boot_check(
     for disk in disks:
         if not Path(disk).is_file():
             raise P2VError(f"boot_check: disk image {disk} does not exist")
-    config = BootConfig(disks=tuple(Path(d) for d in disks), disk_bus=disk_bus, nic_model=nic_model, mac=mac,
-                        memory_mib=memory_mib)
     log_path = serial_log or Path(disks[0]).with_suffix(".serial.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        vars_copy = None
+        if firmware == "uefi":
+            vars_copy = stack.enter_context(_varstore_copy(varstore or OVMF_VARS, log_path.parent))
+        config = BootConfig(disks=tuple(Path(d) for d in disks), disk_bus=disk_bus, nic_model=nic_model, mac=mac,
+                            memory_mib=memory_mib, machine=machine, firmware=firmware, varstore=vars_copy)
+        return _boot(config, commands, login, timeout, command_timeout, log_path)
+
+
+@contextlib.contextmanager
+def _varstore_copy(template: Path, directory: Path) -> Iterator[Path]:
+    """A writable copy of a UEFI variable store for one boot, removed afterwards."""
+    for needed in (OVMF_CODE, template):
+        if not needed.is_file():
+            raise P2VError(f"UEFI firmware file {needed} is missing", hint="apt-get install ovmf (bin/install)")
+    handle, name = tempfile.mkstemp(prefix="ovmf-vars-", suffix=".fd", dir=directory)
+    os.close(handle)
+    copy = Path(name)
+    try:
+        shutil.copyfile(template, copy)
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def _boot(config: BootConfig, commands: Sequence[str], login: tuple[str, str], timeout: float,
+          command_timeout: float, log_path: Path) -> BootResult:
     started = time.monotonic()
     with _spawn(qemu_argv(config), log_path) as guest:
         guest.login(*login, timeout=timeout)

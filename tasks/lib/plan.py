@@ -57,6 +57,10 @@ is worthless) and their space is not counted as data. Every source swap line
 of fstab is either the line of a planned swap area or removed with a reason
 that names what replaced it.
 
+Partition table (target.label auto): msdos for a BIOS server, gpt for a UEFI
+one. An ESP is always kept as its own vfat partition (written by mtools: see
+tasks/lib/esp.py), sized like any kept filesystem.
+
 Layout of the disk: [BIOS boot (gpt)] [/boot] [ESP] [swap] [other mounts] [/]:
 the root comes last so that cloud-init's growpart can grow it into a larger
 flavor's disk. With msdos and more than four partitions, the fourth is an
@@ -832,6 +836,9 @@ class _Planner:
 
     def plan(self) -> DiskPlan:
         label = self.policy.label
+        if label == "auto":
+            # UEFI servers come on GPT (the ESP's natural home); BIOS ones on msdos, the way grub-pc boots them.
+            label = "gpt" if self.firmware == "uefi" else "msdos"
         if label not in ("msdos", "gpt"):
             raise P2VError(f"unknown partition table type {label!r}")
         if label == "gpt" and self.firmware == "bios" and self.bootloader == "grub-legacy":

@@ -3,7 +3,9 @@
 Used by the stages after `disk` (sync now, fix later): disk.img on a loop
 device (direct I/O where the work area takes it), each planned filesystem
 mounted at its mountpoint under one scratch directory, parents first, all of
-it released on the way out, also on failure.
+it released on the way out, also on failure. The ESP (vfat) is not mounted,
+only its mount point made: its partition node is `loop.partition(n)`, for
+mtools (tasks/lib/esp.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def mounted_target(image: Path, plan: DiskPlan, *, run_dir: Path, direct_io: boo
             # Mount points of child filesystems are made in their parent (the
             # target is ours to write); the copy gives them the source's modes.
             point.mkdir(parents=True, exist_ok=True)
+            if fs.fstype == "vfat":
+                continue  # the ESP is never mounted: tasks/lib/esp.py reads and writes it by mtools
             stack.enter_context(mounted(loop.partition(part.number), point, fstype=fs.fstype,
                                         options=target_mount_options(fs.fstype, fs.keep_uuid)))
         yield MountedTarget(loop=loop, root=root)

@@ -28,6 +28,7 @@ import yaml
 from tasks.lib.bootcheck import boot_check
 from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import GRUB_PC_INSTALL_DEVICES, VIRTIO_BOOT_DISK
+from tasks.lib.machine import boot_machine
 from tasks.lib.manifest import build_manifest
 from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import RUN_DIR, chroot_binds, host_run_dir, loop_device, mounted
@@ -156,8 +157,13 @@ def test_guest_has_its_static_address_on_eth0_over_virtio(converted: dict[str, A
     network = checks["network"]["output"]
     assert any(line.split()[1:4] == ["eth0", "inet", source_iface["address"]] for line in network.splitlines()), network
     assert checks["root-virtio"]["output"].splitlines()[1].endswith("/virtio_blk")
+    plan = DiskPlan.from_json(json.loads((converted["workdir"] / "disk-plan.json").read_text()))
+    # Booted as Nova boots the image: i440fx (pc) for BIOS, q35 with OVMF for UEFI.
+    nova = boot_machine(plan.firmware)
     assert verified["machine"] == {"disk_bus": "virtio", "nic_model": "virtio", "mac": "52:54:00:7e:57:01",
-                                   "accel": "tcg"}
+                                   "accel": "tcg", "machine_type": nova.machine, "firmware": plan.firmware,
+                                   "hw_machine_type": nova.to_json()["hw_machine_type"]}
+    assert f"booted on machine type {nova.machine}" in (converted["workdir"] / "report.md").read_text()
 
 
 def test_fix_receipt_and_report(converted: dict[str, Any]) -> None:
@@ -229,8 +235,11 @@ def test_convert_ends_with_an_active_image_whose_download_boots(converted: dict[
     assert [i["id"] for i in _our_images(services, converted["host"])] == [image["id"]]
     # The image as OpenStack would get it boots: downloaded, checked against os_hash_value, booted on virtio.
     downloaded = services.download_image(image["id"], tmp_path / f"downloaded.{converted['image_format']}")
+    machine = boot_machine(str(image.get("hw_firmware_type", "bios")),
+                           [(key, str(image[key])) for key in ("hw_machine_type", "hw_firmware_type") if key in image])
     booted = boot_check([downloaded], ["hostname", "findmnt -n -o SOURCE /"], disk_bus="virtio", nic_model="virtio",
-                        login=server.login, timeout=900, serial_log=tmp_path / "serial.log")
+                        login=server.login, timeout=900, serial_log=tmp_path / "serial.log",
+                        machine=machine.machine, firmware=machine.firmware)
     assert booted.output_of("hostname").output.strip() == server.name
     assert booted.output_of("findmnt -n -o SOURCE /").output.strip().startswith("/dev/vda")
     # Converting again uploads nothing: the stage finds the same image and says so.

@@ -22,7 +22,7 @@ import pytest
 
 from tasks.lib.resources import LoopDevice, loop_device, mounted, read_only_mount_options
 from tasks.lib.runner import P2VError, output
-from tests.fixtures import assemble, build, lvm, oddities, rootfs, system
+from tests.fixtures import assemble, build, efi, lvm, oddities, rootfs, system
 from tests.fixtures.assemble import loops_backed_by
 from tests.fixtures.build import FixtureServer
 from tests.fixtures.cache import cache_root, mounts_below
@@ -83,13 +83,41 @@ def test_cache_layout_and_warm_call(server: FixtureServer) -> None:
 def test_partition_tables_match_facts(server: FixtureServer) -> None:
     for disk, facts in zip(server.disks, server.facts["disks"], strict=True):
         table = json.loads(output(["sfdisk", "--json", str(disk)]))["partitiontable"]
-        assert table["label"] == facts["table"] == "dos"
+        assert table["label"] == facts["table"] == ("gpt" if server.firmware == "uefi" else "dos")
         assert table["id"] == facts["disk_id"]
         found = [(p["start"] * 512, p["size"] * 512, p["type"], bool(p.get("bootable"))) for p in table["partitions"]]
         expected = [(p["start"], p["size"], p["type_id"], p["bootable"]) for p in facts["partitions"]]
         assert found == expected
         assert facts["size"] == disk.stat().st_size
-    assert server.facts["bootloader"]["mbr_has_grub"]
+    # BIOS: grub-pc in the MBR. UEFI: nothing there; the firmware reads the ESP (test below).
+    assert server.facts["bootloader"]["mbr_has_grub"] == (server.firmware == "bios")
+
+
+def test_uefi_server_has_its_loader_on_the_esp_and_its_boot_entry_in_nvram(server: FixtureServer) -> None:
+    if server.firmware != "uefi":
+        pytest.skip("a BIOS server")
+    from virt.firmware.efi import bootentry  # type: ignore[import-untyped]
+    from virt.firmware.varstore import edk2  # type: ignore[import-untyped]
+
+    nvram = server.facts["bootloader"]["nvram"]
+    (disk,) = [d for d in server.facts["disks"] if d["file"] == server.disks[0].name]
+    esp_part = next(p for p in disk["partitions"] if p["number"] == nvram["partition"])
+    assert esp_part["type_id"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    with attached(server) as loops:
+        node = loops[0].partition(nvram["partition"])
+        assert efi.esp_listing(node) == server.facts["bootloader"]["esp"]
+        assert blkid(node)["PART_ENTRY_UUID"] == nvram["partuuid"]
+    assert f"{nvram['loader']}" in server.facts["bootloader"]["esp"]
+    assert not [p for p in server.facts["bootloader"]["esp"] if p.upper().startswith("/EFI/BOOT")]
+    assert server.varstore is not None
+    variables = edk2.Edk2VarStore(str(server.varstore)).get_varlist()
+    entry = bootentry.BootEntry(data=variables[nvram["entry"]].data)
+    assert str(entry.title) == nvram["title"]
+    path = str(entry.devicepath)  # Partition(nr=1)/FilePath(\EFI\debian\grubx64.efi)
+    assert f"nr={nvram['partition']}" in path and nvram["loader"].replace("/", "\\") in path
+    assert [str(elem.get_partuuid()) for elem in entry.devicepath if elem.get_partuuid()] == [nvram["partuuid"]]
+    assert variables["BootOrder"].data == (1).to_bytes(2, "little")
+    assert_nothing_attached(server.directory)
 
 
 def test_filesystems_swap_and_lvm_match_facts(server: FixtureServer) -> None:

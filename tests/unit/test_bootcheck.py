@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.bootcheck import BootConfig, boot_check, clean_serial_text, qemu_argv
+from tasks.lib.bootcheck import OVMF_CODE, BootConfig, boot_check, clean_serial_text, qemu_argv
 from tasks.lib.runner import P2VError
 
 
@@ -67,3 +67,22 @@ def test_a_boot_stuck_in_a_rescue_shell_is_recognised() -> None:
     assert _STUCK.search(b"You are in emergency mode. After logging in, type ...")
     assert _STUCK.search(b"dracut:/# ")
     assert not _STUCK.search(b"Debian GNU/Linux 12 plain-bookworm ttyS0\r\n\r\nplain-bookworm login: ")
+
+
+def test_the_machine_can_be_chosen(disks: tuple[Path, Path]) -> None:
+    argv = qemu_argv(BootConfig(disks=disks[:1], disk_bus="virtio", nic_model="virtio", machine="pc"))
+    assert argv[argv.index("-machine") + 1] == "pc"
+    assert not any("pflash" in arg for arg in argv)
+    with pytest.raises(P2VError, match="IDE disk needs the pc machine"):
+        qemu_argv(BootConfig(disks=disks[:1], disk_bus="ide", machine="q35"))
+
+
+def test_uefi_boots_ovmf_read_only_with_a_varstore_of_its_own(disks: tuple[Path, Path], tmp_path: Path) -> None:
+    varstore = tmp_path / "vars.fd"
+    argv = qemu_argv(BootConfig(disks=disks[:1], disk_bus="virtio", machine="q35", firmware="uefi",
+                                varstore=varstore))
+    assert argv[argv.index("-machine") + 1] == "q35"
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}" in argv
+    assert f"if=pflash,format=raw,unit=1,file={varstore}" in argv
+    with pytest.raises(P2VError, match="needs a variable store"):
+        qemu_argv(BootConfig(disks=disks[:1], firmware="uefi"))

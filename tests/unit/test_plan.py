@@ -432,3 +432,19 @@ def test_plan_tasks_and_show_plan(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert out.startswith("demo: flatten, msdos")
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["layout.json"]  # nothing written
+
+
+def test_label_auto_is_msdos_for_bios_and_gpt_for_uefi() -> None:
+    assert plan("plain-bookworm").label == "msdos"
+    lay = with_extra_mounts("plain-bookworm", ["/boot/efi"])
+    esp = next(f for f in lay["filesystems"] if f.get("mountpoint") == "/boot/efi")
+    esp.update(type="vfat", uuid="abcd-1234", label="EFI", features=None)
+    lay["mounts"][-1]["fstype"] = "vfat"
+    lay["fstab"][-1]["vfstype"] = "vfat"
+    lay["boot"]["firmware"] = "uefi"
+    uefi = plan(lay)
+    assert uefi.label == "gpt" and uefi.policy.label == "gpt"
+    # flatten merges /boot into / but keeps the ESP, a vfat partition of its own, and no BIOS boot partition
+    assert roles(uefi) == ["/boot/efi", "swap", "/"]
+    assert uefi.partition_of("/boot/efi").type_id == GPT_TYPES["esp"]
+    assert plan(lay, label="msdos").label == "msdos"  # the spec's explicit choice stands

@@ -55,7 +55,11 @@ def test_every_layout_gets_the_standard_properties(name: str) -> None:
     assert props["hw_disk_bus"] == "virtio" and props["hw_vif_model"] == "virtio" and props["os_type"] == "linux"
     assert props["os_distro"] == "debian"
     assert props["os_version"] == lay["system"]["os"]["version"]
-    assert "hw_firmware_type" not in props and "hw_qemu_guest_agent" not in props
+    assert "hw_qemu_guest_agent" not in props
+    if lay["boot"]["firmware"] == "uefi":  # Nova: UEFI on q35 (tasks/lib/machine.py)
+        assert (props["hw_firmware_type"], props["hw_machine_type"]) == ("uefi", "q35")
+    else:  # Nova's default: i440fx with SeaBIOS
+        assert "hw_firmware_type" not in props and "hw_machine_type" not in props
     assert req.min_disk == math.ceil(plan.size / GiB) and req.min_disk * GiB >= plan.size
     assert req.min_ram == upload.DEFAULT_MIN_RAM_MIB
     assert req.name == "p2v-web01" and req.disk_format == "raw" and req.container_format == "bare"

@@ -202,3 +202,35 @@ def test_report_says_what_became_of_swap_and_inode_flags() -> None:
     old = render_report("x", lay, plan, {"copy": {"files": 1, "bytes": 1}}, {"steps": []}, {"skipped": True})
     assert "- inode flags: not recorded (a copy by an older p2v)" in old
     assert "- inode flags set last: not recorded (a fix by an older p2v)" in old
+
+
+def test_a_uefi_image_must_have_booted_by_uefi_through_the_fallback_loader() -> None:
+    from tests.unit.test_efi_loader import uefi_layout
+
+    lay = uefi_layout(["/boot/efi/EFI/debian/grubx64.efi"])
+    fresh = plan_disk(lay, make_spec())
+    done = fresh.with_uuids({p.number: "ABCD-1234" if p.filesystem is not None and p.filesystem.fstype == "vfat"
+                             else f"11111111-2222-4333-8444-5555555555{p.number:02d}" for p in fresh.partitions})
+    checks = {c.name: c for c in plan_checks(lay, done, make_spec())}
+    assert "uefi" in checks and "uefi" not in checks_by_name("plain-bookworm")
+    judge = checks["uefi"].judge
+    good = "booted-by-uefi\n/boot/efi/EFI/BOOT/:\nBOOTX64.EFI\n\n/boot/efi/EFI/debian/:\ngrubx64.efi\n"
+    assert judge(good, 0) is None
+    assert "did not boot by UEFI" in (judge("/boot/efi/EFI/BOOT/:\nBOOTX64.EFI\n", 2) or "")
+    assert "no fallback loader" in (judge("booted-by-uefi\n/boot/efi/EFI/debian/:\ngrubx64.efi\n", 0) or "")
+    mounts = checks["mounts"].judge
+    assert mounts("/ 11111111-2222-4333-8444-555555555503 ext4\n/boot/efi ABCD-1234 vfat\n", 0) is None
+
+
+def test_report_names_the_machine_type_and_firmware() -> None:
+    lay = layout("plain-bookworm")
+    plan = completed_plan("plain-bookworm")
+    verify = {"skipped": False, "seconds_to_login": 80.0, "checks": [],
+              "machine": {"disk_bus": "virtio", "nic_model": "virtio", "mac": "52:54:00:7e:57:01",
+                          "machine_type": "q35", "firmware": "uefi", "hw_machine_type": "q35"}}
+    esp = {"/boot/efi": {"files": 2, "bytes": 300000, "verified_by": "listing, sizes, sha256",
+                         "digest": "sha256:0123456789abcdef"}}
+    text = render_report("plain-bookworm", lay, plan, {"copy": {"esp": esp}, "seconds": 1}, {"steps": []}, verify)
+    assert "- ESP /boot/efi: 2 files, 300000 bytes, copied by mtools; listing, sizes, sha256" in text
+    assert "- booted on machine type q35 with UEFI (OVMF, empty variable store) (image property " \
+           "hw_machine_type: q35)" in text

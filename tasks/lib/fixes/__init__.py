@@ -22,12 +22,15 @@ from typing import Any
 from tasks.lib.fixes.apply import apply_edit
 from tasks.lib.fixes.bootconfig import cmdline_target, fix_bootloader_config
 from tasks.lib.fixes.commands import (
+    EFI_MODULES,
     GRUB_PC_INSTALL_DEVICES,
     OS_PROBER_SCRIPT,
     VIRTIO_BOOT_DISK,
+    EfiLoader,
     bootloader_config_commands,
     bootloader_install_commands,
     debconf_install_device_command,
+    efi_loader,
     service_commands,
 )
 from tasks.lib.fixes.fstab import fix_fstab, rewrite_fstab
@@ -56,12 +59,14 @@ from tasks.lib.spec import FixPolicy
 
 __all__ = [
     "CLOUD_INIT_CONFIG",
+    "EFI_MODULES",
     "GRUB_PC_INSTALL_DEVICES",
     "OS_PROBER_SCRIPT",
     "VIRTIO_BOOT_DISK",
     "VIRTIO_MODULES",
     "Command",
     "EditPlan",
+    "EfiLoader",
     "FileEdit",
     "Finding",
     "TreeReader",
@@ -70,6 +75,8 @@ __all__ = [
     "bootloader_install_commands",
     "choose_kernel",
     "debconf_install_device_command",
+    "describe",
+    "efi_loader",
     "expected_initrd_drivers",
     "initrd_check_command",
     "initrd_commands",
