@@ -90,6 +90,8 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
                      f"(image property hw_machine_type: {machine.get('hw_machine_type', 'not recorded')})")
         lines.append(f"- {machine.get('disk_bus')} disk + {machine.get('nic_model')} NIC "
                      f"(MAC {machine.get('mac')}), login after {verify.get('seconds_to_login')} s")
+        if machine.get("accel"):
+            lines.append(f"- accelerator: {machine['accel']} ({machine.get('accel_reason', 'reason not recorded')})")
         lines += ["", "| check | result | output |", "|---|---|---|"]
         for check in verify.get("checks", []):
             result = "ok" if check.get("ok") else f"FAILED: {_cell(check.get('problem') or '')}"

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib import inodeflags
+from tasks.lib.accel import Accel, choose_accel
 from tasks.lib.bootcheck import BootCheckError, BootResult, boot_check, serial_tail
 from tasks.lib.machine import FIRMWARE_PROPERTY, MACHINE_PROPERTY, BootMachine, boot_machine
 from tasks.lib.overlay import create_overlay, fuse_export
@@ -328,12 +329,12 @@ def _stop_stale_daemons(run_dir: Path) -> None:
 
 
 def run_checks(image: Path, checks: Sequence[Check], password: str, serial_log: Path,
-               machine: BootMachine) -> tuple[BootResult, list[CheckResult]]:
+               machine: BootMachine, accel: Accel) -> tuple[BootResult, list[CheckResult]]:
     # UEFI gets OVMF's empty variable store: the cloud has no boot entry for the
     # image either, so only the fallback path \EFI\BOOT\BOOTX64.EFI can boot it.
     result = boot_check([image], [c.command for c in checks], disk_bus="virtio", nic_model="virtio",
                         mac=VERIFY_MAC, login=("root", password), timeout=BOOT_TIMEOUT, command_timeout=360,
-                        serial_log=serial_log, machine=machine.machine, firmware=machine.firmware)
+                        serial_log=serial_log, machine=machine.machine, firmware=machine.firmware, accel=accel)
     results = []
     for check, out in zip(checks, result.outputs, strict=True):
         results.append(CheckResult(check.name, check.command, out.output, out.exit_code,
@@ -357,11 +358,14 @@ def verify_host(run: StageRun) -> None:
     log.info("booting on %s with %s, as Nova would (image property hw_machine_type: %s)", machine.machine,
              "OVMF (UEFI, empty variable store)" if machine.firmware == "uefi" else "SeaBIOS",
              machine.hw_machine_type or "unset")
+    # KVM on a real server's live system (seconds), TCG in a guest or where KVM hangs guests.
+    accel = choose_accel()
+    log.info("accelerator: %s (%s)", accel.name, accel.reason)
     password = secrets.token_urlsafe(18)
     serial_log = spec.log_dir / "verify-serial.log"
     with verification_overlay(spec, plan, password) as overlay:
         try:
-            boot, results = run_checks(overlay, checks, password, serial_log, machine)
+            boot, results = run_checks(overlay, checks, password, serial_log, machine, accel)
         except BootCheckError as error:
             raise P2VError(f"the converted image did not boot to a login on virtio "
                            f"({machine.machine}, {machine.firmware}): {error}",
@@ -380,8 +384,8 @@ def verify_host(run: StageRun) -> None:
         skipped=False,
         seconds=round(time.monotonic() - started, 1),
         seconds_to_login=round(boot.seconds_to_login, 1),
-        machine={"disk_bus": "virtio", "nic_model": "virtio", "mac": VERIFY_MAC, "accel": "tcg",
-                 **machine.to_json()},
+        machine={"disk_bus": "virtio", "nic_model": "virtio", "mac": VERIFY_MAC, "accel": accel.name,
+                 "accel_reason": accel.reason, **machine.to_json()},
         serial_log=str(serial_log),
         checks=[r.to_json() for r in results],
     )

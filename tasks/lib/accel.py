@@ -39,6 +39,10 @@ class Accel:
         return ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
 
+# What every boot check gets unless it asks for the probe (fixture boots, tests).
+TCG = Accel("tcg", "TCG unless probed")
+
+
 def probe_kernel() -> Path | None:
     """A kernel to probe with: the running one's, else the newest in /boot."""
     running = Path(f"/boot/vmlinuz-{os.uname().release}")

@@ -26,6 +26,7 @@ from typing import IO, Literal
 
 import pexpect
 
+from tasks.lib.accel import TCG, Accel
 from tasks.lib.runner import P2VError, which
 
 log = logging.getLogger("p2v.bootcheck")
@@ -95,6 +96,8 @@ class BootConfig:
     # UEFI: the firmware image (read-only) and this boot's own writable copy of a variable store.
     ovmf_code: Path = OVMF_CODE
     varstore: Path | None = None
+    # TCG unless a probe showed that KVM runs guests here (tasks/lib/accel.py: verify asks).
+    accel: Accel = TCG
 
     @property
     def machine_type(self) -> Machine:
@@ -116,8 +119,7 @@ def qemu_argv(config: BootConfig) -> list[str]:
     argv = [
         "qemu-system-x86_64",
         "-machine", config.machine_type,
-        "-accel", "tcg,thread=multi",
-        "-cpu", "max",
+        *config.accel.qemu_args(),
         "-smp", str(config.cpus),
         "-m", str(config.memory_mib),
         "-display", "none",
@@ -269,6 +271,7 @@ def boot_check(
     machine: Machine | None = None,
     firmware: Firmware = "bios",
     varstore: Path | None = None,
+    accel: Accel = TCG,
 ) -> BootResult:
     """Boot, log in on ttyS0, run each command, power off; never write the disks.
 
@@ -291,7 +294,8 @@ def boot_check(
         if firmware == "uefi":
             vars_copy = stack.enter_context(_varstore_copy(varstore or OVMF_VARS, log_path.parent))
         config = BootConfig(disks=tuple(Path(d) for d in disks), disk_bus=disk_bus, nic_model=nic_model, mac=mac,
-                            memory_mib=memory_mib, machine=machine, firmware=firmware, varstore=vars_copy)
+                            memory_mib=memory_mib, machine=machine, firmware=firmware, varstore=vars_copy,
+                            accel=accel)
         return _boot(config, commands, login, timeout, command_timeout, log_path)
 
 
