@@ -35,9 +35,9 @@ from tasks.lib.resources import RUN_DIR, chroot_binds, host_run_dir, loop_device
 from tasks.lib.runner import chroot_run, run
 from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures.build import FixtureServer, build_server
-from tests.fixtures.cache import SERVERS_DIR
+from tests.fixtures.cache import SERVERS_DIR, sha256
 from tests.fixtures.packages import ensure_package_dir
-from tests.integration.test_inspect import leftovers, make_spec, sha256
+from tests.integration.test_inspect import leftovers, make_spec
 from tests.integration.test_sync import image_tree
 
 # Converted all the way into Glance (with this disk format); the others stop at the report.

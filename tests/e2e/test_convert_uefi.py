@@ -23,7 +23,8 @@ from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import loop_device
 from tests.e2e.test_convert import conversion_spec, doit
 from tests.fixtures.build import build_server
-from tests.integration.test_inspect import leftovers, sha256
+from tests.fixtures.cache import sha256
+from tests.integration.test_inspect import leftovers
 
 NAME = "uefi-bookworm"
 

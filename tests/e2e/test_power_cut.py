@@ -27,7 +27,8 @@ from tasks.lib.plan import DiskPlan
 from tasks.lib.spec import load_specs
 from tests.e2e.test_convert import conversion_spec, doit
 from tests.fixtures.build import build_server
-from tests.fixtures.powercut import Cut, needs_recovery, power_cut, read_only_view, sha256, source_node, write_synced
+from tests.fixtures.cache import sha256
+from tests.fixtures.powercut import Cut, needs_recovery, power_cut, read_only_view, source_node, write_synced
 from tests.integration.test_replay import leftovers
 from tests.integration.test_sync import image_tree
 

@@ -10,7 +10,7 @@ import pytest
 from tasks.lib import esp
 from tasks.lib.resources import loop_device
 from tasks.lib.runner import P2VError, run
-from tests.integration.test_inspect import sha256
+from tests.fixtures.cache import sha256
 
 
 def fat_image(path: Path, size_mib: int = 64) -> Path:

@@ -7,7 +7,6 @@ nothing p2v attached or mounted may outlive the run, also when it fails.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -25,16 +24,9 @@ from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.lib.storage import kernel_has_device_mapper
 from tests.fixtures.build import FixtureServer, build_server
+from tests.fixtures.cache import sha256
 
 SERVERS = ["plain-bookworm", "lvm-bookworm", "plain-bullseye", "plain-trixie", "uefi-bookworm"]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def leftovers(images: list[Path]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import run
-from tests.integration.test_inspect import sha256
+from tests.fixtures.cache import sha256
 
 
 def make_image(path: Path) -> None:

@@ -29,13 +29,13 @@ from tasks.lib.runner import output, run
 from tasks.lib.spec import PROJECT_DIR, Spec, load_specs
 from tasks.lib.storage import kernel_has_device_mapper, unreplayed_journal
 from tasks.sync import fingerprint, source_fingerprints
+from tests.fixtures.cache import sha256
 from tests.fixtures.powercut import (
     Cut,
     needs_recovery,
     power_cut,
     read_only_view,
     rename_synced,
-    sha256,
     source_node,
     write_synced,
 )

@@ -27,8 +27,9 @@ from tasks.lib.resources import RUN_DIR, loop_device, mounted
 from tasks.lib.runner import run
 from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures.build import FixtureServer, build_server
+from tests.fixtures.cache import sha256
 from tests.fixtures.oddities import read_manifest
-from tests.integration.test_inspect import leftovers, make_spec, sha256
+from tests.integration.test_inspect import leftovers, make_spec
 
 SERVERS = ["plain-bookworm", "lvm-bookworm", "plain-bullseye", "plain-trixie"]
 
