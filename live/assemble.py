@@ -405,7 +405,14 @@ def clean_tree(tree: Path) -> None:
         for path in tree.glob(pattern):
             _remove(path)
     (tree / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-    (tree / "opt").rmdir()  # must be empty: the live layer adds /opt/p2v
+    # The live layer adds /opt/p2v, and a squashfs append cannot add to a
+    # directory the base has: /opt must go, and it must be empty.
+    opt = tree / "opt"
+    if opt.exists():
+        if any(opt.iterdir()):
+            raise P2VError(f"a package installed files under /opt in the live tree: {sorted(os.listdir(opt))}",
+                           hint="the live system keeps /opt for p2v; drop that package")
+        opt.rmdir()
 
 
 def squash(source: Path, image: Path, *, append: bool = False) -> None:
