@@ -209,6 +209,24 @@ class _Guest:
             if index == 1:
                 raise BootCheckError(f"login as {user} was refused on the serial console\n"
                                      f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+        self._settle_shell()
+
+    def autologin(self, timeout: float) -> None:
+        """Wait for the shell of a console that logs root in by itself (the live system's)."""
+        index = self.expect([re.compile(rb"login: root \(automatic login\)"), _PANIC, _STUCK], timeout,
+                            "the automatic login on the console")
+        if index == 1:
+            self.expect([pexpect.TIMEOUT, pexpect.EOF], 5, "the rest of the panic message")
+            raise BootCheckError(f"the guest kernel panicked while booting\n"
+                                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+        if index == 2:
+            self.expect([pexpect.TIMEOUT, pexpect.EOF], 3, "the rest of the message")
+            raise BootCheckError(f"the guest stopped in a rescue shell instead of booting\n"
+                                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+        self.expect([_PROMPT], 120, "a shell prompt after the automatic login")
+        self._settle_shell()
+
+    def _settle_shell(self) -> None:
         # login flushes the tty as the shell starts, so a line typed too early
         # can vanish: repeat the first command until the shell answers.
         setup = "stty -echo cols 1000; dmesg -n 1 2>/dev/null; export TERM=dumb PAGER=cat SYSTEMD_PAGER="
@@ -325,3 +343,70 @@ def _boot(config: BootConfig, commands: Sequence[str], login: tuple[str, str], t
         outputs = tuple(guest.run(command, command_timeout) for command in commands)
         powered_off = guest.poweroff(120)
     return BootResult(outputs=outputs, serial_log=log_path, seconds_to_login=seconds_to_login, powered_off=powered_off)
+
+
+@dataclass(frozen=True)
+class KernelBootConfig:
+    """A guest started from a kernel and an initrd (the live system), as a PXE boot would start it."""
+
+    kernel: Path
+    initrd: Path
+    append: str
+    memory_mib: int = 2048
+    nic_model: NicModel = "e1000"
+    # The live system fetches its root from the host (10.0.2.2 in the guest),
+    # which a restricted user network would refuse.
+    restrict_network: bool = False
+    disks: tuple[Path, ...] = ()  # scratch disks on virtio, written only to qemu's snapshot
+    cpus: int = 1
+
+
+def kernel_qemu_argv(config: KernelBootConfig) -> list[str]:
+    """The qemu command line of a kernel boot (pure; unit-tested)."""
+    argv = [
+        "qemu-system-x86_64",
+        "-machine", "q35",
+        "-accel", "tcg,thread=multi",
+        "-cpu", "max",
+        "-smp", str(config.cpus),
+        "-m", str(config.memory_mib),
+        "-display", "none",
+        "-monitor", "none",
+        "-no-reboot",
+        "-snapshot",
+        "-chardev", "stdio,id=serial0,signal=off",
+        "-serial", "chardev:serial0",
+        "-kernel", str(config.kernel),
+        "-initrd", str(config.initrd),
+        "-append", config.append,
+    ]
+    for index, disk in enumerate(config.disks):
+        argv += ["-drive", f"file={disk},format={image_format(disk)},if=none,id=disk{index}",
+                 "-device", f"virtio-blk-pci,drive=disk{index}"]
+    nic = "e1000" if config.nic_model == "e1000" else "virtio-net-pci"
+    restrict = "on" if config.restrict_network else "off"
+    argv += ["-netdev", f"user,id=net0,restrict={restrict}", "-device", f"{nic},netdev=net0"]
+    return argv
+
+
+def boot_kernel_check(
+    config: KernelBootConfig,
+    commands: Sequence[str],
+    *,
+    serial_log: Path,
+    timeout: float = 900,
+    command_timeout: float = 120,
+) -> BootResult:
+    """Boot a kernel and initrd, take the console's automatic root shell, run each command, power off."""
+    for path in (config.kernel, config.initrd, *config.disks):
+        if not Path(path).is_file():
+            raise P2VError(f"boot_kernel_check: {path} does not exist")
+    started = time.monotonic()
+    with _spawn(kernel_qemu_argv(config), serial_log) as guest:
+        guest.autologin(timeout=timeout)
+        seconds_to_login = time.monotonic() - started
+        log.info("guest reached a shell after %.0f s", seconds_to_login)
+        outputs = tuple(guest.run(command, command_timeout) for command in commands)
+        powered_off = guest.poweroff(120)
+    return BootResult(outputs=outputs, serial_log=serial_log, seconds_to_login=seconds_to_login,
+                      powered_off=powered_off)

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import jinja2
 
+from live.cmdline import INITRD_NAME, KERNEL_NAME, SQUASHFS_NAME, live_cmdline
 from tasks.lib.runner import P2VError
 from tasks.lib.site import Site
 from tasks.lib.spec import PROJECT_DIR, Spec
 
 TEMPLATES = PROJECT_DIR / "live" / "templates"
-LIVE_FILES = ("vmlinuz", "initrd.img", "squashfs.img")  # what bin/live-build makes, served as live/<name>
-# The console the tests read, and an operator's remote console (BMC serial-over-LAN).
-CONSOLE_ARGS = ("console=tty0", "console=ttyS0,115200n8")
+LIVE_FILES = (KERNEL_NAME, INITRD_NAME, SQUASHFS_NAME)  # what bin/live-build makes, served as live/<name>
 DEBUG_ARGS = ("p2v.debug=1", "rd.live.debug=1", "rd.shell", "rd.debug")
 
 
@@ -51,19 +50,14 @@ def kernel_cmdline(site: Site, spec: Spec) -> str:
     """The live system's kernel command line: where its root is (dracut livenet),
     which NIC boots (BOOTIF), and the p2v.* arguments its runner reads."""
     assert spec.live.mac is not None
-    args = [
-        f"root=live:{site.http_base}/live/squashfs.img",
-        "rd.live.ram=1",
+    extra = [
         f"BOOTIF=01-{spec.live.mac.replace(':', '-')}",
-        "ip=dhcp",
-        "rd.neednet=1",
-        *CONSOLE_ARGS,
         f"p2v.host={spec.host}",
         f"p2v.work={site.server}:{site.host_work_dir(spec.host)}",
     ]
     if spec.live.debug:
-        args += DEBUG_ARGS
-    return " ".join(args)
+        extra += DEBUG_ARGS
+    return live_cmdline(f"{site.http_base}/live/{SQUASHFS_NAME}", extra)
 
 
 def export_id(host: str) -> int:
