@@ -10,10 +10,11 @@ PATH in the booted system.
 from __future__ import annotations
 
 STAGE_TOOLS: tuple[str, ...] = (
-    "blkid", "blockdev", "chroot", "dmsetup", "dpkg-deb", "du", "find", "findmnt", "losetup", "lsblk", "lvs",
-    "mdadm", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "mkfs.fat", "mkfs.xfs", "mkswap", "mount", "openssl", "partx",
-    "pkill", "pvs", "qemu-img", "qemu-storage-daemon", "qemu-system-x86_64", "rsync", "sfdisk", "sync", "systemctl",
-    "systemd-run", "tar", "tune2fs", "umount", "vgchange", "vgs", "xfs_db", "xfs_logprint",
+    "blkid", "blockdev", "chroot", "dd", "dmesg", "dmsetup", "dpkg-deb", "du", "find", "findmnt", "losetup", "lsblk",
+    "lvs", "mattrib", "mcopy", "mdadm", "mdel", "mdeltree", "mdir", "minfo", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4",
+    "mkfs.fat", "mkfs.xfs", "mkswap", "mmd", "mount", "openssl", "partx", "pkill", "pvs", "qemu-img",
+    "qemu-storage-daemon", "qemu-system-x86_64", "rsync", "sfdisk", "sync", "systemctl", "systemd-run", "tar",
+    "tune2fs", "umount", "vgchange", "vgs", "xfs_db", "xfs_logprint",
 )
 
 # Not run by a stage today, but part of the live system on purpose: what the

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.lib.runner import CommandError, run, which
+from tasks.lib.runner import CommandError, run
 
 PROBE_TIMEOUT = 20.0
 CACHE = Path("/run/p2v/accel.json")
@@ -54,7 +54,7 @@ def probe_kernel() -> Path | None:
 
 def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> Accel:
     """Boot `kernel` under KVM with no root: a panic within `timeout` means KVM runs guests."""
-    argv = [which("qemu-system-x86_64"), "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "256",
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "256",
             "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
             "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 quiet"]
     started = time.monotonic()

@@ -47,7 +47,20 @@ DYNAMIC: dict[str, Callable[[], set[str]]] = {
     "tasks/lib/bootcheck.py:_spawn": lambda: {"qemu-system-x86_64"},  # qemu_argv / kernel_qemu_argv
     "tasks/lib/manifest.py:build_manifest_apart": set,  # sys.executable: the venv's python, not a PATH command
     "tasks/upload.py:power_off": lambda: {DEFAULT_POWEROFF[0], DEFAULT_POWEROFF[3]},  # systemd-run ... systemctl
+    # _mtools(["mdir" | "mcopy" | ..., ...]): the ESP's tools, read from esp.py's call sites
+    "tasks/lib/esp.py:_mtools": lambda: _literal_first_words(TASKS / "lib" / "esp.py", "_mtools"),
 }
+
+
+def _literal_first_words(path: Path, function: str) -> set[str]:
+    """The first word of every `function([...])` call with a literal list in a module."""
+    words = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function \
+                and node.args and isinstance(node.args[0], ast.List) and node.args[0].elts \
+                and isinstance(node.args[0].elts[0], ast.Constant):
+            words.add(str(node.args[0].elts[0].value))
+    return words
 
 
 def _first_word(node: ast.expr, lists: dict[str, list[ast.expr]]) -> list[str] | None:
