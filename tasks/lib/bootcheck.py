@@ -191,8 +191,9 @@ class _Guest:
                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}"
             ) from None
 
-    def login(self, user: str, password: str, timeout: float) -> None:
-        index = self.expect([re.compile(rb"login: ?$", re.M), _PANIC, _STUCK], timeout, "the login: prompt")
+    def wait_booted(self, ready: re.Pattern[bytes], what: str, timeout: float) -> None:
+        """Wait for `ready` on the console; a kernel panic or a rescue shell first fails at once."""
+        index = self.expect([ready, _PANIC, _STUCK], timeout, what)
         if index == 1:
             self.expect([pexpect.TIMEOUT, pexpect.EOF], 5, "the rest of the panic message")
             raise BootCheckError(f"the guest kernel panicked while booting\n"
@@ -201,6 +202,9 @@ class _Guest:
             self.expect([pexpect.TIMEOUT, pexpect.EOF], 3, "the rest of the message")
             raise BootCheckError(f"the guest stopped in a rescue shell instead of booting\n"
                                  f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+
+    def login(self, user: str, password: str, timeout: float) -> None:
+        self.wait_booted(re.compile(rb"login: ?$", re.M), "the login: prompt", timeout)
         self.child.sendline(user)
         index = self.expect([re.compile(rb"[Pp]assword: ?"), _PROMPT], 60, "the password prompt")
         if index == 0:
@@ -213,16 +217,8 @@ class _Guest:
 
     def autologin(self, timeout: float) -> None:
         """Wait for the shell of a console that logs root in by itself (the live system's)."""
-        index = self.expect([re.compile(rb"login: root \(automatic login\)"), _PANIC, _STUCK], timeout,
-                            "the automatic login on the console")
-        if index == 1:
-            self.expect([pexpect.TIMEOUT, pexpect.EOF], 5, "the rest of the panic message")
-            raise BootCheckError(f"the guest kernel panicked while booting\n"
-                                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
-        if index == 2:
-            self.expect([pexpect.TIMEOUT, pexpect.EOF], 3, "the rest of the message")
-            raise BootCheckError(f"the guest stopped in a rescue shell instead of booting\n"
-                                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+        self.wait_booted(re.compile(rb"login: root \(automatic login\)"), "the automatic login on the console",
+                         timeout)
         self.expect([_PROMPT], 120, "a shell prompt after the automatic login")
         self._settle_shell()
 
