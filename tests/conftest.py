@@ -7,9 +7,12 @@ reason, when not run as root.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.scratch import drop_large_files
 
 pytest_plugins = ["tests.fixtures.plugin", "tests.services.fixture"]
 
@@ -23,3 +26,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, tier))
         if tier in ("integration", "e2e") and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason=f"{tier} tests need root (loop devices, mounts)"))
+
+
+@pytest.fixture(autouse=True)
+def _drop_images_after_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A passed test's tmp_path goes whole (pyproject: retention "failed"); a failed
+    test's keeps its logs but not its images, so failures cannot fill the disk."""
+    # Asked for at setup (the test asks for it anyway), so that this teardown runs
+    # before tmp_path's own.
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None and path.exists():
+        drop_large_files(path)
+
+
+# Session-scoped services keep their state (Glance's image store) for the whole run.
+SESSION_DIRS = ("openstack",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_module_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What a module's fixtures made with tmp_path_factory (sources, disk.img, overlays)
+    loses its images when the module is done; set up first, so torn down last, after
+    those fixtures have unmounted and detached what they used."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for entry in set(base.iterdir()) - before:
+        if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith(SESSION_DIRS):
+            drop_large_files(entry)

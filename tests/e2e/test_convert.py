@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> dict[str, Any]:
+def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> Iterator[dict[str, Any]]:
     """The flatten cases in one project, converted the way an operator runs a batch:
     `doit -n 2 --continue`, two hosts at a time, a failure stopping only its host. The
     keep case reads the same disks as plain-bookworm, which one project refuses (two
@@ -106,8 +107,10 @@ def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> dict[str,
         results = {spec_dir: job.result() for spec_dir, job in jobs.items()}
     print(f"\n{len(CASES)} conversions in {len(runs)} projects: {time.monotonic() - started:.0f} s")
     images = [*disks, *(projects[(n, lay)] / "work" / host_of(n, lay) / "disk.img" for n, lay in CASES)]
-    return {"projects": projects, "servers": servers, "env": env, "services": openstack, "results": results,
-            "before": before, "after": {disk: sha256(disk) for disk in disks}, "leftovers": leftovers(images)}
+    yield {"projects": projects, "servers": servers, "env": env, "services": openstack, "results": results,
+           "before": before, "after": {disk: sha256(disk) for disk in disks}, "leftovers": leftovers(images)}
+    # The uploads are full-size copies in Glance's store; later modules do not need them.
+    openstack.delete_all_images()
 
 
 @pytest.fixture(params=CASES, ids=[host_of(name, layout) for name, layout in CASES])

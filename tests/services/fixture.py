@@ -27,4 +27,7 @@ def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStackSer
     try:
         yield services
     finally:
-        services.stop()
+        try:  # the store holds full-size copies of uploaded disks: free them first
+            services.delete_all_images()
+        finally:
+            services.stop()

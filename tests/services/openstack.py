@@ -330,6 +330,10 @@ class OpenStackServices:
                 result[name] = "stopped"
         return result
 
+    def wipe(self) -> None:
+        """Stop and forget everything: databases, keys and the image store."""
+        self._wipe()
+
     def _wipe(self) -> None:
         for name in SERVICES:
             self.stop_service(name)
@@ -704,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - bin/openst
     import argparse
 
     parser = argparse.ArgumentParser(prog="openstack-services", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("start", "stop", "status", "clouds-yaml"))
+    parser.add_argument("command", choices=("start", "stop", "status", "clouds-yaml", "wipe"))
     parser.add_argument("--state-dir", type=Path, default=cache_root() / "openstack-services",
                         help="where configs, databases, images and logs live (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -728,6 +732,10 @@ def _command(services: OpenStackServices, command: str) -> int:  # pragma: no co
     elif command == "stop":
         services.stop()
         print("stopped", file=sys.stderr)
+    elif command == "wipe":
+        services.stop()
+        services.wipe()
+        print(f"stopped; removed {services.state_dir} (databases, keys and every image)", file=sys.stderr)
     elif command == "status":
         for name, text in services.status().items():
             print(f"{name}: {text}")
