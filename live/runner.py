@@ -33,6 +33,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from tasks.lib.livecloud import live_cloud_env  # noqa: E402
 from tasks.lib.livehost import LiveArgs, local_disks, parse_cmdline, resolve_disks  # noqa: E402
 from tasks.lib.runner import P2VError, run  # noqa: E402
 from tasks.lib.spec import LIVE_DISKS_ENV, load_specs  # noqa: E402
@@ -143,7 +144,8 @@ def convert(args: LiveArgs, work: Path, console: Console) -> bool:
                        hint="check live.mac in the spec and the DHCP reservation; nothing was read")
     disks = resolve_source_disks(spec.source.live_disks)
     console.say(f"{args.host}: source disks {', '.join(disks)} (source.disks: {', '.join(spec.source.live_disks)})")
-    env = {**os.environ, "P2V_SPECS": str(spec_dir), LIVE_DISKS_ENV: ",".join(disks), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "P2V_SPECS": str(spec_dir), LIVE_DISKS_ENV: ",".join(disks), "PYTHONUNBUFFERED": "1",
+           **live_cloud_env(work)}
     target = f"{spec.live.last_stage}:{args.host}"
     console.say(f"running doit {target} (logs in {spec.log_dir})")
     with open(spec.log_dir.parent / "live-runner.log", "a") as log:

@@ -6,7 +6,9 @@
       ganesha.conf, exports    the NFS work area: one export per host, for its address alone
       tftp/pxelinux.0, ldlinux.c32, pxelinux.cfg/01-<mac>, pxelinux.cfg/default, live/
       http/ipxe/boot.ipxe, http/ipxe/<mac>.ipxe, http/live/{vmlinuz,initrd.img,squashfs.img}
-    work area (site.work_area): <host>/spec/<host>.yaml, the host's spec as its live system reads it
+    work area (site.work_area): <host>/spec/<host>.yaml, the host's spec as its live system reads it;
+                                <host>/cloud/clouds.yaml, an application credential, when the live
+                                system uploads (tasks/lib/livecloud.py)
 
 Files are rewritten only when their text changes, and a host whose spec is
 gone loses its boot files. The live system's files come from bin/live-build.
@@ -23,6 +25,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
+from tasks.lib.livecloud import write_live_cloud
 from tasks.lib.pipeline import ensure_console_logging
 from tasks.lib.pxe import LIVE_FILES, render_deploy
 from tasks.lib.runner import P2VError
@@ -96,11 +99,14 @@ def deploy(site: Site, specs: Sequence[Spec], live: Path) -> dict[str, int]:
         if name != "squashfs.img":  # pxelinux fetches kernel and initrd by TFTP; dracut the root by HTTP
             _link_or_copy(live / name, deploy_dir / "tftp" / "live" / name)
         _link_or_copy(live / name, deploy_dir / "http" / "live" / name)
+    credentials = 0
     for spec in specs:
         host_dir = site.host_work_dir(spec.host)
         (host_dir / "spec").mkdir(parents=True, exist_ok=True)
         changed += write_if_changed(host_dir / "spec" / f"{spec.host}.yaml", spec.path.read_text(), 0o600)
-    return {"hosts": len(specs), "files": len(files), "changed": changed, "removed": stale}
+        credentials += write_live_cloud(spec, host_dir) is not None
+    return {"hosts": len(specs), "files": len(files), "changed": changed, "removed": stale,
+            "credentials": credentials}
 
 
 def run_pxe(specs: Sequence[Spec]) -> TaskFailed | None:
@@ -111,8 +117,9 @@ def run_pxe(specs: Sequence[Spec]) -> TaskFailed | None:
         counts = deploy(site, chosen, live_dir())
     except (P2VError, OSError) as error:
         return TaskFailed(f"pxe: {error}")
-    log.info("pxe: %d host(s) in %s: %d file(s), %d changed, %d removed; work area %s",
-             counts["hosts"], site.deploy_dir, counts["files"], counts["changed"], counts["removed"], site.work_area)
+    log.info("pxe: %d host(s) in %s: %d file(s), %d changed, %d removed; work area %s; %d application "
+             "credential(s) for uploads from the live system", counts["hosts"], site.deploy_dir, counts["files"],
+             counts["changed"], counts["removed"], site.work_area, counts["credentials"])
     return None
 
 

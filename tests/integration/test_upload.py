@@ -29,6 +29,7 @@ from doit.exceptions import TaskFailed
 
 from tasks import upload
 from tasks.lib import glance
+from tasks.lib.livecloud import live_cloud_env, write_live_cloud
 from tasks.lib.pipeline import run_stage
 from tasks.lib.plan import plan_disk
 from tasks.lib.runner import run
@@ -179,6 +180,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from tasks import upload
+from tasks.lib.livecloud import live_cloud_env, write_live_cloud
 from tasks.lib.pipeline import run_stage
 from tasks.lib.spec import parse_spec
 result = run_stage(upload.STAGE, parse_spec(Path(sys.argv[1]), base=Path(sys.argv[2])))
@@ -320,3 +322,41 @@ def test_no_password_or_token_in_logs(openstack: OpenStackServices, tmp_path: Pa
     log_text = (spec.log_dir / "upload.log").read_text()
     assert "uploaded image" in log_text and "reusing image" in log_text
     assert_no_secrets(openstack, spec.workdir)
+
+
+# ---------------------------------------------------------------- from the live system
+
+
+def test_the_live_system_uploads_with_an_application_credential_only(openstack: OpenStackServices,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`doit pxe` gives the server's directory of the work area one application credential
+    (tasks/lib/livecloud.py); the live runner points upload at it; Keystone accepts it and the
+    image lands in the project. The operator's password never reaches the work area."""
+    credential = openstack.application_credential("p2v-test", f"p2v-live-{uuid.uuid4().hex[:8]}")
+    infra_clouds = tmp_path / "infra-clouds.yaml"
+    infra_clouds.write_text(yaml.safe_dump({"clouds": {"p2v-live": {
+        "auth_type": "v3applicationcredential",
+        "auth": {"auth_url": credential["auth_url"], "application_credential_id": credential["id"],
+                 "application_credential_secret": credential["secret"]},
+        "region_name": "RegionOne", "interface": "public"}}}))
+    spec = make_host(tmp_path, "up-appcred", cloud="p2v-live")
+    assert spec.live.last_stage == "upload"  # the default: the live system would upload
+    host_dir = tmp_path / "area" / "up-appcred"
+    assert write_live_cloud(spec, host_dir, env={"OS_CLIENT_CONFIG_FILE": str(infra_clouds)}) == "p2v-live"
+    written = (host_dir / "cloud" / "clouds.yaml").read_text()
+    for secret in openstack.secrets():
+        assert secret not in written
+    # The live side: only what the runner sets (the services' clouds.yaml, with passwords, is out of reach).
+    for name in ("OS_CLIENT_CONFIG_FILE", "OS_CLOUD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in live_cloud_env(host_dir).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(upload.STAGE, spec) is None
+    receipt = stamp(spec)
+    image = openstack.glance().images.get(receipt["image"]["id"])
+    assert image["status"] == "active" and image["os_hash_value"] == sha512(spec.artifact("disk.img"))
+    upload_log = (spec.log_dir / "upload.log").read_text()
+    assert "p2v-live" in upload_log
+    assert credential["secret"] not in upload_log and credential["secret"] not in json.dumps(receipt)

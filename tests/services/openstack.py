@@ -631,6 +631,17 @@ disable_by_file_path = {s}/glance/healthcheck_disable
                            project_name=project, user_domain_name=DOMAIN, project_domain_name=DOMAIN)
         return ks_session.Session(auth=auth)
 
+    def application_credential(self, cloud: str, name: str, role: str = "member") -> dict[str, str]:
+        """A Keystone application credential of the cloud's user, limited to `role` on its project,
+        as an operator makes one for a live upload. Returns id, secret and the auth URL."""
+        session = self.admin_session(cloud)
+        user_id = session.get_user_id()
+        response = session.post(f"{self.auth_url}/users/{user_id}/application_credentials",
+                                json={"application_credential": {"name": name, "roles": [{"name": role}],
+                                                                 "description": "p2v live upload (tests)"}})
+        created = response.json()["application_credential"]
+        return {"id": created["id"], "secret": created["secret"], "auth_url": self.auth_url}
+
     def glance(self, cloud: str = "p2v-admin") -> Any:
         """A glanceclient v2 client for one of the clouds (admin by default: sees every image)."""
         from glanceclient import client as glance_client

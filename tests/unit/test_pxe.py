@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from tasks.lib.livecloud import live_cloud_env
 from tasks.lib.pxe import LIVE_FILES, render_deploy
 from tasks.lib.runner import P2VError
 from tasks.lib.site import load_site, pxe_specs
@@ -166,7 +168,40 @@ def test_a_bad_site_is_one_line(tmp_path: Path, site_env: Path, site: str, messa
         load_site(site_env, base=tmp_path)
 
 
-def test_deploy_writes_the_tree_and_each_hosts_spec(tmp_path: Path, site_env: Path) -> None:
+APP_CREDENTIAL_CLOUDS = """\
+clouds:
+  p2v-live-upload:
+    auth_type: v3applicationcredential
+    auth:
+      auth_url: https://keystone.example:5000/v3
+      application_credential_id: 0123abcd
+      application_credential_secret: s3cret
+    region_name: RegionTwo
+    cacert: {cacert}
+  p2v-admin:
+    auth:
+      auth_url: https://keystone.example:5000/v3
+      username: admin
+      password: hunter2
+      project_name: admin
+"""
+
+
+@pytest.fixture
+def clouds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The infra side's clouds.yaml: an application credential for live uploads, and an admin."""
+    cacert = tmp_path / "ca.pem"
+    cacert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    path = tmp_path / "clouds.yaml"
+    path.write_text(APP_CREDENTIAL_CLOUDS.format(cacert=cacert))
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
+    monkeypatch.setenv("OS_CLOUD", "p2v-live-upload")
+    for name in ("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    return path
+
+
+def test_deploy_writes_the_tree_and_each_hosts_spec(tmp_path: Path, site_env: Path, clouds: Path) -> None:
     work_area = tmp_path / "area"
     spec_dir, _ = project(tmp_path, work_area=str(work_area))
     site_env.write_text(site_env.read_text().replace("/srv/p2v/pxe", str(tmp_path / "deploy")))
@@ -185,6 +220,22 @@ def test_deploy_writes_the_tree_and_each_hosts_spec(tmp_path: Path, site_env: Pa
     assert not (deployed / "tftp/live/squashfs.img").exists()
     assert (work_area / "web1/spec/web1.yaml").read_text() == SPECS["web1"]
     assert (work_area / "web1/spec/web1.yaml").stat().st_mode & 0o777 == 0o600
+    # web1 uploads from its live system: its directory holds the application credential alone;
+    # db2 stops after fix, so the credential stays on the infra side.
+    assert counts["credentials"] == 1 and not (work_area / "db2/cloud").exists()
+    written = work_area / "web1/cloud/clouds.yaml"
+    assert written.stat().st_mode & 0o777 == 0o600 and (work_area / "web1/cloud").stat().st_mode & 0o777 == 0o700
+    entry = yaml.safe_load(written.read_text())["clouds"]
+    assert list(entry) == ["p2v-live-upload"]
+    assert entry["p2v-live-upload"]["auth"] == {"auth_url": "https://keystone.example:5000/v3",
+                                                "application_credential_id": "0123abcd",
+                                                "application_credential_secret": "s3cret"}
+    assert entry["p2v-live-upload"]["region_name"] == "RegionTwo"
+    assert Path(entry["p2v-live-upload"]["cacert"]) == work_area / "web1/cloud/cacert.pem"
+    assert "BEGIN CERTIFICATE" in (work_area / "web1/cloud/cacert.pem").read_text()
+    assert "hunter2" not in written.read_text() and "admin" not in written.read_text()
+    assert live_cloud_env(work_area / "web1") == {"OS_CLIENT_CONFIG_FILE": str(written), "OS_CLOUD": "p2v-live-upload"}
+    assert live_cloud_env(work_area / "db2") == {}
     # Again: nothing changes. Then db2's spec goes: its boot files go with it.
     assert deploy(site, specs, live)["changed"] == 0
     (spec_dir / "db2.yaml").unlink()
@@ -210,3 +261,44 @@ def test_dnsmasq_accepts_the_rendered_config() -> None:
                             text=True, check=False, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "syntax check OK" in result.stderr
+
+
+def _deploy_one(tmp_path: Path, site_env: Path, spec: str) -> tuple[Path, dict[str, int]]:
+    work_area = tmp_path / "area"
+    spec_dir, _ = project(tmp_path, {"web1": spec}, work_area=str(work_area))
+    site_env.write_text(site_env.read_text().replace("/srv/p2v/pxe", str(tmp_path / "deploy")))
+    live = tmp_path / "live"
+    live.mkdir(exist_ok=True)
+    for name in LIVE_FILES:
+        (live / name).write_bytes(name.encode())
+    site = load_site(site_env, base=tmp_path)
+    return work_area, deploy(site, pxe_specs(site, load_specs(spec_dir)), live)
+
+
+def test_a_password_never_goes_to_the_live_system(tmp_path: Path, site_env: Path, clouds: Path) -> None:
+    spec = SPECS["web1"] + "glance:\n  cloud: p2v-admin\n"
+    with pytest.raises(P2VError) as raised:
+        _deploy_one(tmp_path, site_env, spec)
+    message = str(raised.value)
+    assert message.startswith("specs/web1.yaml: live.last_stage is upload")
+    assert "'p2v-admin'" in message and "never puts a password" in message and "live.last_stage: report" in message
+    assert "hunter2" not in message and "\n" not in message
+    assert not (tmp_path / "area/web1/cloud").exists()
+
+
+def test_no_credentials_at_all_is_one_line_naming_the_spec(tmp_path: Path, site_env: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OS_CLOUD", "OS_AUTH_URL", "OS_CLIENT_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(P2VError, match=r"^specs/web1.yaml: live.last_stage is upload.*no OpenStack credentials"):
+        _deploy_one(tmp_path, site_env, SPECS["web1"])
+
+
+def test_an_earlier_last_stage_takes_the_credential_away(tmp_path: Path, site_env: Path, clouds: Path) -> None:
+    work_area, counts = _deploy_one(tmp_path, site_env, SPECS["web1"])
+    assert counts["credentials"] == 1 and (work_area / "web1/cloud/clouds.yaml").is_file()
+    spec_text = SPECS["web1"].replace("  address: 192.0.2.21\n", "  address: 192.0.2.21\n  last_stage: report\n")
+    (tmp_path / "specs/web1.yaml").write_text(spec_text)
+    site = load_site(site_env, base=tmp_path)
+    counts = deploy(site, pxe_specs(site, load_specs(tmp_path / "specs")), tmp_path / "live")
+    assert counts["credentials"] == 0 and not (work_area / "web1/cloud").exists()
