@@ -13,9 +13,11 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("p2v.run")
 
@@ -23,6 +25,10 @@ log = logging.getLogger("p2v.run")
 _PINNED_ENV = {"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "LANGUAGE": ""}
 
 TAIL_LINES = 20
+
+# What a command in a chroot sees of the environment, besides the pinned locale.
+CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "TERM": "dumb",
+              "DEBIAN_FRONTEND": "noninteractive"}
 
 
 class P2VError(Exception):
@@ -78,37 +84,49 @@ def run(
     timeout: float | None = None,
     capture: bool = True,
     hint: str | None = None,
+    inherit_env: bool = True,
+    own_group: bool = False,
 ) -> Result:
     """Run a command and return its output; raise CommandError on failure.
 
     `capture=False` lets the output through to the console (progress bars),
     at the price of an error message without an output tail.
+    `inherit_env=False` gives the command `env` (and the pinned locale) alone.
+    `own_group=True` runs it in a process group of its own, which is killed
+    whole when the command ends, times out or is interrupted: what it started
+    in the background (a package scriptlet's daemon) ends with it.
     """
     args = [os.fspath(a) for a in argv]
     if "/" not in args[0]:
         which(args[0])  # a clear "not found" beats FileNotFoundError
     log.debug("+ %s", shlex.join(args))
-    full_env = {**os.environ, **_PINNED_ENV, **(env or {})}
+    full_env = {**(os.environ if inherit_env else {}), **_PINNED_ENV, **(env or {})}
     binary_input = isinstance(input, bytes)
     try:
-        proc = subprocess.run(
+        with subprocess.Popen(
             args,
-            input=input,
+            stdin=subprocess.PIPE if input is not None else None,
             env=full_env,
             cwd=cwd,
-            timeout=timeout,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.PIPE if capture else None,
             text=not binary_input,
             errors=None if binary_input else "replace",
-            check=False,
-        )
+            process_group=0 if own_group else None,
+        ) as proc:
+            try:
+                raw_stdout, raw_stderr = proc.communicate(input, timeout=timeout)
+            except BaseException:  # a timeout, or ^C: nothing of it may outlive us
+                _kill(proc, own_group)
+                raise
+            if own_group:
+                _kill(proc, own_group)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout or b""
         text = out.decode(errors="replace") if isinstance(out, bytes) else out
         raise CommandError(args, -signal.SIGKILL, text, hint=f"timed out after {timeout} s") from None
-    stdout = proc.stdout or ""
-    stderr = proc.stderr or ""
+    stdout = raw_stdout or ""
+    stderr = raw_stderr or ""
     if isinstance(stdout, bytes):
         stdout = stdout.decode(errors="replace")
     if isinstance(stderr, bytes):
@@ -116,6 +134,41 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, stdout + stderr, hint=hint)
     return Result(args, proc.returncode, stdout, stderr)
+
+
+def _kill(proc: subprocess.Popen[Any], own_group: bool) -> None:
+    """Kill the command (its whole group when it has one) and reap it."""
+    try:
+        if own_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    if own_group:
+        _wait_group_gone(proc.pid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat_file.parent.name))
+    return members
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """SIGKILL is delivered asynchronously: wait until the group has exited, so that
+    what comes next (unmounting a chroot's binds) does not find it still there."""
+    deadline = time.monotonic() + timeout
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def output(argv: Sequence[str | os.PathLike[str]], *, check: bool = True, timeout: float | None = None) -> str:
@@ -133,6 +186,13 @@ def chroot_run(
     timeout: float | None = None,
     capture: bool = True,
 ) -> Result:
-    """Run a command inside a prepared chroot (see resources.chroot_binds)."""
-    chroot_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", **(env or {})}
-    return run(["chroot", str(root), *argv], check=check, env=chroot_env, input=input, timeout=timeout, capture=capture)
+    """Run a command inside a prepared chroot (see resources.chroot_binds).
+
+    The command (package scriptlets, dracut, grub) gets a clean environment,
+    `env` and a minimal base, never ours: no OS_* credential or other secret of
+    the operator's shell reaches code from the source's packages. It runs in
+    its own process group, killed whole on a timeout and when it ends.
+    """
+    chroot_env = {**CHROOT_ENV, **(env or {})}
+    return run(["chroot", str(root), *argv], check=check, env=chroot_env, input=input, timeout=timeout,
+               capture=capture, inherit_env=False, own_group=True)
