@@ -11,9 +11,10 @@ Started by p2v-runner.service when the kernel command line carries p2v.host
    resolved to this boot's device nodes;
 4. doit runs the host's stages up to live.last_stage, with the dependency
    state in the work area: a second PXE boot resumes where the first stopped;
-5. success: the status file says so and the server powers off after the
-   work area is unmounted (the upload stage powers off by itself when it ran
-   here; `live.shutdown: false` keeps it up); failure: one message on the
+5. success: the status file says so and the server powers off once doit has
+   exited and the work area is synced and unmounted (never earlier: that is
+   when the stages' state is durable on the NFS server; `live.shutdown: false`
+   keeps it up); failure: one message on the
    console (tty and serial) and beside the logs in the work area, and the
    server stays up for a look.
 
@@ -165,14 +166,20 @@ def convert(args: LiveArgs, work: Path, console: Console) -> bool:
     if code != 0:
         raise P2VError(failure[-1] if failure else f"doit {target} failed (exit code {code})",
                        hint="fix the cause, then reboot this server by PXE: it resumes at the failed stage")
-    # The upload stage powers the server off by itself; after an earlier last
-    # stage the infra side goes on, and the server is done here.
-    return spec.shutdown and spec.live.last_stage != "upload"
+    # doit has exited, so the stages' state is saved; main() syncs and unmounts
+    # the work area before the power-off, and only then: a server switched off
+    # before its state is on the NFS server would upload a duplicate on its
+    # next boot. After an earlier last stage the infra side goes on from here.
+    return spec.shutdown
 
 
 def power_off(work: Path, console: Console) -> None:
-    run(["sync"], check=False)
-    run(["umount", str(work)], check=False, timeout=120)  # the work area's last writes are on the server
+    synced = run(["sync"], check=False, timeout=600)  # on NFS: written and committed on the server
+    if synced.returncode != 0:
+        console.say(f"not powering off: sync of the work area failed ({(synced.stderr or synced.stdout).strip()}); "
+                    "the state of the stages may not be on the NFS server yet")
+        return
+    run(["umount", str(work)], check=False, timeout=120)
     command = os.environ.get("P2V_POWEROFF_COMMAND", "systemctl poweroff").split()
     console.say(f"powering off: {' '.join(command)}")
     run(command, check=False)

@@ -13,17 +13,17 @@ STAGE_TOOLS: tuple[str, ...] = (
     "blkid", "blockdev", "chroot", "dd", "dmesg", "dmsetup", "dpkg-deb", "du", "find", "findmnt", "losetup", "lsblk",
     "lvs", "mattrib", "mcopy", "mdadm", "mdel", "mdeltree", "mdir", "minfo", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4",
     "mkfs.fat", "mkfs.xfs", "mkswap", "mmd", "mount", "openssl", "partx", "pkill", "pvs", "qemu-img",
-    "qemu-storage-daemon", "qemu-system-x86_64", "rsync", "sfdisk", "sync", "systemctl", "systemd-run", "tar",
+    "qemu-storage-daemon", "qemu-system-x86_64", "rsync", "sfdisk", "sync", "tar",
     "tune2fs", "umount", "vgchange", "vgs", "xfs_db", "xfs_logprint",
 )
 
 # Not run by a stage today, but part of the live system on purpose: what the
 # in-live runner and an operator on the console need (NFS, LVM and md by hand,
-# module loading, partition and archive tools).
+# module loading, partition and archive tools, the runner's power-off).
 OPERATOR_TOOLS: tuple[str, ...] = (
     "busybox", "cpio", "curl", "fdisk", "file", "getfacl", "getfattr", "ip", "lvm", "mcopy", "mkfs.vfat",
-    "mksquashfs", "modprobe", "mount.nfs", "mount.nfs4", "parted", "python3", "setfacl", "setfattr", "udevadm",
-    "unsquashfs", "wipefs", "xfs_repair", "e2fsck", "zstd",
+    "mksquashfs", "modprobe", "mount.nfs", "mount.nfs4", "parted", "python3", "setfacl", "setfattr", "systemctl",
+    "udevadm", "unsquashfs", "wipefs", "xfs_repair", "e2fsck", "zstd",
 )
 
 LIVE_TOOLS: tuple[str, ...] = tuple(sorted(set(STAGE_TOOLS) | set(OPERATOR_TOOLS)))

@@ -18,8 +18,10 @@
    Unreachable service, reset connections and 5xx are retried with backoff, each retry on a new
    image after deleting the unfinished one; 401, 403, 413 and other 4xx fail at once.
 6. The receipt (image id, name, size, hash, properties, endpoint; no secrets) is the stamp.
-7. A live-booted server is then powered off, unless `live.shutdown: false`; offline never.
-   `P2V_POWEROFF_COMMAND` replaces the command (tests must never power off their machine).
+7. The stage never powers the server off itself: doit saves a stage's state only when it
+   exits, and a server switched off before that would upload a duplicate when it boots again.
+   The live runner (live/runner.py) powers off after doit has exited and the work area is
+   synced and unmounted; the receipt says who does it (`shutdown_decision`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,11 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -42,11 +43,11 @@ from typing import IO, Any
 
 from tasks.lib import glance
 from tasks.lib.copy import human
-from tasks.lib.image_format import UploadFile, sha512_of, upload_file
+from tasks.lib.image_format import UploadFile, digest_of, upload_file
 from tasks.lib.machine import machine_properties
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan, GiB
-from tasks.lib.runner import P2VError, run
+from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, GlancePolicy, Spec
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 
@@ -300,16 +301,43 @@ def clear_unfinished(service: glance.ImageService, images: list[dict[str, Any]])
     return kept
 
 
-def publish(service: glance.ImageService, request: ImageRequest, upload: UploadFile, sha512: str, host: str,
-            progress: Callable[[UploadProgress], None], max_rate: float | None = None) -> Published:
-    """Reuse an active image of this host with this sha512, or upload one; never a duplicate."""
+@dataclass
+class FileDigests:
+    """The upload file's digests: sha512 first (it names the file in the receipt), and whatever
+    algorithm a Glance reports (its `hashing_algorithm` setting) on demand, cached like sha512."""
+
+    path: Path
+    cache: Path | None
+    known: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sha512(self) -> str:
+        return self.of("sha512") or ""
+
+    def of(self, algorithm: object) -> str | None:
+        """The file's digest by Glance's algorithm name; None when hashlib has no such algorithm."""
+        name = str(algorithm or "").lower()
+        if name not in self.known:
+            if name not in hashlib.algorithms_available:
+                return None
+            self.known[name] = digest_of(self.path, name, self.cache)
+        return self.known[name]
+
+    def matches(self, image: Mapping[str, Any]) -> bool:
+        expected = self.of(image.get("os_hash_algo"))
+        return expected is not None and image.get("os_hash_value") == expected
+
+
+def publish(service: glance.ImageService, request: ImageRequest, upload: UploadFile, digests: FileDigests,
+            host: str, progress: Callable[[UploadProgress], None], max_rate: float | None = None) -> Published:
+    """Reuse an active image of this host with this content, or upload one; never a duplicate."""
+    sha512 = digests.sha512
     images = clear_unfinished(service, _ours(service, host))
-    same = [image for image in images if image.get("status") == "active"
-            and image.get("os_hash_algo") == "sha512" and image.get("os_hash_value") == sha512]
+    same = [image for image in images if image.get("status") == "active" and digests.matches(image)]
     if same:
         image = max(same, key=lambda i: str(i.get("created_at", "")))
-        log.info("reusing image %s (%s): this host's image with the same sha512 is already in Glance",
-                 image["id"], image.get("name"))
+        log.info("reusing image %s (%s): this host's image with the same content (%s) is already in Glance",
+                 image["id"], image.get("name"), image.get("os_hash_algo"))
         return Published(image, reused=True)
     started = time.monotonic()
 
@@ -324,7 +352,7 @@ def publish(service: glance.ImageService, request: ImageRequest, upload: UploadF
             if reader.done != upload.size or reader.digest.hexdigest() != sha512:
                 raise P2VError(f"{upload.path} changed during the upload ({reader.done} bytes read, "
                                f"{upload.size} expected)", hint="is another run writing it? rerun")
-            return _check_stored(service, service.get(image["id"]), sha512)
+            return _check_stored(service, service.get(image["id"]), digests)
         except BaseException:
             service.delete_quietly(image["id"])
             raise
@@ -333,8 +361,9 @@ def publish(service: glance.ImageService, request: ImageRequest, upload: UploadF
     return Published(image, reused=False, seconds=time.monotonic() - started)
 
 
-def _check_stored(service: glance.ImageService, image: dict[str, Any], sha512: str) -> dict[str, Any]:
-    """Glance's own sha512 of what it stored must be ours; otherwise the image goes."""
+def _check_stored(service: glance.ImageService, image: dict[str, Any], digests: FileDigests) -> dict[str, Any]:
+    """Glance's own digest of what it stored (by the algorithm it is configured with) must be the
+    file's; otherwise the image goes."""
     deadline = time.monotonic() + 60
     while image.get("status") in ("saving", "uploading", "importing") and time.monotonic() < deadline:
         time.sleep(1)
@@ -342,40 +371,31 @@ def _check_stored(service: glance.ImageService, image: dict[str, Any], sha512: s
     if image.get("status") != "active":
         raise P2VError(f"image {image['id']} is {image.get('status')} after its upload, not active")
     algo, value = image.get("os_hash_algo"), image.get("os_hash_value")
-    if algo != "sha512" or value != sha512:
+    expected = digests.of(algo)
+    if expected is None:
+        raise P2VError(f"Glance checksums image {image['id']} with {algo!r}, which p2v cannot compute, so the "
+                       "upload is unproven: the image was deleted",
+                       hint="set Glance's hashing_algorithm to one of hashlib's (sha512 is Glance's default)")
+    if value != expected:
         raise P2VError(f"Glance's checksum of image {image['id']} ({algo} {str(value)[:16]}...) is not the "
-                       f"sha512 of the uploaded file ({sha512[:16]}...): the image was deleted",
+                       f"{algo} of the uploaded file ({expected[:16]}...): the image was deleted",
                        hint="the data was damaged on the way or in the store; rerun")
-    log.info("Glance's sha512 of image %s matches the file's", image["id"])
+    log.info("Glance's %s of image %s matches the file's", algo, image["id"])
     return image
 
 
 # ---------------------------------------------------------------- shutdown
 
 
-POWEROFF_DELAY = 10
-DEFAULT_POWEROFF = ("systemd-run", f"--on-active={POWEROFF_DELAY}", "--unit=p2v-poweroff", "systemctl", "poweroff")
-
-
 def shutdown_decision(spec: Spec) -> str:
+    """What happens to the server after this stage, as the receipt says it."""
     if not spec.source.live:
         return "skipped (offline conversion)"
     if not spec.shutdown:
         return "skipped (live.shutdown: false)"
-    return "requested"
-
-
-def power_off(spec: Spec, env: Mapping[str, str] | None = None) -> str:
-    """Power the live-booted server off (delayed, so that doit records the stage first)."""
-    decision = shutdown_decision(spec)
-    if decision != "requested":
-        log.info("power-off %s", decision)
-        return decision
-    env = os.environ if env is None else env
-    command = shlex.split(env["P2V_POWEROFF_COMMAND"]) if env.get("P2V_POWEROFF_COMMAND") else list(DEFAULT_POWEROFF)
-    log.info("powering the server off: %s", shlex.join(command))
-    run(command, hint="power the server off by hand; the upload is complete")
-    return "requested"
+    if spec.source.pxe:
+        return "by the live runner, after doit has saved the stages' state and the work area is unmounted"
+    return "not done: p2v was run by hand on this server; power it off when you are done"
 
 
 # ---------------------------------------------------------------- the stage
@@ -424,7 +444,8 @@ def upload_host(run_: StageRun) -> None:
              cloud.project)
     upload = upload_file(spec.artifact("disk.img"), spec.target.format, spec.target.compress)
     hash_started = time.monotonic()
-    sha512 = sha512_of(upload.path, cache=spec.state_dir / HASH_CACHE)
+    digests = FileDigests(upload.path, spec.state_dir / HASH_CACHE)
+    sha512 = digests.sha512
     log.info("sha512 of %s: %s... (%.1f s)", upload.path.name, sha512[:16], time.monotonic() - hash_started)
     provenance = Provenance(host=spec.host, version=p2v_version(), layout_sha256=file_sha256(layout_path),
                             plan_sha256=file_sha256(plan_path),
@@ -435,7 +456,7 @@ def upload_host(run_: StageRun) -> None:
     service.authenticate()
     endpoint = service.endpoint
     log.info("image service: %s", endpoint)
-    published = publish(service, request, upload, sha512, spec.host, console_progress(), max_rate_from_env())
+    published = publish(service, request, upload, digests, spec.host, console_progress(), max_rate_from_env())
     image = published.image
     if not published.reused:
         log.info("uploaded image %s (%s) in %.1f s, %s/s", image["id"], image.get("name"), published.seconds,
@@ -460,7 +481,6 @@ def upload_host(run_: StageRun) -> None:
     run_.partial.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
     log.info("%s: image %s (%s) %s: %s/v2/images/%s", spec.host, image["id"], image.get("name"),
              "reused" if published.reused else "uploaded", endpoint.rstrip("/"), image["id"])
-    power_off(spec)
 
 
 def _config(spec: Spec) -> dict[str, object]:

@@ -84,16 +84,25 @@ def convert_to_qcow2(raw: Path, target: Path, compress: bool) -> None:
 
 def sha512_of(path: Path, cache: Path | None = None, progress: Callable[[int], None] | None = None) -> str:
     """sha512 of a file, cached in `cache` (JSON) by path, size and mtime."""
+    return digest_of(path, "sha512", cache, progress)
+
+
+def digest_of(path: Path, algorithm: str, cache: Path | None = None,
+              progress: Callable[[int], None] | None = None) -> str:
+    """A hashlib digest of a file, cached in `cache` (JSON) by path, size and mtime and algorithm."""
     info = path.stat()
     key = {"path": str(path.resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    known: dict[str, str] = {}
     if cache is not None and cache.is_file():
         try:
             data = json.loads(cache.read_text())
-            if data.get("key") == key and isinstance(data.get("sha512"), str):
-                return str(data["sha512"])
+            if data.get("key") == key:
+                known = {name: value for name, value in data.items() if name != "key" and isinstance(value, str)}
         except ValueError:
             pass
-    digest = hashlib.sha512()
+    if algorithm in known:
+        return known[algorithm]
+    digest = hashlib.new(algorithm)
     done = 0
     with path.open("rb", buffering=0) as handle:
         view = memoryview(bytearray(READ_BLOCK))
@@ -108,6 +117,6 @@ def sha512_of(path: Path, cache: Path | None = None, progress: Callable[[int], N
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(cache.name + ".partial")
-        partial.write_text(json.dumps({"key": key, "sha512": value}, indent=2, sort_keys=True) + "\n")
+        partial.write_text(json.dumps({"key": key, **known, algorithm: value}, indent=2, sort_keys=True) + "\n")
         os.replace(partial, cache)
     return value

@@ -162,14 +162,21 @@ def test_upload_then_rerun_reuses(openstack: OpenStackServices, tmp_path: Path) 
     assert not (tmp_path / "powered-off").exists()
 
 
-def test_power_off_only_live_and_not_when_disabled(openstack: OpenStackServices, tmp_path: Path) -> None:
+def test_the_stage_never_powers_off_and_its_receipt_says_who_does(openstack: OpenStackServices,
+                                                                  tmp_path: Path) -> None:
+    """doit saves a stage's state when it exits: a power-off from inside the stage could come
+    first, and the next boot would upload a duplicate. The live runner powers off afterwards."""
     spec = make_host(tmp_path, "up-live")
-    live = dataclasses.replace(spec, source=Source(devices=("/dev/p2v-test-live-disk",)))
-    marker = tmp_path / "powered-off"
-    assert run_stage(upload.STAGE, dataclasses.replace(live, shutdown=False)) is None
-    assert stamp(spec)["shutdown"] == "skipped (live.shutdown: false)" and not marker.exists()
-    assert run_stage(upload.STAGE, live) is None
-    assert stamp(spec)["shutdown"] == "requested" and marker.exists()
+    by_hand = dataclasses.replace(spec, source=Source(devices=("/dev/p2v-test-live-disk",)))
+    pxe = dataclasses.replace(spec, source=Source(devices=("/dev/p2v-test-live-disk",), live_disks=("auto",)))
+    marker = tmp_path / "powered-off"  # P2V_POWEROFF_COMMAND (the _environment fixture) would touch it
+    assert run_stage(upload.STAGE, dataclasses.replace(pxe, shutdown=False)) is None
+    assert stamp(spec)["shutdown"] == "skipped (live.shutdown: false)"
+    assert run_stage(upload.STAGE, pxe) is None
+    assert stamp(spec)["shutdown"].startswith("by the live runner, after doit has saved")
+    assert run_stage(upload.STAGE, by_hand) is None
+    assert stamp(spec)["shutdown"].startswith("not done: p2v was run by hand")
+    assert not marker.exists()
     assert len(images_of(openstack, "up-live")) == 1
 
 
@@ -180,7 +187,6 @@ CHILD = """
 import sys
 from pathlib import Path
 from tasks import upload
-from tasks.lib.livecloud import live_cloud_env, write_live_cloud
 from tasks.lib.pipeline import run_stage
 from tasks.lib.spec import parse_spec
 result = run_stage(upload.STAGE, parse_spec(Path(sys.argv[1]), base=Path(sys.argv[2])))
@@ -208,6 +214,44 @@ def test_killed_upload_leaves_one_image_after_rerun(openstack: OpenStackServices
     assert [i["status"] for i in images] == ["active"]
     assert images[0]["id"] != saving["id"] and images[0]["id"] == stamp(spec)["image"]["id"]
     assert f"deleting image {saving['id']} ({leftovers[0]['status']})" in (spec.log_dir / "upload.log").read_text()
+
+
+def test_killed_right_after_the_upload_reuses_the_image(openstack: OpenStackServices, tmp_path: Path) -> None:
+    """Power lost as soon as Glance has the image, before the stamp or doit's state are saved:
+    the rerun finds the image by its content and uploads nothing."""
+    spec = make_host(tmp_path, "up-after")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        active = wait_for_status(openstack, "up-after", "active")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    spec.artifact("uploaded.stamp").unlink(missing_ok=True)  # whether or not it was written: not durable
+    assert run_stage(upload.STAGE, spec) is None
+    receipt = stamp(spec)
+    assert receipt["reused"] is True and receipt["image"]["id"] == active["id"]
+    assert [i["id"] for i in images_of(openstack, "up-after")] == [active["id"]]
+
+
+def test_a_glance_hashing_with_sha256_is_checked_with_sha256(openstack: OpenStackServices, tmp_path: Path) -> None:
+    """Glance's `hashing_algorithm` is a setting: p2v checks with whatever os_hash_algo says,
+    instead of deleting every image of a cloud not on sha512, and reuses by it too."""
+    spec = make_host(tmp_path, "up-sha256")
+    with openstack.glance_option("DEFAULT", "hashing_algorithm", "sha256"):
+        assert run_stage(upload.STAGE, spec) is None
+        receipt = stamp(spec)
+        image = openstack.glance().images.get(receipt["image"]["id"])
+        disk = spec.artifact("disk.img").read_bytes()
+        assert image["status"] == "active" and image["os_hash_algo"] == "sha256"
+        assert image["os_hash_value"] == hashlib.sha256(disk).hexdigest()
+        assert receipt["file"]["sha512"] == hashlib.sha512(disk).hexdigest()
+        assert "Glance's sha256 of image" in (spec.log_dir / "upload.log").read_text()
+        spec.artifact("uploaded.stamp").unlink()
+        assert run_stage(upload.STAGE, spec) is None
+        assert stamp(spec)["reused"] is True
+        assert [i["id"] for i in images_of(openstack, "up-sha256")] == [image["id"]]
 
 
 def test_glance_stopped_during_upload(openstack: OpenStackServices, tmp_path: Path,

@@ -44,7 +44,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +317,24 @@ class OpenStackServices:
 
     def stop_glance(self, kill: bool = False) -> None:
         self.stop_service("glance", kill=kill)
+
+    @contextlib.contextmanager
+    def glance_option(self, section: str, key: str, value: str) -> Iterator[None]:
+        """Glance restarted with one more setting in glance-api.conf; restored and restarted after."""
+        conf = self.state_dir / "glance" / "glance-api.conf"
+        original = conf.read_text()
+        header = f"[{section}]\n"
+        if header not in original:
+            raise ServiceError(f"glance-api.conf has no {header.strip()} section")
+        conf.write_text(original.replace(header, f"{header}{key} = {value}\n", 1))
+        self.stop_glance()
+        self.start_glance()
+        try:
+            yield
+        finally:
+            conf.write_text(original)
+            self.stop_glance()
+            self.start_glance()
 
     def status(self) -> dict[str, str]:
         state = self._state()

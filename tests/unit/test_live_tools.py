@@ -17,7 +17,6 @@ from pathlib import Path
 
 from live.tools import LIVE_TOOLS, STAGE_TOOLS
 from tasks.lib import plan
-from tasks.upload import DEFAULT_POWEROFF
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "tasks"
@@ -46,7 +45,6 @@ DYNAMIC: dict[str, Callable[[], set[str]]] = {
     "tasks/lib/copy.py:_run_logged": lambda: {"tar", "rsync"},  # the tar pipeline and rsync passes
     "tasks/lib/bootcheck.py:_spawn": lambda: {"qemu-system-x86_64"},  # qemu_argv / kernel_qemu_argv
     "tasks/lib/manifest.py:build_manifest_apart": set,  # sys.executable: the venv's python, not a PATH command
-    "tasks/upload.py:power_off": lambda: {DEFAULT_POWEROFF[0], DEFAULT_POWEROFF[3]},  # systemd-run ... systemctl
     # _mtools(["mdir" | "mcopy" | ..., ...]): the ESP's tools, read from esp.py's call sites
     "tasks/lib/esp.py:_mtools": lambda: _literal_first_words(TASKS / "lib" / "esp.py", "_mtools"),
 }

@@ -191,18 +191,16 @@ def test_fix_receipt_is_read_tolerantly(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- shutdown
 
 
-def test_shutdown_only_live_and_enabled(tmp_path: Path) -> None:
-    marker = tmp_path / "off"
-    env = {"P2V_POWEROFF_COMMAND": f"touch {marker}"}
-    assert upload.power_off(make_spec(), env) == "skipped (offline conversion)"
-    assert upload.power_off(make_spec(devices=("/dev/sda",), shutdown=False), env) == "skipped (live.shutdown: false)"
-    assert not marker.exists()
-    assert upload.power_off(make_spec(devices=("/dev/sda",)), env) == "requested"
-    assert marker.exists()
-
-
-def test_default_power_off_is_delayed() -> None:
-    assert upload.DEFAULT_POWEROFF[0] == "systemd-run" and "poweroff" in upload.DEFAULT_POWEROFF
+def test_the_receipt_says_who_powers_off_and_the_stage_never_does() -> None:
+    assert upload.shutdown_decision(make_spec()) == "skipped (offline conversion)"
+    assert upload.shutdown_decision(make_spec(devices=("/dev/sda",), shutdown=False)) == \
+        "skipped (live.shutdown: false)"
+    assert upload.shutdown_decision(make_spec(devices=("/dev/sda",))).startswith("not done: p2v was run by hand")
+    pxe = dataclasses.replace(make_spec(devices=("/dev/sda",)),
+                              source=Source(devices=("/dev/sda",), live_disks=("auto",)))
+    assert upload.shutdown_decision(pxe).startswith("by the live runner, after doit has saved")
+    # The stage itself runs no power-off command: doit has not saved its state yet.
+    assert not hasattr(upload, "power_off")
 
 
 # ---------------------------------------------------------------- credentials
