@@ -368,6 +368,30 @@ def test_no_password_or_token_in_logs(openstack: OpenStackServices, tmp_path: Pa
     assert_no_secrets(openstack, spec.workdir)
 
 
+def test_no_secret_in_the_process_listing_while_uploading(openstack: OpenStackServices, tmp_path: Path) -> None:
+    """What `ps` shows of every process while an upload runs (a qcow2 conversion included):
+    no password, application secret or token on a command line."""
+    spec = make_host(tmp_path, "up-ps", fmt="qcow2")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), "P2V_UPLOAD_MAX_RATE": str(8 * MiB)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listings = []
+    try:
+        while child.poll() is None:
+            listings.append(subprocess.run(["ps", "-eo", "pid,args", "--width", "100000"], capture_output=True,
+                                           text=True, check=True).stdout)
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0 and len(listings) >= 5
+    assert any("-c" in listing and str(spec.path) in listing for listing in listings)  # the child was seen
+    for listing in listings:
+        for secret in openstack.secrets():
+            assert secret not in listing
+        assert not FERNET_TOKEN.search(listing.encode())
+
+
 # ---------------------------------------------------------------- from the live system
 
 
