@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -69,17 +68,6 @@ class LiveImage:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Serialise builders, also in other processes."""
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def build_log(path: Path) -> Iterator[None]:
     """Every command of a build (tasks.lib.runner logs them at debug level) into `path`."""
     handler = logging.FileHandler(path, mode="w")
@@ -106,13 +94,14 @@ def ensure_live(project: Path = PROJECT, cache: Path | None = None, inputs: Live
         return image
     if os.geteuid() != 0:
         raise LiveInputError("building the live system needs root (debootstrap, chroot, mounts)")
+    # Only a build loads the builder and the tasks package it uses.
+    from live import assemble
+    from tasks.lib.resources import file_lock
+
     top.mkdir(parents=True, exist_ok=True)
     with file_lock(top / "build.lock"):
         if image.is_complete():  # another builder made it while we waited
             return image
-        # Only a build loads the builder: it imports the tasks package, half a second.
-        from live import assemble
-
         base = top / f"base-{inputs.base_key}"
         if not (base / assemble.BASE_RECORD).is_file():
             log.info("live: building the base %s (Debian, venv, kernel, initrd), several minutes", base.name)
