@@ -6,7 +6,8 @@
 
 Each directory is built as `<name>.partial` and renamed when complete; one
 lock serialises builders. A cached call reads the inputs, finds manifest.json
-and returns, without loading the build code (or the `tasks` package it uses).
+and returns, without loading the build code or p2v's stages (of `tasks` it
+imports only tasks.lib.runner, for its errors).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from live.cmdline import INITRD_NAME, KERNEL_NAME, SQUASHFS_NAME
 from live.inputs import PROJECT, LiveInputError, LiveInputs, gather
+from tasks.lib.runner import P2VError
 
 log = logging.getLogger("p2v.live")
 
@@ -115,18 +117,6 @@ def ensure_live(project: Path = PROJECT, cache: Path | None = None, inputs: Live
     return image
 
 
-def _one_line(error: BaseException) -> str | None:
-    """The operator's message for an error we expect, None for a bug (whose traceback is shown)."""
-    if isinstance(error, LiveInputError):
-        return str(error)
-    if "tasks" in sys.modules:  # only a build can raise p2v's own errors
-        from tasks.lib.runner import P2VError
-
-        if isinstance(error, P2VError):
-            return str(error)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bin/live-build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, help="the cache directory (default $P2V_CACHE or /var/cache/p2v)")
@@ -140,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         image = ensure_live(cache=args.cache)
-    except Exception as error:
-        line = _one_line(error)
-        if line is None:
-            raise
-        print(f"bin/live-build: {line}", file=sys.stderr)
-        print(f"bin/live-build: the build log is in {(args.cache or cache_root()) / 'live'}/*.build.log",
-              file=sys.stderr)
+    except P2VError as error:  # a bug shows its traceback
+        print(f"bin/live-build: {error}", file=sys.stderr)
+        if not isinstance(error, LiveInputError):  # an input error stops before any build log is written
+            print(f"bin/live-build: the build log is in {(args.cache or cache_root()) / 'live'}/*.build.log",
+                  file=sys.stderr)
         return 1
     log.info("live: %s (%.1f s)", image.directory, time.monotonic() - started)
     print(image.directory)
