@@ -14,7 +14,6 @@ when it fails is unmounted before the tree is removed.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -24,7 +23,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from live.cmdline import INITRD_NAME, KERNEL_NAME, SQUASHFS_NAME, live_cmdline
 from live.inputs import HOSTNAME, LIVE_DIR, PROJECT_DIR, VENV_DIR, LiveInputs
 from live.tools import BIN_DIRS, LIVE_TOOLS
 from tasks.lib.paths import resolve_in_root
-from tasks.lib.resources import chroot_binds, unmount
+from tasks.lib.resources import chroot_binds, mounts_released, remove_tree, unmount_below
 from tasks.lib.runner import P2VError, Result, run
 
 log = logging.getLogger("p2v.live")
@@ -122,46 +121,6 @@ def in_tree(tree: Path, argv: Sequence[str], *, timeout: float = 600, hint: str 
            "INITRD=No"]
     env += [f"{name}={os.environ[name]}" for name in PASSED_ENV if name in os.environ]
     return run(["chroot", str(tree), "env", "-i", *env, *argv], timeout=timeout, hint=hint)
-
-
-def _decode_mountinfo_path(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def mounts_below(top: Path) -> list[str]:
-    """Mount points at or under `top`, deepest first."""
-    prefix = os.path.realpath(top)
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = _decode_mountinfo_path(line.split()[4])
-        if point == prefix or point.startswith(prefix + "/"):
-            points.append(point)
-    return sorted(points, key=lambda p: p.count("/"), reverse=True)
-
-
-def unmount_below(top: Path) -> None:
-    for point in mounts_below(top):
-        log.warning("unmounting %s, left behind under %s", point, top)
-        unmount(point)
-
-
-def remove_tree(top: Path) -> None:
-    """rmtree that refuses to run into a mount (a bind of /dev would be emptied with it)."""
-    if not top.exists():
-        return
-    if mounts_below(top):
-        raise P2VError(f"not removing {top}: something is still mounted below it", hint="see findmnt")
-    shutil.rmtree(top)
-
-
-@contextlib.contextmanager
-def mounts_released(tree: Path) -> Iterator[Path]:
-    """Whatever a step left mounted under `tree` (debootstrap's /proc on failure) is unmounted afterwards."""
-    try:
-        yield tree
-    finally:
-        unmount_below(tree)
 
 
 def file_facts(path: Path) -> dict[str, Any]:

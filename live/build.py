@@ -6,14 +6,14 @@
 
 Each directory is built as `<name>.partial` and renamed when complete; one
 lock serialises builders. A cached call reads the inputs, finds manifest.json
-and returns, without loading the build code (or the `tasks` package it uses).
+and returns, without loading the build code or p2v's stages (of `tasks` it
+imports only tasks.lib.runner, for its errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ from typing import Any
 
 from live.cmdline import INITRD_NAME, KERNEL_NAME, SQUASHFS_NAME
 from live.inputs import PROJECT, LiveInputError, LiveInputs, gather
+from tasks.lib.runner import P2VError
 
 log = logging.getLogger("p2v.live")
 
@@ -69,17 +70,6 @@ class LiveImage:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Serialise builders, also in other processes."""
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def build_log(path: Path) -> Iterator[None]:
     """Every command of a build (tasks.lib.runner logs them at debug level) into `path`."""
     handler = logging.FileHandler(path, mode="w")
@@ -106,13 +96,14 @@ def ensure_live(project: Path = PROJECT, cache: Path | None = None, inputs: Live
         return image
     if os.geteuid() != 0:
         raise LiveInputError("building the live system needs root (debootstrap, chroot, mounts)")
+    # Only a build loads the builder and the tasks package it uses.
+    from live import assemble
+    from tasks.lib.resources import file_lock
+
     top.mkdir(parents=True, exist_ok=True)
     with file_lock(top / "build.lock"):
         if image.is_complete():  # another builder made it while we waited
             return image
-        # Only a build loads the builder: it imports the tasks package, half a second.
-        from live import assemble
-
         base = top / f"base-{inputs.base_key}"
         if not (base / assemble.BASE_RECORD).is_file():
             log.info("live: building the base %s (Debian, venv, kernel, initrd), several minutes", base.name)
@@ -124,18 +115,6 @@ def ensure_live(project: Path = PROJECT, cache: Path | None = None, inputs: Live
             assemble.build_in_partial(image.directory, lambda work: assemble.build_live(inputs, base, work))
         log.info("live: %s built: %s", image.key, assemble.sizes(image.manifest()))
     return image
-
-
-def _one_line(error: BaseException) -> str | None:
-    """The operator's message for an error we expect, None for a bug (whose traceback is shown)."""
-    if isinstance(error, LiveInputError):
-        return str(error)
-    if "tasks" in sys.modules:  # only a build can raise p2v's own errors
-        from tasks.lib.runner import P2VError
-
-        if isinstance(error, P2VError):
-            return str(error)
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         image = ensure_live(cache=args.cache)
-    except Exception as error:
-        line = _one_line(error)
-        if line is None:
-            raise
-        print(f"bin/live-build: {line}", file=sys.stderr)
-        print(f"bin/live-build: the build log is in {(args.cache or cache_root()) / 'live'}/*.build.log",
-              file=sys.stderr)
+    except P2VError as error:  # a bug shows its traceback
+        print(f"bin/live-build: {error}", file=sys.stderr)
+        if not isinstance(error, LiveInputError):  # an input error stops before any build log is written
+            print(f"bin/live-build: the build log is in {(args.cache or cache_root()) / 'live'}/*.build.log",
+                  file=sys.stderr)
         return 1
     log.info("live: %s (%.1f s)", image.directory, time.monotonic() - started)
     print(image.directory)

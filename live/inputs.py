@@ -1,7 +1,7 @@
 """Everything a live build is made of, and the cache keys derived from it.
 
-Standard library only and no process spawned: computing the key of a cached
-build must take milliseconds (see live.build).
+Standard library and tasks.lib.runner's errors only, and no process spawned:
+computing the key of a cached build must take milliseconds (see live.build).
 
 A build has two layers, each cached by a hash of its inputs:
 - the base: Debian (debootstrap + packages from the apt mirror this machine
@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.lib.runner import P2VError
 
 PROJECT = Path(__file__).resolve().parent.parent
 LIVE_DIR = PROJECT / "live"
@@ -76,16 +78,8 @@ PROJECT_EXCLUDED: tuple[str, ...] = ("live/root", "live/README.md")
 TEST_TOOLS_MARKER = "# Test and lint tools"
 
 
-class LiveInputError(Exception):
+class LiveInputError(P2VError):
     """An input of the live build is missing or malformed; the message says which."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text} (hint: {self.hint})" if self.hint else text
 
 
 @dataclass(frozen=True)

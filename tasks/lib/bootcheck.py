@@ -112,16 +112,15 @@ def image_format(path: Path) -> str:
         return "qcow2" if handle.read(4) == b"QFI\xfb" else "raw"
 
 
-def qemu_argv(config: BootConfig) -> list[str]:
-    """The qemu command line for a boot check (pure; unit-tested)."""
-    if config.machine_type == "q35" and config.disk_bus == "ide":
-        raise P2VError("an IDE disk needs the pc machine; q35 has SATA (AHCI) instead")
-    argv = [
+def _qemu_head(machine: Machine, accel: Accel, cpus: int, memory_mib: int) -> list[str]:
+    """What every boot check's qemu starts with: no display, monitor or reboot,
+    every disk write into a throw-away snapshot, the serial console on stdio."""
+    return [
         "qemu-system-x86_64",
-        "-machine", config.machine_type,
-        *config.accel.qemu_args(),
-        "-smp", str(config.cpus),
-        "-m", str(config.memory_mib),
+        "-machine", machine,
+        *accel.qemu_args(),
+        "-smp", str(cpus),
+        "-m", str(memory_mib),
         "-display", "none",
         "-monitor", "none",
         "-no-reboot",
@@ -129,6 +128,21 @@ def qemu_argv(config: BootConfig) -> list[str]:
         "-chardev", "stdio,id=serial0,signal=off",
         "-serial", "chardev:serial0",
     ]
+
+
+def _nic_args(model: NicModel, *, restrict: bool, mac: str | None = None) -> list[str]:
+    """One NIC on qemu's user network; restrict=True: the guest reaches no network at all."""
+    device = "e1000" if model == "e1000" else "virtio-net-pci"
+    mac_option = f",mac={mac}" if mac else ""
+    return ["-netdev", f"user,id=net0,restrict={'on' if restrict else 'off'}",
+            "-device", f"{device},netdev=net0{mac_option}"]
+
+
+def qemu_argv(config: BootConfig) -> list[str]:
+    """The qemu command line for a boot check (pure; unit-tested)."""
+    if config.machine_type == "q35" and config.disk_bus == "ide":
+        raise P2VError("an IDE disk needs the pc machine; q35 has SATA (AHCI) instead")
+    argv = _qemu_head(config.machine_type, config.accel, config.cpus, config.memory_mib)
     if config.firmware == "uefi":
         if config.varstore is None:
             raise P2VError("a UEFI boot needs a variable store")
@@ -150,10 +164,7 @@ def qemu_argv(config: BootConfig) -> list[str]:
                 "-drive", f"file={disk},format={fmt},if=none,id=disk{index}",
                 "-device", f"virtio-blk-pci,drive=disk{index}" + (",bootindex=0" if index == 0 else ""),
             ]
-    nic = "e1000" if config.nic_model == "e1000" else "virtio-net-pci"
-    # restrict=on: the guest gets a NIC but can reach no network at all.
-    mac = f",mac={config.mac}" if config.mac else ""
-    argv += ["-netdev", "user,id=net0,restrict=on", "-device", f"{nic},netdev=net0{mac}"]
+    argv += _nic_args(config.nic_model, restrict=True, mac=config.mac)
     argv += list(config.extra_args)
     return argv
 
@@ -359,29 +370,12 @@ class KernelBootConfig:
 
 def kernel_qemu_argv(config: KernelBootConfig) -> list[str]:
     """The qemu command line of a kernel boot (pure; unit-tested)."""
-    argv = [
-        "qemu-system-x86_64",
-        "-machine", "q35",
-        "-accel", "tcg,thread=multi",
-        "-cpu", "max",
-        "-smp", str(config.cpus),
-        "-m", str(config.memory_mib),
-        "-display", "none",
-        "-monitor", "none",
-        "-no-reboot",
-        "-snapshot",
-        "-chardev", "stdio,id=serial0,signal=off",
-        "-serial", "chardev:serial0",
-        "-kernel", str(config.kernel),
-        "-initrd", str(config.initrd),
-        "-append", config.append,
-    ]
+    argv = _qemu_head("q35", TCG, config.cpus, config.memory_mib)
+    argv += ["-kernel", str(config.kernel), "-initrd", str(config.initrd), "-append", config.append]
     for index, disk in enumerate(config.disks):
         argv += ["-drive", f"file={disk},format={image_format(disk)},if=none,id=disk{index}",
                  "-device", f"virtio-blk-pci,drive=disk{index}"]
-    nic = "e1000" if config.nic_model == "e1000" else "virtio-net-pci"
-    restrict = "on" if config.restrict_network else "off"
-    argv += ["-netdev", f"user,id=net0,restrict={restrict}", "-device", f"{nic},netdev=net0"]
+    argv += _nic_args(config.nic_model, restrict=config.restrict_network)
     return argv
 
 

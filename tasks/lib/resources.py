@@ -7,10 +7,12 @@ raises. Tests assert that `losetup -a` and `findmnt` are clean afterwards.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -216,6 +218,59 @@ def chroot_binds(root: Path) -> Iterator[Path]:
                 if pts.is_dir():
                     stack.enter_context(mounted("/dev/pts", pts, bind=True))
         yield root
+
+
+def _decode_mountinfo_path(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mounts_below(top: Path) -> list[str]:
+    """Mount points at or under `top`, deepest first (the order to unmount)."""
+    prefix = os.path.realpath(top)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = _decode_mountinfo_path(line.split()[4])
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return sorted(points, key=lambda p: p.count("/"), reverse=True)
+
+
+def unmount_below(top: Path) -> None:
+    """Unmount what a failed or killed step left mounted under `top` (debootstrap's /proc)."""
+    for point in mounts_below(top):
+        log.warning("unmounting %s, left behind under %s", point, top)
+        unmount(point)
+
+
+@contextlib.contextmanager
+def mounts_released(tree: Path) -> Iterator[Path]:
+    """Whatever a step left mounted under `tree` (debootstrap's /proc on failure) is unmounted afterwards."""
+    try:
+        yield tree
+    finally:
+        unmount_below(tree)
+
+
+def remove_tree(top: Path) -> None:
+    """rmtree that refuses to run into a mount (a bind of /dev would be emptied with it)."""
+    if not top.exists():
+        return
+    if mounts_below(top):
+        raise P2VError(f"not removing {top}: something is still mounted below it", hint="see findmnt")
+    shutil.rmtree(top)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Serialise builders (also in other processes) that make the same thing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def set_block_device_read_only(device: str) -> None:

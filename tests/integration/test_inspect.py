@@ -7,11 +7,13 @@ nothing p2v attached or mounted may outlive the run, also when it fails.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 
 from tasks import inspect
 from tasks.lib.pipeline import run_stage
-from tasks.lib.resources import RUN_DIR
+from tasks.lib.resources import RUN_DIR, host_run_dir, loop_device, mounted
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.lib.storage import kernel_has_device_mapper
@@ -29,13 +31,64 @@ from tests.fixtures.cache import sha256
 SERVERS = ["plain-bookworm", "lvm-bookworm", "plain-bullseye", "plain-trixie", "uefi-bookworm"]
 
 
-def leftovers(images: list[Path]) -> list[str]:
-    """Loop devices backed by our images, and mounts p2v made, right now."""
-    loops = run(["losetup", "-a"]).stdout
-    mounts = run(["findmnt", "-rn", "-o", "TARGET"]).stdout
-    found = [line for line in loops.splitlines() if any(str(image) in line for image in images)]
-    found += [line for line in mounts.splitlines() if line.startswith(str(RUN_DIR))]
+def _base_device(device: str) -> str:
+    """/dev/loop3p2 -> /dev/loop3: a partition counts as its loop device."""
+    return re.sub(r"(/dev/loop\d+)p\d+$", r"\1", device)
+
+
+def leftovers(images: Sequence[Path], run_dirs: Sequence[Path] | None = None) -> list[str]:
+    """Loop devices over `images` (and the loops on those: an LV's offset loops) or
+    over files in `run_dirs` (FUSE exports), and mounts in `run_dirs` or of those
+    loops, right now. run_dirs None: mounts anywhere in /run/p2v, any host's.
+    """
+    table = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"]).stdout
+    attached = {name: backing.strip().removesuffix(" (deleted)")
+                for name, _, backing in (line.strip().partition(" ") for line in table.splitlines()) if backing}
+    names = {str(image) for image in images}
+    exports = tuple(f"{directory}/" for directory in run_dirs or ())
+    ours = {name for name, backing in attached.items() if backing in names or backing.startswith(exports)}
+    while grown := {name for name, backing in attached.items() if _base_device(backing) in ours} - ours:
+        ours |= grown
+    found = sorted(f"loop {name} on {attached[name]}" for name in ours)
+    directories = [str(directory) for directory in run_dirs] if run_dirs is not None else [str(RUN_DIR)]
+    prefixes = tuple(f"{directory}/" for directory in directories)
+    for line in run(["findmnt", "-rn", "-o", "SOURCE,TARGET"]).stdout.splitlines():
+        source, _, target = line.partition(" ")
+        if target in directories or target.startswith(prefixes) or _base_device(source) in ours:
+            found.append(f"mount {source} on {target}")
     return found
+
+
+def host_leftovers(spec_dir: Path) -> list[str]:
+    """leftovers() of the hosts in `spec_dir` only: their source images and disk.img,
+    their run directories. What a demo or another test does meanwhile does not count."""
+    specs = load_specs(spec_dir)
+    images = [path for spec in specs
+              for path in (*spec.source.images, spec.artifact("disk.img"), spec.artifact("disk.img.partial"))]
+    return leftovers(images, [spec.run_dir for spec in specs])
+
+
+def own_images(images: Sequence[Path], directory: Path) -> list[Path]:
+    """Hard links to cached fixture images in a test's own directory: the loop devices
+    p2v attaches name the links, which no other run uses (a demo reads the same cache)."""
+    links = []
+    for index, image in enumerate(images):
+        link = directory / "images" / str(index) / image.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(image, link)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            return list(images)  # the cache is on another filesystem: the shared names
+        links.append(link)
+    return links
+
+
+def drop_own_images(directory: Path) -> None:
+    """The links only: the cached images stay."""
+    for link in (directory / "images").glob("*/*"):
+        link.unlink()
 
 
 def make_spec(project: Path, host: str, images: list[Path], extra: str = "") -> Path:
@@ -60,7 +113,7 @@ def server(request: pytest.FixtureRequest) -> FixtureServer:
 @pytest.fixture(scope="module")
 def inspected(server: FixtureServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     project = tmp_path_factory.mktemp(server.name)
-    images = list(server.disks)
+    images = own_images(server.disks, project)
     before = {image: sha256(image) for image in images}
     spec_dir = make_spec(project, server.name, images)
     result = doit(spec_dir, f"inspect:{server.name}")
@@ -73,9 +126,10 @@ def inspected(server: FixtureServer, tmp_path_factory: pytest.TempPathFactory) -
         "spec_dir": spec_dir,
         "before": before,
         "after": {image: sha256(image) for image in images},
-        "leftovers": leftovers(images),
+        "leftovers": host_leftovers(spec_dir),
         "stdout": result.stdout + result.stderr,
     }
+    drop_own_images(project)
 
 
 def fs_by_mount(layout: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -193,36 +247,63 @@ def test_summary_is_printed(server: FixtureServer, inspected: dict[str, Any]) ->
 # ---------------------------------------------------------------- failures
 
 
+def test_leftovers_are_the_tests_own_hosts_only(tmp_path: Path) -> None:
+    """A demo reading the same cached image, or another host's mount, is not this test's leak; its own are."""
+    cached = tmp_path / "cache" / "disk1.img"
+    cached.parent.mkdir()
+    with open(cached, "wb") as handle:
+        handle.truncate(1 << 20)
+    spec_dir = make_spec(tmp_path / "project", "mine", own_images([cached], tmp_path / "project"))
+    (spec,) = load_specs(spec_dir)
+    other_run_dir = host_run_dir("demo", tmp_path / "elsewhere")
+    other_run_dir.mkdir(parents=True)
+    spec.run_dir.mkdir(parents=True)
+    try:
+        with loop_device(cached, read_only=True), mounted("tmpfs", other_run_dir, fstype="tmpfs"):
+            assert host_leftovers(spec_dir) == []
+            with loop_device(spec.source.images[0], read_only=True) as loop, \
+                    mounted("tmpfs", spec.run_dir, fstype="tmpfs"):
+                assert host_leftovers(spec_dir) == [f"loop {loop.path} on {spec.source.images[0]}",
+                                                    f"mount tmpfs on {spec.run_dir}"]
+        assert host_leftovers(spec_dir) == []
+    finally:
+        other_run_dir.rmdir()
+        spec.run_dir.rmdir()
+
+
 @pytest.mark.parametrize("name", ["plain-bookworm", "lvm-bookworm"])
 def test_failure_halfway_leaves_nothing(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail after every volume is attached and the tree is mounted."""
     server = build_server(name)
-    images = list(server.disks)
+    images = own_images(server.disks, tmp_path)
     before = {image: sha256(image) for image in images}
-    (spec,) = load_specs(make_spec(tmp_path, "victim", images))
+    spec_dir = make_spec(tmp_path, "victim", images)
+    (spec,) = load_specs(spec_dir)
     seen: list[str] = []
 
     def explode(root: Path) -> None:
-        seen.extend(leftovers(images))  # things are attached at this point
+        seen.extend(host_leftovers(spec_dir))  # things are attached at this point
         raise P2VError("injected failure while the tree is mounted")
 
     monkeypatch.setattr(inspect, "describe_system", explode)
     failure = run_stage(inspect.STAGE, spec)
     assert failure is not None and "injected failure" in str(failure)
     assert seen, "the failure was injected before anything was attached"
-    assert leftovers(images) == []
+    assert host_leftovers(spec_dir) == []
     assert not spec.artifact("layout.json").exists()
     assert {image: sha256(image) for image in images} == before
+    drop_own_images(tmp_path)
 
 
 def test_two_roots_is_an_error_that_says_how_to_pick(tmp_path: Path) -> None:
     first, second = build_server("plain-bookworm"), build_server("plain-bullseye")
-    spec_dir = make_spec(tmp_path, "twins", [first.disks[0], second.disks[0]])
+    spec_dir = make_spec(tmp_path, "twins", own_images([first.disks[0], second.disks[0]], tmp_path))
     result = doit(spec_dir, "inspect:twins")
     assert result.returncode != 0
     assert "several root filesystems found: disk1p2 (UUID=" in result.stdout
     assert "pick one in specs/twins.yaml with source.root: UUID=" in result.stdout
-    assert leftovers([first.disks[0], second.disks[0]]) == []
+    assert host_leftovers(spec_dir) == []
+    drop_own_images(tmp_path)
 
 
 def test_no_root_is_an_error(tmp_path: Path) -> None:
@@ -234,10 +315,12 @@ def test_no_root_is_an_error(tmp_path: Path) -> None:
 
 def test_missing_fstab_device_is_an_error(tmp_path: Path) -> None:
     server = build_server("plain-bookworm")
-    result = doit(make_spec(tmp_path, "halfserver", [server.disks[0]]), "inspect:halfserver")
+    spec_dir = make_spec(tmp_path, "halfserver", own_images([server.disks[0]], tmp_path))
+    result = doit(spec_dir, "inspect:halfserver")
     assert result.returncode != 0
     assert "(/srv) matches no device on the source disks" in result.stdout
-    assert leftovers([server.disks[0]]) == []
+    assert host_leftovers(spec_dir) == []
+    drop_own_images(tmp_path)
 
 
 def test_unsupported_lvm_segment_type_names_what_is_missing(tmp_path: Path) -> None:
@@ -249,7 +332,6 @@ def test_unsupported_lvm_segment_type_names_what_is_missing(tmp_path: Path) -> N
         handle.truncate(64 << 20)
     run(["sfdisk", "--quiet", str(image)], input="label: dos\n,30M,8e\n,30M,8e\n")
     vg = f"vg_p2vstripe{os.getpid()}"
-    from tasks.lib.resources import loop_device
     from tasks.lib.storage import _lvm_env, lvm_config
 
     with loop_device(image, read_only=False, partitions=True) as loop, lvm_config() as config:
@@ -260,10 +342,11 @@ def test_unsupported_lvm_segment_type_names_what_is_missing(tmp_path: Path) -> N
         run(["vgcreate", *devices, vg, *pvs], env=env)
         run(["lvcreate", *devices, "--driverloaded", "n", "-an", "-Zn", "-i", "2", "-I", "64k", "-L", "16M",
              "-n", "data", vg], env=env)
-    result = doit(make_spec(tmp_path, "striped", [image]), "inspect:striped")
+    spec_dir = make_spec(tmp_path, "striped", [image])
+    result = doit(spec_dir, "inspect:striped")
     assert result.returncode != 0
     assert f"LV {vg}/data has segment type striped; reading it needs device-mapper" in result.stdout
-    assert leftovers([image]) == []
+    assert host_leftovers(spec_dir) == []
 
 
 def test_layout_matches_its_documented_schema(inspected: dict[str, Any]) -> None:

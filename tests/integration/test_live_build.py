@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from live.assemble import build_in_partial, mounts_below
-from tasks.lib.resources import chroot_binds
+from live.assemble import build_in_partial
+from tasks.lib.resources import chroot_binds, mounts_below
 from tasks.lib.runner import P2VError, run
 
 

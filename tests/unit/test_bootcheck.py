@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.bootcheck import OVMF_CODE, BootConfig, boot_check, clean_serial_text, qemu_argv
+from tasks.lib.bootcheck import (
+    OVMF_CODE,
+    BootConfig,
+    KernelBootConfig,
+    boot_check,
+    clean_serial_text,
+    kernel_qemu_argv,
+    qemu_argv,
+)
 from tasks.lib.runner import P2VError
 
 
@@ -86,3 +94,13 @@ def test_uefi_boots_ovmf_read_only_with_a_varstore_of_its_own(disks: tuple[Path,
     assert f"if=pflash,format=raw,unit=1,file={varstore}" in argv
     with pytest.raises(P2VError, match="needs a variable store"):
         qemu_argv(BootConfig(disks=disks[:1], firmware="uefi"))
+
+
+def test_a_kernel_boot_starts_qemu_as_a_disk_boot_does(disks: tuple[Path, Path]) -> None:
+    # Same machine, TCG, console on stdio, writes only into qemu's snapshot.
+    disk_boot = qemu_argv(BootConfig(disks=disks[:1], disk_bus="virtio", memory_mib=2048))
+    kernel_boot = kernel_qemu_argv(KernelBootConfig(kernel=disks[0], initrd=disks[0], append="quiet"))
+    head = disk_boot[:disk_boot.index("chardev:serial0") + 1]
+    assert kernel_boot[:len(head)] == head
+    assert kernel_boot[len(head):len(head) + 6] == ["-kernel", str(disks[0]), "-initrd", str(disks[0]),
+                                                   "-append", "quiet"]

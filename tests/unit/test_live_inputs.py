@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from live import build
 from live.assemble import DRACUT_MODULES, DRACUT_OMIT, INITRD_DRIVERS, check_initrd, missing_tools, parse_lsinitrd
 from live.cmdline import live_cmdline
 from live.inputs import (
@@ -193,3 +197,30 @@ def test_kernel_boot_argv(tmp_path: Path) -> None:
     assert "-snapshot" in argv
     assert f"file={disk},format=raw,if=none,id=disk0" in argv
     assert "user,id=net0,restrict=off" in argv and "e1000,netdev=net0" in argv
+
+
+def test_an_input_error_is_a_p2v_error_with_its_hint() -> None:
+    error = LiveInputError("requirements.txt is missing", hint="run from the checkout")
+    assert isinstance(error, P2VError)
+    assert str(error) == "requirements.txt is missing (hint: run from the checkout)"
+
+
+def test_the_inputs_load_none_of_the_stages() -> None:
+    # A cached bin/live-build computes the key from live.inputs: the pipeline
+    # (half a second of imports) must not come with P2VError.
+    code = "import sys, live.inputs; print(sorted(m for m in sys.modules if m.startswith('tasks')))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "['tasks', 'tasks.lib', 'tasks.lib.runner']"
+
+
+def test_live_build_reports_an_input_error_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def refuse(**_: object) -> None:
+        raise LiveInputError("apt has no source for Debian bookworm main", hint="add one")
+
+    monkeypatch.setattr(build, "ensure_live", refuse)
+    # main() adds its console handler to the root logger: to a list thrown away afterwards.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)
+    assert build.main([]) == 1
+    assert capsys.readouterr().err == "bin/live-build: apt has no source for Debian bookworm main (hint: add one)\n"
