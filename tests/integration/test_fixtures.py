@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from tasks.lib.resources import LoopDevice, loop_device, mounted, read_only_mount_options
+from tasks.lib.resources import LoopDevice, loop_device, mounted, mounts_below, read_only_mount_options, remove_tree
 from tasks.lib.runner import P2VError, output
-from tests.fixtures import assemble, build, efi, lvm, oddities, rootfs, system
+from tests.fixtures import assemble, build, efi, lvm, oddities, system
 from tests.fixtures.assemble import loops_backed_by
 from tests.fixtures.build import FixtureServer
-from tests.fixtures.cache import cache_root, mounts_below
+from tests.fixtures.cache import cache_root
 from tests.fixtures.facts import blkid
 from tests.fixtures.plugin import FIXTURE_NAMES
 
@@ -268,7 +268,7 @@ def test_leftovers_of_a_killed_build_are_released(tmp_path: Path) -> None:
     output(["mount", "-t", "tmpfs", "tmpfs", str(partial / "mnt/lost+found")])
     try:
         with pytest.raises(P2VError, match="still mounted"):
-            rootfs.remove_tree(partial)  # rmtree would walk into the mounts
+            remove_tree(partial)  # rmtree would walk into the mounts
         assemble.release_leftovers(partial)
         assert_nothing_attached(partial)
     finally:  # if release_leftovers is broken, do its job so nothing leaks from this test

@@ -194,11 +194,16 @@ sys.exit(0 if result is None else 1)
 """
 
 
+def upload_in_a_child(spec: Spec, root: Path, **env: str) -> subprocess.Popen[bytes]:
+    """The upload stage in a process of its own, to be killed or watched from outside."""
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(root)], cwd=PROJECT_DIR,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_DIR), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_killed_upload_leaves_one_image_after_rerun(openstack: OpenStackServices, tmp_path: Path) -> None:
     spec = make_host(tmp_path, "up-kill")
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), "P2V_UPLOAD_MAX_RATE": str(16 * MiB)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = upload_in_a_child(spec, tmp_path, P2V_UPLOAD_MAX_RATE=str(16 * MiB))
     try:
         saving = wait_for_status(openstack, "up-kill", "saving")
     finally:
@@ -220,9 +225,7 @@ def test_killed_right_after_the_upload_reuses_the_image(openstack: OpenStackServ
     """Power lost as soon as Glance has the image, before the stamp or doit's state are saved:
     the rerun finds the image by its content and uploads nothing."""
     spec = make_host(tmp_path, "up-after")
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = upload_in_a_child(spec, tmp_path)
     try:
         active = wait_for_status(openstack, "up-after", "active")
     finally:
@@ -372,9 +375,7 @@ def test_no_secret_in_the_process_listing_while_uploading(openstack: OpenStackSe
     """What `ps` shows of every process while an upload runs (a qcow2 conversion included):
     no password, application secret or token on a command line."""
     spec = make_host(tmp_path, "up-ps", fmt="qcow2")
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), "P2V_UPLOAD_MAX_RATE": str(8 * MiB)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)], cwd=PROJECT_DIR,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = upload_in_a_child(spec, tmp_path, P2V_UPLOAD_MAX_RATE=str(8 * MiB))
     listings = []
     try:
         while child.poll() is None:

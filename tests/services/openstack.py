@@ -51,7 +51,8 @@ from typing import Any
 
 import yaml
 
-from tests.fixtures.cache import cache_root, file_lock
+from tasks.lib.resources import file_lock
+from tests.fixtures.cache import cache_root
 
 REQUIREMENTS = Path(__file__).resolve().with_name("requirements-openstack.txt")
 SYSTEM_PYTHON = "/usr/bin/python3"
