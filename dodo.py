@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import STAGES
-from tasks.lib.pipeline import Stage, convert_tasks, stage_tasks
+from tasks.lib.pipeline import Stage, convert_tasks, stage_tasks, stop_on_signals
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.plan import plan_tasks
@@ -28,6 +28,10 @@ DOIT_CONFIG = {
     "default_tasks": [],
     "action_string_formatting": "new",
 }
+
+# SIGTERM/SIGHUP end the run as ^C does, also in doit's own process (which then
+# stops its workers), so that a killed batch releases what its stages hold.
+stop_on_signals()
 
 try:
     SPECS = load_specs(SPEC_DIR)

@@ -9,7 +9,10 @@ per host. `run_stage` gives every stage the same guarantees:
 - the target is written as `<target>.partial` and renamed only on success, and
   an old target is removed first so a failed rerun never leaves one behind;
 - an operator error (`P2VError`) fails the task with one clear line, not a
-  traceback.
+  traceback;
+- SIGTERM and SIGHUP (a CI job's timeout, a closed terminal) unwind the stage
+  like ^C does: every mount, loop device and process it made is released on
+  the way out, and the run ends with one line.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,8 +128,30 @@ def host_lock(spec: Spec) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class Stopped(SystemExit):
+    """A signal asked the run to stop. A SystemExit, so that no `except Exception`
+    swallows it and doit ends the run (and its workers) as for ^C; every context
+    manager on the way out releases what it made."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    # One orderly stop: a second signal must not cut the clean-up short (SIGKILL still can).
+    for other in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(f"p2v: stopped by {signal.Signals(signum).name}; what the running stage had mounted or "
+                  "attached was released (rerun the same command to resume)")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise `Stopped` (only the main thread may set handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _stop)
+
+
 def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     ensure_console_logging()
+    stop_on_signals()
     target = spec.artifact(stage.target)
     log_path = spec.log_dir / f"{stage.name}.log"
     try:
@@ -141,6 +168,10 @@ def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
         except (P2VError, OSError) as error:
             log.error("%s:%s failed: %s", stage.name, spec.host, error, extra={"console": False})
             return TaskFailed(f"{stage.name}:{spec.host}: {error} [log: {log_path}]")
+        except Stopped as stopped:
+            log.error("%s:%s %s", stage.name, spec.host, str(stopped.code).removeprefix("p2v: "),
+                      extra={"console": False})
+            raise
         log.info("== %s:%s done in %.1f s -> %s", stage.name, spec.host, time.monotonic() - started, target)
     return None
 

@@ -29,7 +29,7 @@ from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures.build import FixtureServer, build_server
 from tests.fixtures.cache import sha256
 from tests.fixtures.oddities import read_manifest
-from tests.integration.test_inspect import leftovers, make_spec
+from tests.integration.test_inspect import host_leftovers, leftovers, make_spec
 
 SERVERS = ["plain-bookworm", "lvm-bookworm", "plain-bullseye", "plain-trixie"]
 
@@ -206,6 +206,36 @@ def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
     assert leftovers([*server.disks, image]) == []
     assert not any(line.startswith(str(RUN_DIR / "killme-")) for line in
                    run(["findmnt", "-rn", "-o", "TARGET"]).stdout.splitlines())
+
+
+def test_sigterm_during_the_copy_releases_everything_before_exiting(tmp_path: Path) -> None:
+    """A CI timeout or a closed terminal sends SIGTERM: the stage unwinds like ^C, so nothing stays
+    mounted or attached even before the next run, and the run ends with one line."""
+    server = build_server("plain-bookworm")
+    spec_dir = make_spec(tmp_path, "termme", list(server.disks))
+    workdir = tmp_path / "work" / "termme"
+    assert doit(spec_dir, "disk:termme").returncode == 0
+    env = {**os.environ, "P2V_SPECS": str(spec_dir)}
+    victim = subprocess.Popen([sys.executable, "-m", "doit", "sync:termme"], cwd=PROJECT_DIR, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not [root for root in RUN_DIR.glob("termme-*/target-*") if os.path.ismount(root)]:
+        assert victim.poll() is None, "the sync ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)  # into the copy
+    victim.send_signal(signal.SIGTERM)  # doit alone, not its group: the stage must stop its tools itself
+    stdout, stderr = victim.communicate(timeout=120)
+    assert victim.returncode != 0
+    stopped = [line for line in (stdout + stderr).splitlines() if "stopped by SIGTERM" in line]
+    assert stopped and "Traceback" not in stderr, stdout[-2000:] + stderr[-2000:]
+    assert not (workdir / "rootfs-synced.stamp").exists()
+    # Released by the stopped run itself, not left for the next one.
+    assert host_leftovers(spec_dir) == []
+    assert "stopped by SIGTERM" in (workdir / "logs" / "sync.log").read_text()
+    resumed = doit(spec_dir, "sync:termme")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "released what an interrupted run left" not in resumed.stdout + resumed.stderr
 
 
 def test_full_work_area_is_refused_with_the_numbers(tmp_path: Path) -> None:
