@@ -28,7 +28,7 @@ from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import run
 from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures.build import build_server
-from tests.integration.test_inspect import leftovers, make_spec
+from tests.integration.test_inspect import host_leftovers, make_spec
 from tests.integration.test_sync import image_tree
 
 MIB = 1 << 20
@@ -218,4 +218,4 @@ def test_sync_stage_reruns_by_seal_and_sees_changes(tmp_path: Path) -> None:
     plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
     with image_tree(workdir / "disk.img", plan, tmp_path / "image") as tree:
         assert (tree / "etc" / "hostname").read_bytes() == changed
-    assert leftovers([*disks, workdir / "disk.img"]) == []
+    assert host_leftovers(spec_dir) == []

@@ -29,7 +29,7 @@ from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures.build import FixtureServer, build_server
 from tests.fixtures.cache import sha256
 from tests.fixtures.oddities import read_manifest
-from tests.integration.test_inspect import host_leftovers, leftovers, make_spec
+from tests.integration.test_inspect import host_leftovers, make_spec, own_images
 
 SERVERS = ["plain-bookworm", "lvm-bookworm", "plain-bullseye", "plain-trixie"]
 
@@ -88,7 +88,7 @@ def synced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     server = build_server(request.param)
     project = tmp_path_factory.mktemp(f"sync-{server.name}")
     before = {image: sha256(image) for image in server.disks}
-    spec_dir = make_spec(project, server.name, list(server.disks))
+    spec_dir = make_spec(project, server.name, own_images(server.disks, project))
     result = doit(spec_dir, f"sync:{server.name}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     workdir = project / "work" / server.name
@@ -100,7 +100,7 @@ def synced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         "stamp": json.loads((workdir / "rootfs-synced.stamp").read_text()),
         "checked": checked, "failures": failures, "before": before,
         "after": {image: sha256(image) for image in server.disks},
-        "leftovers": leftovers([*server.disks, workdir / "disk.img"]),
+        "leftovers": host_leftovers(spec_dir),
         "output": result.stdout + result.stderr,
     }
 
@@ -145,7 +145,7 @@ def test_rerun_does_nothing(synced: dict[str, Any]) -> None:
 
 def test_keep_policy_one_partition_per_source_mount(tmp_path: Path) -> None:
     server = build_server("plain-bookworm")
-    spec_dir = make_spec(tmp_path, "keepme", list(server.disks), extra="target:\n  layout: keep\n")
+    spec_dir = make_spec(tmp_path, "keepme", own_images(server.disks, tmp_path), extra="target:\n  layout: keep\n")
     result = doit(spec_dir, "sync:keepme")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     workdir = tmp_path / "work" / "keepme"
@@ -156,12 +156,12 @@ def test_keep_policy_one_partition_per_source_mount(tmp_path: Path) -> None:
     with image_tree(workdir / "disk.img", plan, tmp_path / "mnt") as tree:
         checked, failures = oddity_failures(server, tree)
     assert checked > 80 and failures == [], "\n".join(failures)
-    assert leftovers([*server.disks, workdir / "disk.img"]) == []
+    assert host_leftovers(spec_dir) == []
 
 
 def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
     server = build_server("plain-bookworm")
-    spec_dir = make_spec(tmp_path, "killme", list(server.disks))
+    spec_dir = make_spec(tmp_path, "killme", own_images(server.disks, tmp_path))
     workdir = tmp_path / "work" / "killme"
     assert doit(spec_dir, "disk:killme").returncode == 0
     env = {**os.environ, "P2V_SPECS": str(spec_dir)}
@@ -203,16 +203,14 @@ def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
         checked, failures = oddity_failures(server, tree)
     assert checked > 80
     assert failures == [], "\n".join(failures)
-    assert leftovers([*server.disks, image]) == []
-    assert not any(line.startswith(str(RUN_DIR / "killme-")) for line in
-                   run(["findmnt", "-rn", "-o", "TARGET"]).stdout.splitlines())
+    assert host_leftovers(spec_dir) == []
 
 
 def test_sigterm_during_the_copy_releases_everything_before_exiting(tmp_path: Path) -> None:
     """A CI timeout or a closed terminal sends SIGTERM: the stage unwinds like ^C, so nothing stays
     mounted or attached even before the next run, and the run ends with one line."""
     server = build_server("plain-bookworm")
-    spec_dir = make_spec(tmp_path, "termme", list(server.disks))
+    spec_dir = make_spec(tmp_path, "termme", own_images(server.disks, tmp_path))
     workdir = tmp_path / "work" / "termme"
     assert doit(spec_dir, "disk:termme").returncode == 0
     env = {**os.environ, "P2V_SPECS": str(spec_dir)}
@@ -244,12 +242,12 @@ def test_full_work_area_is_refused_with_the_numbers(tmp_path: Path) -> None:
     work.mkdir()
     run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(work)])
     try:
-        spec_dir = make_spec(tmp_path, "tiny", list(server.disks), extra=f"workdir: {work}/tiny\n")
+        spec_dir = make_spec(tmp_path, "tiny", own_images(server.disks, tmp_path), extra=f"workdir: {work}/tiny\n")
         result = doit(spec_dir, "sync:tiny")
         assert result.returncode != 0
         assert "sync:tiny: the work area" in result.stdout
         assert "MiB free, and the copy needs about" in result.stdout
         assert not (work / "tiny" / "rootfs-synced.stamp").exists()
-        assert leftovers([*server.disks, work / "tiny" / "disk.img"]) == []
+        assert host_leftovers(spec_dir) == []
     finally:
         run(["umount", str(work)])
