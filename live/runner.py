@@ -33,12 +33,12 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from tasks.lib.livehost import LiveArgs, local_disks, parse_cmdline, resolve_disks  # noqa: E402
+from tasks.lib.livehost import LiveArgs, console_devices, local_disks, parse_cmdline, resolve_disks  # noqa: E402
 from tasks.lib.runner import P2VError, run  # noqa: E402
 from tasks.lib.spec import LIVE_DISKS_ENV, load_specs  # noqa: E402
 from tasks.lib.system import guess_boot_sector  # noqa: E402
 
-CONSOLES = ("/dev/console", "/dev/ttyS0")
+ACTIVE_CONSOLES = Path("/sys/class/tty/console/active")
 MOUNT_TRIES = 6
 MOUNT_DELAY = 10.0
 STATUS_FILE = "live-status.json"
@@ -47,7 +47,9 @@ STATUS_FILE = "live-status.json"
 class Console:
     """Lines for the operator on every console, and kept for the status file."""
 
-    def __init__(self, consoles: Sequence[str] = CONSOLES):
+    def __init__(self, consoles: Sequence[str] | None = None):
+        if consoles is None:
+            consoles = console_devices(ACTIVE_CONSOLES.read_text() if ACTIVE_CONSOLES.is_file() else "")
         self.consoles = [c for c in consoles if os.path.exists(c)]
         self.lines: list[str] = []
 
