@@ -269,8 +269,9 @@ def pxe_run(request: pytest.FixtureRequest, live_image: LiveImage,
 
 
 def drop_images(root: Path, project: Project) -> None:
-    """The big files (the target disk image, the overlays); logs stay for pytest's tmp rotation."""
-    for image in (*root.glob("*.qcow2"), *project.area.glob("*/disk.img*")):
+    """The big files (the target disk image, the overlays, the deploy tree's links to the live
+    system, which would keep a pruned cache entry's blocks); logs stay for pytest's tmp rotation."""
+    for image in (*root.glob("*.qcow2"), *project.area.glob("*/disk.img*"), *project.deploy.glob("*/live/*")):
         image.unlink(missing_ok=True)
 
 
