@@ -54,8 +54,9 @@ LIVE_PACKAGES: tuple[str, ...] = (
     "rsync", "tar", "zstd", "cpio", "squashfs-tools", "acl", "attr", "file", "findutils", "openssl",
     # images and the verify boot: qemu-img, qemu, qemu-storage-daemon, firmware and NIC ROMs
     "qemu-utils", "qemu-system-x86", "qemu-system-common", "ovmf", "seabios", "ipxe-qemu",
-    # the NFS work area
-    "nfs-common",
+    # the NFS work area; netbase's /etc/protocols, without which mount.nfs
+    # fails with "Failed to find 'tcp' protocol"
+    "nfs-common", "netbase",
 )
 # Installed after everything else: it turns /etc/resolv.conf into a link into
 # /run, where the build chroot has no resolver, and apt would stop resolving.

@@ -35,21 +35,24 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from tasks.lib.livecloud import live_cloud_env  # noqa: E402
-from tasks.lib.livehost import LiveArgs, local_disks, parse_cmdline, resolve_disks  # noqa: E402
-from tasks.lib.runner import P2VError, run  # noqa: E402
+from tasks.lib.livehost import LiveArgs, console_devices, local_disks, parse_cmdline, resolve_disks  # noqa: E402
+from tasks.lib.runner import CommandError, P2VError, run  # noqa: E402
 from tasks.lib.spec import LIVE_DISKS_ENV, load_specs  # noqa: E402
 from tasks.lib.system import guess_boot_sector  # noqa: E402
 
-CONSOLES = ("/dev/console", "/dev/ttyS0")
+ACTIVE_CONSOLES = Path("/sys/class/tty/console/active")
 MOUNT_TRIES = 6
 MOUNT_DELAY = 10.0
+MOUNT_TIMEOUT = 60.0
 STATUS_FILE = "live-status.json"
 
 
 class Console:
     """Lines for the operator on every console, and kept for the status file."""
 
-    def __init__(self, consoles: Sequence[str] = CONSOLES):
+    def __init__(self, consoles: Sequence[str] | None = None):
+        if consoles is None:
+            consoles = console_devices(ACTIVE_CONSOLES.read_text() if ACTIVE_CONSOLES.is_file() else "")
         self.consoles = [c for c in consoles if os.path.exists(c)]
         self.lines: list[str] = []
 
@@ -85,12 +88,18 @@ def mount_work_area(args: LiveArgs, console: Console, tries: int = MOUNT_TRIES, 
     source = f"{args.work_server}:{args.work_path}"
     tail = ""
     for attempt in range(1, tries + 1):
-        result = run(["mount", "-t", "nfs4", "-o", "proto=tcp,hard,timeo=600", source, str(point)], check=False,
-                     timeout=120)
-        if result.returncode == 0:
-            console.say(f"work area {source} mounted at {point}")
-            return point
-        tail = ((result.stdout + result.stderr).strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        # retry=0: one attempt per try (mount.nfs would retry for 2 minutes by itself), and a
+        # mount that gets no answer at all is killed after MOUNT_TIMEOUT: both count as a try.
+        try:
+            result = run(["mount", "-t", "nfs4", "-o", "proto=tcp,hard,timeo=600,retry=0", source, str(point)],
+                         check=False, timeout=MOUNT_TIMEOUT)
+        except CommandError:
+            tail = f"no answer within {MOUNT_TIMEOUT:.0f} s"
+        else:
+            if result.returncode == 0:
+                console.say(f"work area {source} mounted at {point}")
+                return point
+            tail = ((result.stdout + result.stderr).strip().splitlines() or [f"exit code {result.returncode}"])[-1]
         console.say(f"work area {source} not reachable (try {attempt}/{tries}): {tail}")
         if attempt < tries:
             time.sleep(delay)
@@ -198,7 +207,10 @@ def main() -> int:
         console.say(f"FAILED: {error}")
         if work is not None:
             write_status(work, "failed", console, error=str(error))
-        console.say("this server stays up; a second PXE boot resumes at the failed stage")
+        # Only after doit started is there a stage to resume at; a refusal ran none.
+        started = any(line.startswith("p2v: running doit ") for line in console.lines)
+        console.say("this server stays up; " + ("a second PXE boot resumes at the failed stage" if started else
+                                                "reboot it by PXE once the cause is fixed"))
         return 1
     console.say("conversion finished")
     write_status(work, "done", console)

@@ -52,6 +52,14 @@ def parse_cmdline(text: str) -> LiveArgs:
     return LiveArgs(host=values["host"], work_server=server, work_path=path, debug=values.get("debug") == "1")
 
 
+def console_devices(active: str) -> list[str]:
+    """The device nodes of the kernel's consoles, each once, from /sys/class/tty/console/active
+    ("tty0 ttyS0"). /dev/console is only the last of them: writing there and to ttyS0 would
+    print every line twice on the serial console and never on the screen's."""
+    names = dict.fromkeys(active.split())
+    return [f"/dev/{name}" for name in names] or ["/dev/console"]
+
+
 @dataclass(frozen=True)
 class LocalDisk:
     name: str  # sda

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE_NAME = "doit-state.json"
+# The key doit's Dependency.save_success sets last for a task that succeeded.
+TASK_DONE_KEY = "deps:"
 
 # Filled by dodo.py while it describes the tasks: host -> state directory.
 _HOST_STATE_DIRS: dict[str, Path] = {}
@@ -82,6 +84,11 @@ class HostStateDB:
         state = self._file_for(task_id)
         state.data.setdefault(task_id, {})[dependency] = value
         state.dirty = True
+        if dependency == TASK_DONE_KEY:
+            # doit saves its state when the run ends; a server powered off hard
+            # (or a killed run) would lose every stage done before: write each
+            # host's file as soon as a task's record is complete.
+            state.dump()
 
     def get(self, task_id: str, dependency: str) -> Any:
         return self._file_for(task_id).data.get(task_id, {}).get(dependency)

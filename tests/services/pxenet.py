@@ -77,6 +77,20 @@ class PxeNetwork:
         run(["ip", "-n", self.namespace, "link", "set", name, "master", BRIDGE, "up"])
         return name
 
+    def stop_process(self, name: str) -> None:
+        """Stop one started process (and its children), if it still runs."""
+        proc = self.processes.pop(name, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):
             with contextlib.suppress(ProcessLookupError):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tasks.lib.livehost import LiveArgs, local_disks, parse_cmdline, resolve_disks
+from tasks.lib.livehost import LiveArgs, console_devices, local_disks, parse_cmdline, resolve_disks
 from tasks.lib.pxe import kernel_cmdline
 from tasks.lib.runner import P2VError
 from tasks.lib.site import load_site
@@ -80,3 +80,9 @@ def test_a_disk_the_server_does_not_have_is_one_line(wanted: list[str], message:
 def test_no_local_disk_at_all() -> None:
     with pytest.raises(P2VError, match="sees no local disk"):
         resolve_disks(["auto"], local_disks({"blockdevices": LSBLK["blockdevices"][:1]}, booting=[]), {})
+
+
+def test_each_console_is_written_once() -> None:
+    assert console_devices("tty0 ttyS0\n") == ["/dev/tty0", "/dev/ttyS0"]
+    assert console_devices("ttyS0 ttyS0") == ["/dev/ttyS0"]
+    assert console_devices("") == ["/dev/console"]
