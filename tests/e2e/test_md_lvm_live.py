@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tasks.lib.runner import run
 from tests.fixtures.cache import sha256
 from tests.fixtures.guest import GuestDisk, JobResult, disk_by_serial, run_job
 from tests.fixtures.md_lvm import DESCRIPTION, NAME, MdLvmServer, ensure_md_lvm
@@ -29,25 +30,33 @@ from tests.fixtures.md_lvm import DESCRIPTION, NAME, MdLvmServer, ensure_md_lvm
 log = logging.getLogger("p2v.tests")
 
 SERIALS = DESCRIPTION.disk_serials
+# The job disk is the work area: the target image (sparse) and the run files.
+SYNC_SPACE = 6 << 30
 
 INSPECT_JOB = f"""\
 set -euxo pipefail
 job=$PWD
-mkdir -p specs
+mkdir -p specs work  # work: doit's global state file goes beside specs/
 cat >specs/{NAME}.yaml <<SPEC
 source:
   devices:
     - {disk_by_serial(SERIALS[0])}
     - {disk_by_serial(SERIALS[1])}
-workdir: $job/work
+workdir: $job/work/{NAME}
 SPEC
 udevadm settle
 echo "before: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
 cd /opt/p2v
 P2V_SPECS=$job/specs .venv/bin/python -m doit inspect:{NAME}
+cp "$job/work/{NAME}/layout.json" "$job/layout.json"
+# Then the copy, onto the job disk as the work area: disk and sync read the
+# source through the same assembled array and activated LVs.
+set +e
+P2V_SPECS=$job/specs .venv/bin/python -m doit sync:{NAME}
+echo "sync exit: $?"
+set -e
 cd "$job"
-cp work/layout.json layout.json
-cat work/logs/*inspect* >inspect.log 2>/dev/null || true
+ls -ls work/{NAME}
 echo "after: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
 for disk in {disk_by_serial(SERIALS[0])} {disk_by_serial(SERIALS[1])}; do blockdev --getro $disk; done \\
     | xargs echo "members read-only:"
@@ -69,15 +78,15 @@ def inspected(server: MdLvmServer, tmp_path_factory: pytest.TempPathFactory) -> 
     copies = []
     for disk in server.disks:
         copy = work / disk.name
-        shutil.copyfile(disk, copy)  # sparse enough: the fixture's disks hold ~1 GB each
+        run(["cp", "--sparse=always", disk, copy])  # the members hold about 1 GB each of their 3 GiB
         copies.append(copy)
     before = {copy: sha256(copy) for copy in copies}
     assert list(before.values()) == list(originals.values())
     try:
         disks = [GuestDisk(copy, serial) for copy, serial in zip(copies, SERIALS, strict=True)]
-        result = run_job(INSPECT_JOB, work / "job", disks=disks,
-                         outputs=["layout.json"], timeout=1800, what="inspect of md-lvm-bookworm in the live guest")
-        log.info("inspect in the live guest: %.0f s from qemu start to power-off", result.seconds)
+        result = run_job(INSPECT_JOB, work / "job", disks=disks, outputs=["layout.json"], timeout=3600,
+                         space=SYNC_SPACE, what="inspect and sync of md-lvm-bookworm in the live guest")
+        log.info("inspect and sync in the live guest: %.0f s from qemu start to power-off", result.seconds)
         yield {
             "result": result,
             "layout": json.loads(result.outputs["layout.json"].read_text()),
@@ -117,6 +126,11 @@ def test_layout_records_lvm_on_md_raid1(inspected: dict[str, Any]) -> None:
     assert all(lv["vg"] == DESCRIPTION.vg for lv in lvs.values())
     text = json.dumps(layout)
     assert facts["lvs"]["root"]["uuid"] in text and facts["lvs"]["swap"]["uuid"] in text
+
+
+def test_disk_and_sync_copy_through_the_real_paths(inspected: dict[str, Any]) -> None:
+    result: JobResult = inspected["result"]
+    assert "sync exit: 0" in result.log, result.tail()
 
 
 def test_the_member_disks_are_unchanged(inspected: dict[str, Any]) -> None:
