@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -32,6 +33,8 @@ log = logging.getLogger("p2v.tests")
 SERIALS = DESCRIPTION.disk_serials
 # The job disk is the work area: the target image (sparse) and the run files.
 SYNC_SPACE = 6 << 30
+# 0 leaves disk and sync out (the guest job takes about 10 minutes less).
+SYNC_SECONDS = int(os.environ.get("P2V_MD_LVM_SYNC_SECONDS", "900"))
 
 INSPECT_JOB = f"""\
 set -euxo pipefail
@@ -51,10 +54,14 @@ P2V_SPECS=$job/specs .venv/bin/python -m doit inspect:{NAME}
 cp "$job/work/{NAME}/layout.json" "$job/layout.json"
 # Then the copy, onto the job disk as the work area: disk and sync read the
 # source through the same assembled array and activated LVs.
-set +e
-P2V_SPECS=$job/specs .venv/bin/python -m doit sync:{NAME}
-echo "sync exit: $?"
-set -e
+# Bounded (SIGINT, so that p2v's context managers stop the array and the LVs):
+# the layout above is the test's main evidence and must come back.
+if [ {SYNC_SECONDS} -gt 0 ]; then
+    set +e
+    P2V_SPECS=$job/specs timeout -s INT {SYNC_SECONDS} .venv/bin/python -m doit sync:{NAME}
+    echo "sync exit: $?"
+    set -e
+fi
 cd "$job"
 ls -ls work/{NAME}
 echo "after: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
@@ -129,6 +136,8 @@ def test_layout_records_lvm_on_md_raid1(inspected: dict[str, Any]) -> None:
 
 
 def test_disk_and_sync_copy_through_the_real_paths(inspected: dict[str, Any]) -> None:
+    if SYNC_SECONDS == 0:
+        pytest.skip("P2V_MD_LVM_SYNC_SECONDS=0: disk and sync were left out")
     result: JobResult = inspected["result"]
     assert "sync exit: 0" in result.log, result.tail()
 
