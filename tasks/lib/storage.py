@@ -437,15 +437,22 @@ def md_member_info(node: str) -> dict[str, Any]:
     """mdadm's view of one member: array UUID, level, name, data offset."""
     exported = output(["mdadm", "--examine", "--export", node])
     values = dict(line.split("=", 1) for line in exported.splitlines() if "=" in line)
-    text = output(["mdadm", "--examine", node])
-    offset_match = re.search(r"Data Offset\s*:\s*(\d+) sectors", text)
-    size_match = re.search(r"Array Size\s*:\s*(\d+)(?: \(|\s*$| KiB)", text, re.M)
     return {
         "uuid": values.get("MD_UUID", ""),
         "level": values.get("MD_LEVEL", ""),
         "name": values.get("MD_NAME", values.get("MD_UUID", "")).split(":")[-1],
-        "metadata": values.get("MD_METADATA", ""),
         "devices": int(values.get("MD_DEVICES", "0") or 0),
+        **md_examine_facts(output(["mdadm", "--examine", node])),
+    }
+
+
+def md_examine_facts(text: str) -> dict[str, Any]:
+    """Metadata version, data offset and array size from `mdadm --examine` (its --export has no version)."""
+    version_match = re.search(r"^\s*Version\s*:\s*(\S+)", text, re.M)
+    offset_match = re.search(r"Data Offset\s*:\s*(\d+) sectors", text)
+    size_match = re.search(r"Array Size\s*:\s*(\d+)(?: \(|\s*$| KiB)", text, re.M)
+    return {
+        "metadata": version_match.group(1) if version_match else "",
         "data_offset": int(offset_match.group(1)) * SECTOR if offset_match else 0,
         "array_size": int(size_match.group(1)) * 1024 if size_match else 0,
     }

@@ -9,7 +9,7 @@ import pytest
 
 from live.build import LiveImage
 from tasks.lib.runner import P2VError
-from tasks.lib.storage import read_only_activation_config
+from tasks.lib.storage import md_examine_facts, read_only_activation_config
 from tests.fixtures.guest import JOB_ARGUMENT, GuestDisk, disk_by_serial, job_qemu_argv
 from tests.fixtures.md_lvm import DESCRIPTION, fixture_key
 
@@ -52,3 +52,26 @@ def test_the_fixture_key_follows_the_description() -> None:
 
 def test_read_only_activation_names_every_volume_group() -> None:
     assert read_only_activation_config(["vg_a", "vg_b"]) == 'activation { read_only_volume_list = [ "vg_a", "vg_b" ] }'
+
+
+# `mdadm --examine` of a RAID1 member (metadata 1.2) as mdadm 4.2 prints it, shortened.
+EXAMINE = """\
+/dev/vdb1:
+          Magic : a92b4efc
+        Version : 1.2
+    Feature Map : 0x0
+     Array UUID : 70d4430a:04db66f9:862cbb03:36584ff8
+           Name : quick:0
+     Raid Level : raid1
+   Raid Devices : 2
+
+ Avail Dev Size : 2093056 sectors (1022.00 MiB 1071.64 MB)
+     Array Size : 1046528 KiB (1022.00 MiB 1071.64 MB)
+    Data Offset : 2048 sectors
+   Super Offset : 8 sectors
+"""
+
+
+def test_md_metadata_version_offset_and_size_come_from_examine() -> None:
+    assert md_examine_facts(EXAMINE) == {"metadata": "1.2", "data_offset": 2048 * 512, "array_size": 1046528 * 1024}
+    assert md_examine_facts("") == {"metadata": "", "data_offset": 0, "array_size": 0}
