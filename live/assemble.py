@@ -250,9 +250,10 @@ def configure(tree: Path) -> dict[str, Any]:
     log.info("live: configuring %s", HOSTNAME)
     written = lay_root_files(tree)
     in_tree(tree, ["systemctl", "mask", *MASKED_UNITS])
-    # p2v-runner.service (live/runner.py) starts only on a command line with p2v.host (doit pxe's menus).
+    # p2v-runner.service (live/runner.py) starts only on a command line with p2v.host (doit pxe's menus);
+    # p2v-job.service only with p2v.job (a fixture build or a test in a guest: tests/fixtures/guest.py).
     in_tree(tree, ["systemctl", "enable", "systemd-networkd.service", "systemd-resolved.service",
-                   "p2v-runner.service"])
+                   "p2v-runner.service", "p2v-job.service"])
     for rule in MASKED_UDEV_RULES:
         link = tree / "etc/udev/rules.d" / rule
         link.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 STAGE_TOOLS: tuple[str, ...] = (
     "blkid", "blockdev", "chroot", "dd", "dmesg", "dmsetup", "dpkg-deb", "du", "find", "findmnt", "losetup", "lsblk",
     "lvs", "mattrib", "mcopy", "mdadm", "mdel", "mdeltree", "mdir", "minfo", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4",
-    "mkfs.fat", "mkfs.xfs", "mkswap", "mmd", "mount", "openssl", "partx", "pkill", "pvs", "qemu-img",
+    "mkfs.fat", "mkfs.xfs", "mkswap", "mmd", "modprobe", "mount", "openssl", "partx", "pkill", "pvs", "qemu-img",
     "qemu-storage-daemon", "qemu-system-x86_64", "rsync", "sfdisk", "sync", "tar",
     "tune2fs", "umount", "vgchange", "vgs", "xfs_db", "xfs_logprint",
 )
@@ -22,7 +22,7 @@ STAGE_TOOLS: tuple[str, ...] = (
 # module loading, partition and archive tools, the runner's power-off).
 OPERATOR_TOOLS: tuple[str, ...] = (
     "busybox", "cpio", "curl", "fdisk", "file", "getfacl", "getfattr", "ip", "lvm", "mcopy", "mkfs.vfat",
-    "mksquashfs", "modprobe", "mount.nfs", "mount.nfs4", "parted", "python3", "setfacl", "setfattr", "systemctl",
+    "mksquashfs", "mount.nfs", "mount.nfs4", "parted", "python3", "setfacl", "setfattr", "systemctl",
     "udevadm", "unsquashfs", "wipefs", "xfs_repair", "e2fsck", "zstd",
 )
 

@@ -325,14 +325,36 @@ def discover_lvm(pv_nodes: Mapping[str, str], config_dir: Path) -> dict[str, Any
     }
 
 
+def _load_module(module: str) -> None:
+    """modprobe, where there is one: a Debian kernel (the live system's) builds dm and md as
+    modules that nothing loads before p2v needs them, and /proc/mdstat exists only once md_mod is in."""
+    try:
+        run(["modprobe", "-q", module], check=False)
+    except P2VError:  # no modprobe (a container): the kernel has what it has
+        pass
+
+
 def kernel_has_device_mapper() -> bool:
+    _load_module("dm_mod")
     if not Path("/dev/mapper/control").exists():
         return False
     return run(["dmsetup", "version"], check=False).returncode == 0
 
 
 def kernel_has_md() -> bool:
+    _load_module("md_mod")
     return Path("/proc/mdstat").exists()
+
+
+def block_device_is_read_only(node: str) -> bool:
+    return output(["blockdev", "--getro", node]).strip() == "1"
+
+
+def read_only_activation_config(vg_names: Sequence[str]) -> str:
+    """`--config` for vgchange: every LV of these VGs activated read-only (lvm.conf(5),
+    activation/read_only_volume_list; an entry is a VG name, VG/LV or @tag)."""
+    listed = ", ".join(f'"{name}"' for name in vg_names)
+    return f"activation {{ read_only_volume_list = [ {listed} ] }}"
 
 
 def linear_lv_extent(lv: Mapping[str, Any], lvm: Mapping[str, Any]) -> tuple[str, int, int]:
@@ -381,9 +403,14 @@ def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) 
             vg_names = sorted({lv["vg"] for lv in lvm["lvs"]})
             argv = ["vgchange", "--devices", ",".join(pv_nodes)]
             stack.callback(run, [*argv, "-an", *vg_names], env=_lvm_env(config_dir))
-            run([*argv, "-ay", *vg_names], env=_lvm_env(config_dir))
+            run([*argv, "--config", read_only_activation_config(vg_names), "-ay", *vg_names],
+                env=_lvm_env(config_dir))
             for lv in lvm["lvs"]:
                 node = f"/dev/{lv['vg']}/{lv['name']}"
+                if not block_device_is_read_only(node):
+                    raise P2VError(f"LV {lv['vg']}/{lv['name']} came up writable after a read-only activation",
+                                   hint="p2v stops rather than risk writing the source; check lvm.conf")
+                log.info("LVM: %s/%s activated read-only with device-mapper (%s)", lv["vg"], lv["name"], node)
                 devices.nodes[lv["device"]] = node
                 added.append(lv["device"])
         else:
@@ -392,6 +419,8 @@ def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) 
                 loop = stack.enter_context(
                     loop_device(devices.node(pv_device), read_only=True, offset=offset, size=size)
                 )
+                log.info("LVM: %s/%s read through a read-only loop device at byte %d of %s (no device-mapper "
+                         "in this kernel)", lv["vg"], lv["name"], offset, pv_device)
                 devices.nodes[lv["device"]] = loop.path
                 added.append(lv["device"])
         try:
@@ -408,15 +437,22 @@ def md_member_info(node: str) -> dict[str, Any]:
     """mdadm's view of one member: array UUID, level, name, data offset."""
     exported = output(["mdadm", "--examine", "--export", node])
     values = dict(line.split("=", 1) for line in exported.splitlines() if "=" in line)
-    text = output(["mdadm", "--examine", node])
-    offset_match = re.search(r"Data Offset\s*:\s*(\d+) sectors", text)
-    size_match = re.search(r"Array Size\s*:\s*(\d+)(?: \(|\s*$| KiB)", text, re.M)
     return {
         "uuid": values.get("MD_UUID", ""),
         "level": values.get("MD_LEVEL", ""),
         "name": values.get("MD_NAME", values.get("MD_UUID", "")).split(":")[-1],
-        "metadata": values.get("MD_METADATA", ""),
         "devices": int(values.get("MD_DEVICES", "0") or 0),
+        **md_examine_facts(output(["mdadm", "--examine", node])),
+    }
+
+
+def md_examine_facts(text: str) -> dict[str, Any]:
+    """Metadata version, data offset and array size from `mdadm --examine` (its --export has no version)."""
+    version_match = re.search(r"^\s*Version\s*:\s*(\S+)", text, re.M)
+    offset_match = re.search(r"Data Offset\s*:\s*(\d+) sectors", text)
+    size_match = re.search(r"Array Size\s*:\s*(\d+)(?: \(|\s*$| KiB)", text, re.M)
+    return {
+        "metadata": version_match.group(1) if version_match else "",
         "data_offset": int(offset_match.group(1)) * SECTOR if offset_match else 0,
         "array_size": int(size_match.group(1)) * 1024 if size_match else 0,
     }
@@ -445,11 +481,19 @@ def assembled_md(arrays: Sequence[Mapping[str, Any]], devices: DeviceMap) -> Ite
                 node = f"/dev/md/p2v-{index}"
                 run(["mdadm", "--assemble", "--readonly", "--run", node, *member_nodes])
                 stack.callback(run, ["mdadm", "--stop", node])
+                if not block_device_is_read_only(node):
+                    raise P2VError(f"md array {array['name']} came up writable after `mdadm --assemble --readonly`",
+                                   hint="p2v stops rather than risk a resync writing the source")
+                log.info("md: %s (%s) assembled read-only with the md driver from %s (%s)", array["device"],
+                         array["level"], ", ".join(array["members"]), node)
             elif array["level"] == "raid1":
                 loop = stack.enter_context(loop_device(
                     member_nodes[0], read_only=True, offset=array["data_offset"], size=array["size"] or None,
                 ))
                 node = loop.path
+                log.info("md: %s (raid1) read through a read-only loop device over its member %s at byte %d "
+                         "(no md driver in this kernel)", array["device"], array["members"][0],
+                         array["data_offset"])
             else:
                 raise P2VError(
                     f"md array {array['name']} is {array['level']}; reading it needs the md driver, which this "

@@ -1,0 +1,97 @@
+"""p2v's real md and device-mapper paths, quickly: LVM on md RAID1 made and inspected in one live guest boot.
+
+The md-lvm-bookworm fixture (test_md_lvm_live.py) takes half an hour to build
+under TCG; this test needs only the live system. In one job: two small disks
+get an md RAID1 with an LVM PV, a root LV holding the start of a Debian tree
+and a swap LV; everything is stopped; the members' sha256 is taken; `doit
+inspect` runs on them (source.devices); the sha256 is taken again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.fixtures.description import BASE_PACKAGES
+from tests.fixtures.guest import GuestDisk, JobResult, run_job
+from tests.fixtures.rootfs import ensure_rootfs
+
+HOST = "mdquick"
+VG = "vg_mdquick"
+SERIALS = ("mdquick-disk1", "mdquick-disk2")
+
+JOB = f"""\
+set -euxo pipefail
+job=$PWD
+d1=/dev/disk/by-id/virtio-{SERIALS[0]}; d2=/dev/disk/by-id/virtio-{SERIALS[1]}
+udevadm settle; modprobe md_mod; modprobe raid1; modprobe dm_mod
+for d in $d1 $d2; do printf 'label: dos\\nstart=2048, type=fd, bootable\\n' | sfdisk --quiet $d; done
+udevadm settle; p1=$(readlink -f $d1)1; p2=$(readlink -f $d2)1
+mdadm --create /dev/md0 --run --assume-clean --level=1 --raid-devices=2 --metadata=1.2 --homehost={HOST} \\
+    --name=0 $p1 $p2
+pvcreate /dev/md0; vgcreate {VG} /dev/md0
+lvcreate -y -ay -L 300M -n root {VG}; lvcreate -y -ay -l 100%FREE -n swap {VG}
+mkfs.ext4 -q /dev/{VG}/root; mkswap /dev/{VG}/swap
+mkdir -p /mnt/t; mount /dev/{VG}/root /mnt/t
+tar --zstd --numeric-owner -C /mnt/t -xpf rootfs.tar.zst ./etc ./boot ./usr/lib/os-release
+ru=$(blkid -s UUID -o value /dev/{VG}/root); su=$(blkid -s UUID -o value /dev/{VG}/swap)
+printf 'UUID=%s / ext4 errors=remount-ro 0 1\\nUUID=%s none swap sw 0 0\\n' $ru $su >/mnt/t/etc/fstab
+umount /mnt/t; vgchange -an {VG}; mdadm --stop /dev/md0; sync
+echo "sha before: $(sha256sum $d1 $d2 | cut -d' ' -f1 | xargs)"
+mkdir -p specs work
+printf 'source:\\n  devices:\\n    - %s\\n    - %s\\nworkdir: %s\\n' $d1 $d2 $job/work/{HOST} >specs/{HOST}.yaml
+cd /opt/p2v
+P2V_SPECS=$job/specs .venv/bin/python -m doit inspect:{HOST}
+cd "$job"
+cp work/{HOST}/layout.json layout.json
+echo "after: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
+echo "sha after: $(sha256sum $d1 $d2 | cut -d' ' -f1 | xargs)"
+"""
+
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("md-quick")
+    disks = []
+    for serial in SERIALS:
+        image = work / f"{serial}.img"
+        with image.open("wb") as handle:
+            handle.truncate(1 << 30)
+        disks.append(GuestDisk(image, serial))
+    tarball = ensure_rootfs("bookworm", [*BASE_PACKAGES, "initramfs-tools"])
+    try:
+        result = run_job(JOB, work / "job", disks=disks, inputs={"rootfs.tar.zst": tarball}, outputs=["layout.json"],
+                         timeout=1800, what="md+LVM inspect in the live guest")
+        return {"result": result, "layout": json.loads(result.outputs["layout.json"].read_text())}
+    finally:
+        for disk in disks:
+            disk.path.unlink(missing_ok=True)
+
+
+def line_after(text: str, prefix: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix):].strip()
+
+
+def test_the_real_md_and_device_mapper_paths_ran_read_only(inspected: dict[str, Any]) -> None:
+    result: JobResult = inspected["result"]
+    log = result.log
+    assert "md: md:0 (raid1) assembled read-only with the md driver from disk1p1, disk2p1" in log, result.tail()
+    assert f"LVM: {VG}/root activated read-only with device-mapper" in log, result.tail()
+    assert f"LVM: {VG}/swap activated read-only with device-mapper" in log, result.tail()
+    assert "no md driver" not in log and "no device-mapper" not in log
+    assert "after: arrays 0, dm 0" in log
+
+
+def test_the_members_are_unchanged(inspected: dict[str, Any]) -> None:
+    log = inspected["result"].log
+    assert line_after(log, "sha before:") == line_after(log, "sha after:")
+
+
+def test_layout_records_lvm_on_md_raid1(inspected: dict[str, Any]) -> None:
+    layout = inspected["layout"]
+    (array,) = layout["md"]
+    assert (array["level"], array["metadata"], array["members"]) == ("raid1", "1.2", ["disk1p1", "disk2p1"])
+    assert [(pv["device"], pv["vg"]) for pv in layout["lvm"]["pvs"]] == [("md:0", VG)]
+    assert sorted(lv["name"] for lv in layout["lvm"]["lvs"]) == ["root", "swap"]
