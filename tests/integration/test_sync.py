@@ -159,14 +159,20 @@ def test_keep_policy_one_partition_per_source_mount(tmp_path: Path) -> None:
     assert host_leftovers(spec_dir) == []
 
 
-def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
+def sync_in_background(tmp_path: Path, host: str, output: int
+                       ) -> tuple[FixtureServer, Path, Path, subprocess.Popen[str]]:
+    """plain-bookworm's disk stage done, then `doit sync:<host>` started in a session of its own."""
     server = build_server("plain-bookworm")
-    spec_dir = make_spec(tmp_path, "killme", own_images(server.disks, tmp_path))
-    workdir = tmp_path / "work" / "killme"
-    assert doit(spec_dir, "disk:killme").returncode == 0
+    spec_dir = make_spec(tmp_path, host, own_images(server.disks, tmp_path))
+    assert doit(spec_dir, f"disk:{host}").returncode == 0
     env = {**os.environ, "P2V_SPECS": str(spec_dir)}
-    victim = subprocess.Popen([sys.executable, "-m", "doit", "sync:killme"], cwd=PROJECT_DIR, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = subprocess.Popen([sys.executable, "-m", "doit", f"sync:{host}"], cwd=PROJECT_DIR, env=env,
+                              stdout=output, stderr=output, text=True, start_new_session=True)
+    return server, spec_dir, tmp_path / "work" / host, victim
+
+
+def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
+    server, spec_dir, workdir, victim = sync_in_background(tmp_path, "killme", output=subprocess.DEVNULL)
     image = workdir / "disk.img"
     deadline = time.monotonic() + 300
     # Kill it once a good part (but not all) of the data is in the target
@@ -209,13 +215,7 @@ def test_killed_copy_resumes_and_copies_less(tmp_path: Path) -> None:
 def test_sigterm_during_the_copy_releases_everything_before_exiting(tmp_path: Path) -> None:
     """A CI timeout or a closed terminal sends SIGTERM: the stage unwinds like ^C, so nothing stays
     mounted or attached even before the next run, and the run ends with one line."""
-    server = build_server("plain-bookworm")
-    spec_dir = make_spec(tmp_path, "termme", own_images(server.disks, tmp_path))
-    workdir = tmp_path / "work" / "termme"
-    assert doit(spec_dir, "disk:termme").returncode == 0
-    env = {**os.environ, "P2V_SPECS": str(spec_dir)}
-    victim = subprocess.Popen([sys.executable, "-m", "doit", "sync:termme"], cwd=PROJECT_DIR, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _server, spec_dir, workdir, victim = sync_in_background(tmp_path, "termme", output=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not [root for root in RUN_DIR.glob("termme-*/target-*") if os.path.ismount(root)]:
         assert victim.poll() is None, "the sync ended before it could be stopped"

@@ -80,29 +80,26 @@ class PxeNetwork:
     def stop_process(self, name: str) -> None:
         """Stop one started process (and its children), if it still runs."""
         proc = self.processes.pop(name, None)
-        if proc is None:
-            return
+        if proc is not None:
+            _stop_groups([proc])
+
+    def stop(self) -> None:
+        _stop_groups(list(reversed(self.processes.values())))
+        self.processes.clear()
+
+
+def _stop_groups(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each process group, then SIGKILL to whichever is still there after 10 s."""
+    for proc in processes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+    for proc in processes:
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-    def stop(self) -> None:
-        for proc in reversed(list(self.processes.values())):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.processes.clear()
 
 
 @contextlib.contextmanager
