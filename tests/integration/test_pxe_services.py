@@ -6,6 +6,7 @@ no NFS client)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from tasks.lib.site import load_site, pxe_specs
 from tasks.lib.spec import load_specs
 from tasks.pxe import deploy
 from tests.services.pxenet import PxeNetwork, pxe_network, start_services
-from tests.unit.test_pxe import SPECS, project
+from tests.unit.test_pxe import CLOUD_ENV, SPECS, project, write_clouds
 
 UDHCPC_SCRIPT = """#!/bin/sh
 # udhcpc calls this with the lease in its environment: keep what the test checks.
@@ -35,15 +36,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     live.mkdir()
     for name in LIVE_FILES:
         (live / name).write_bytes(name.encode() * 1000)
-    import os
-
-    os.environ["P2V_SITE"] = str(site_file)
+    # web1 uploads from its live system: `doit pxe` gives it an application credential.
+    environment = {"P2V_SITE": str(site_file), "OS_CLIENT_CONFIG_FILE": str(write_clouds(tmp)), **CLOUD_ENV}
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
         site = load_site(site_file, base=tmp)
         specs = pxe_specs(site, load_specs(spec_dir))
+        deploy(site, specs, live)
     finally:
-        del os.environ["P2V_SITE"]
-    deploy(site, specs, live)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     with pxe_network(site, tmp / "logs") as net:
         start_services(net, site.deploy_dir)
         clients = {name: net.add_client(name, mac) for name, mac in

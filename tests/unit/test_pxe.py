@@ -187,15 +187,25 @@ clouds:
 """
 
 
+def write_clouds(directory: Path) -> Path:
+    """The infra side's clouds.yaml: an application credential for live uploads, and an admin."""
+    cacert = directory / "ca.pem"
+    cacert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    path = directory / "clouds.yaml"
+    path.write_text(APP_CREDENTIAL_CLOUDS.format(cacert=cacert))
+    return path
+
+
+# OS_CLOUD names the application credential, for specs that name no glance.cloud.
+CLOUD_ENV = {"OS_CLOUD": "p2v-live-upload"}
+
+
 @pytest.fixture
 def clouds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """The infra side's clouds.yaml: an application credential for live uploads, and an admin."""
-    cacert = tmp_path / "ca.pem"
-    cacert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
-    path = tmp_path / "clouds.yaml"
-    path.write_text(APP_CREDENTIAL_CLOUDS.format(cacert=cacert))
+    path = write_clouds(tmp_path)
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
-    monkeypatch.setenv("OS_CLOUD", "p2v-live-upload")
+    for name, value in CLOUD_ENV.items():
+        monkeypatch.setenv(name, value)
     for name in ("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     return path
