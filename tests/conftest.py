@@ -7,6 +7,7 @@ reason, when not run as root.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,16 @@ TIERS = ("unit", "integration", "e2e")
 # at the start (images of a batch conversion, Glance's store, fixture builds into
 # the cache on the same disk); P2V_TEST_MIN_FREE_GIB sets another figure.
 MIN_FREE_GIB = float(os.environ.get("P2V_TEST_MIN_FREE_GIB", "15"))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A CI timeout or `kill` sends SIGTERM: end the session as ^C does, so that every
+    # fixture's teardown runs (services, namespaces, mounts, qemu) instead of none.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _free_gib(path: Path) -> float:

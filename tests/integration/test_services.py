@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tasks.lib.spec import PROJECT_DIR
+from tests.services.openstack import _alive
 
 
 def services_cli(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
@@ -64,3 +65,33 @@ def test_a_failure_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("openstack-services stop: "), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+CALLER = """
+import sys
+from pathlib import Path
+from tests.services.openstack import OpenStackServices
+services = OpenStackServices(Path(sys.argv[1]), end_with_caller=True)
+services.start()
+print(services.status(), flush=True)
+import time
+time.sleep(600)
+"""
+
+
+def test_services_started_for_tests_end_with_their_caller_even_on_sigkill(tmp_path: Path) -> None:
+    """A test session killed outright runs no teardown: its Keystone and Glance must not outlive it."""
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(tmp_path / "state")], cwd=PROJECT_DIR,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout is not None
+        assert "running" in caller.stdout.readline()
+        started = list(pids(tmp_path / "state").values())
+        assert len(started) == 2 and all(_alive(pid) for pid in started)
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in started if _alive(pid)]

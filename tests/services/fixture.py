@@ -20,7 +20,7 @@ from tests.services.openstack import OpenStackServices
 @pytest.fixture(scope="session")
 def openstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStackServices]:
     services = OpenStackServices(tmp_path_factory.mktemp("openstack"),
-                                 log=lambda text: print(text, file=sys.stderr))
+                                 log=lambda text: print(text, file=sys.stderr), end_with_caller=True)
     timing = services.start()
     print(f"openstack services up: venv {timing.venv:.1f} s, bootstrap {timing.bootstrap:.1f} s, "
           f"start {timing.start:.1f} s ({services.state_dir})", file=sys.stderr)

@@ -31,6 +31,7 @@ Standard library plus keystoneauth1 (already a p2v requirement) for the bootstra
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -58,6 +59,7 @@ REQUIREMENTS = Path(__file__).resolve().with_name("requirements-openstack.txt")
 SYSTEM_PYTHON = "/usr/bin/python3"
 PROJECT = "p2v"
 REGION = "RegionOne"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DOMAIN = "Default"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
@@ -146,6 +148,13 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -187,8 +196,12 @@ class Timing:
 class OpenStackServices:
     """Keystone + Glance on 127.0.0.1, everything in `state_dir`. A context manager: start .. stop."""
 
-    def __init__(self, state_dir: Path, requirements: Path = REQUIREMENTS, log: Any = None):
+    def __init__(self, state_dir: Path, requirements: Path = REQUIREMENTS, log: Any = None,
+                 end_with_caller: bool = False):
         self.state_dir = state_dir.resolve()
+        # Tests: the services die with the process that started them, however it ends (even
+        # SIGKILL, when no teardown runs). bin/openstack-services leaves them running on purpose.
+        self.end_with_caller = end_with_caller
         self.requirements = requirements
         self.log = log
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -399,7 +412,8 @@ class OpenStackServices:
             env = {"OS_GLANCE_CONFIG_DIR": str(self.state_dir / "glance")}
         with (self.log_dir / f"{name}-console.log").open("ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                    env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                                    preexec_fn=_terminate_with_parent if self.end_with_caller else None)
         self._procs[name] = proc
         state.setdefault("pids", {})[name] = proc.pid
         self._save(state)
