@@ -27,7 +27,7 @@ from doit.exceptions import TaskFailed
 
 from tasks.lib.livecloud import write_live_cloud
 from tasks.lib.pipeline import ensure_console_logging
-from tasks.lib.pxe import LIVE_FILES, render_deploy
+from tasks.lib.pxe import LIVE_FILES, render_deploy, write_if_changed
 from tasks.lib.runner import P2VError
 from tasks.lib.site import Site, load_site, pxe_specs
 from tasks.lib.spec import Spec
@@ -49,16 +49,6 @@ def live_dir() -> Path:
     raise P2VError("no live system to serve: P2V_LIVE_DIR is not set",
                    hint="run bin/live-build and point P2V_LIVE_DIR at the directory it prints")
 
-
-def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
-    if path.is_file() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.chmod(mode)
-    os.replace(partial, path)
-    return True
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

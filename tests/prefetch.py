@@ -20,12 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.lib.runner import P2VError
-
-# Longest first, so that the last one to finish starts early. The live system shares nothing
-# with the fixtures; fixtures of one Debian suite share its debootstrap tree (and its lock).
-FIXTURES_BY_WEIGHT = ("plain-bookworm", "plain-bullseye", "plain-trixie", "uefi-bookworm", "lvm-bookworm",
-                      "dracut-bookworm")
-SUITES = ("bookworm", "bullseye", "trixie")
+from tests.fixtures.cache import all_names
+from tests.fixtures.description import load_description
+from tests.fixtures.rootfs import SUITES
 
 
 def _live() -> str:
@@ -53,8 +50,18 @@ def _openstack_venv() -> str:
 
 
 def jobs() -> list[tuple[str, Callable[..., str], tuple[Any, ...]]]:
+    """The live system first (the longest, sharing nothing with the fixtures); then the
+    fixtures, each suite's first one early, since the fixtures of one Debian suite wait on
+    its debootstrap tree's lock; then the package directories and the services' venv."""
+    suites: set[str] = set()
+    firsts: list[str] = []
+    others: list[str] = []
+    for name in all_names():
+        suite = load_description(name).suite
+        (others if suite in suites else firsts).append(name)
+        suites.add(suite)
     return [("live system", _live, ()),
-            *((f"fixture {name}", _fixture, (name,)) for name in FIXTURES_BY_WEIGHT),
+            *((f"fixture {name}", _fixture, (name,)) for name in [*firsts, *others]),
             *((f"packages {suite}", _packages, (suite,)) for suite in SUITES),
             ("keystone/glance venv", _openstack_venv, ())]
 

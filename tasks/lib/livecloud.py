@@ -13,7 +13,6 @@ rendering left is removed: the credentials then stay on the infra side, where up
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from tasks.lib.glance import Cloud, load_cloud
+from tasks.lib.pxe import write_if_changed
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 
@@ -102,9 +102,9 @@ def write_live_cloud(spec: Spec, host_dir: Path, env: Mapping[str, str] | None =
         source = Path(cloud.verify)
         if not source.is_file():
             raise P2VError(f"{spec.file}: the CA bundle {source} of cloud {cloud.name!r} is not there")
-        _write(directory / CA_FILE, source.read_text(), 0o644)
+        write_if_changed(directory / CA_FILE, source.read_text(), 0o644)
         cacert = str(directory / CA_FILE)  # the same path on the server: the work area is mounted there
-    _write(directory / CLOUDS_FILE, render_live_clouds(cloud, cacert), 0o600)
+    write_if_changed(directory / CLOUDS_FILE, render_live_clouds(cloud, cacert), 0o600)
     return entry_name(cloud)
 
 
@@ -118,16 +118,3 @@ def live_cloud_env(host_dir: Path) -> dict[str, str]:
         raise P2VError(f"{clouds} should hold exactly one cloud entry, it holds {len(names)}",
                        hint="run `doit pxe` on the infra side again")
     return {"OS_CLIENT_CONFIG_FILE": str(clouds), "OS_CLOUD": str(names[0])}
-
-
-def _write(path: Path, text: str, mode: int) -> None:
-    if path.is_file() and path.read_text() == text:
-        path.chmod(mode)
-        return
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    # Created with its mode: the secret is never readable by others, not even for a moment.
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    partial.replace(path)

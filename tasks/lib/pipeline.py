@@ -128,6 +128,9 @@ def host_lock(spec: Spec) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 class Stopped(SystemExit):
     """A signal asked the run to stop. A SystemExit, so that no `except Exception`
     swallows it and doit ends the run (and its workers) as for ^C; every context
@@ -136,22 +139,36 @@ class Stopped(SystemExit):
 
 def _stop(signum: int, frame: object) -> None:
     # One orderly stop: a second signal must not cut the clean-up short (SIGKILL still can).
-    for other in (signal.SIGTERM, signal.SIGHUP):
+    for other in STOP_SIGNALS:
         signal.signal(other, signal.SIG_IGN)
     raise Stopped(f"p2v: stopped by {signal.Signals(signum).name}; what the running stage had mounted or "
                   "attached was released (rerun the same command to resume)")
 
 
-def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP raise `Stopped` (only the main thread may set handlers)."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _stop)
+def stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise `Stopped` (only the main thread may set handlers).
+    Returns the handlers they had, for `restore_signals`."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+
+
+def restore_signals(previous: Mapping[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     ensure_console_logging()
-    stop_on_signals()
+    # For the stage's time only: a caller in the same process (a test) keeps its own handlers.
+    previous = stop_on_signals()
+    try:
+        return _run_stage(stage, spec)
+    finally:
+        restore_signals(previous)
+
+
+def _run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
     target = spec.artifact(stage.target)
     log_path = spec.log_dir / f"{stage.name}.log"
     try:

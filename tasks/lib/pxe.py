@@ -11,6 +11,7 @@ path").
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,3 +111,20 @@ def render_deploy(site: Site, specs: Sequence[Spec], deploy_dir: Path | None = N
         files[f"http/ipxe/{host.mac_hyphens}.ipxe"] = env.get_template("host.ipxe.j2").render(
             {**values, "host": host})
     return files
+
+
+def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Write a deploy-tree or work-area file atomically, only when its text changes; True if it did.
+
+    The file is created with its mode (a spec, a credential: 0600), never readable by others
+    even for a moment, and an unchanged file gets its mode back."""
+    if path.is_file() and path.read_text() == text:
+        path.chmod(mode)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as handle:
+        handle.write(text)
+    os.replace(partial, path)
+    return True
