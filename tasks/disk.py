@@ -8,8 +8,8 @@ The planner (tasks/lib/plan.py) decides everything; this stage carries it out:
 2. a sparse raw file of the planned size;
 3. the partition table, written with pyparted into the file itself (so no
    partition nodes of a loop device are involved yet);
-4. a loop device over the file (direct I/O where the work area's filesystem
-   takes O_DIRECT), with its partitions (partx);
+4. a loop device over the file (direct I/O where it suits the work area's
+   filesystem: tasks/lib/target.py), with its partitions (partx);
 5. mkfs/mkswap per partition, exactly as the plan spells it;
 6. blkid and tune2fs/xfs_db read back: type, label, UUID and features must be
    what the plan says (a newer mkfs default cannot slip in unnoticed);
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
-import tempfile
 from pathlib import Path
 
 import _ped  # type: ignore[import-not-found]
@@ -40,6 +38,7 @@ from tasks.lib.plan import PLAN_VERSION, DiskPlan, PartitionPlan, made_differenc
 from tasks.lib.resources import LoopDevice, loop_device
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import Spec
+from tasks.lib.target import loop_direct_io
 
 log = logging.getLogger("p2v.disk")
 
@@ -66,32 +65,6 @@ def create_sparse(path: Path, size: int) -> None:
     except OSError as error:
         raise P2VError(f"cannot create the disk image {path}: {error.strerror}",
                        hint=f"make {path.parent} writable, on a filesystem with sparse files") from None
-
-
-def supports_direct_io(directory: Path) -> bool:
-    """Whether files in `directory` take O_DIRECT writes of 512-byte sectors.
-
-    The loop device then bypasses the page cache (see P2V-NOTES: buffered
-    loop writeback can be 100 times slower). tmpfs and some network
-    filesystems refuse, or need larger alignment: then the loop is buffered.
-    """
-    handle, name = tempfile.mkstemp(prefix=".p2v-direct-io-", dir=directory)
-    os.close(handle)
-    try:
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_DIRECT)
-        except OSError:
-            return False
-        try:
-            with mmap.mmap(-1, mmap.PAGESIZE) as buffer:  # page-aligned, as O_DIRECT wants
-                os.write(fd, memoryview(buffer)[:512])
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-    finally:
-        os.unlink(name)
 
 
 def write_partition_table(image: Path, plan: DiskPlan) -> None:
@@ -184,9 +157,7 @@ def make_disk(stage_run: StageRun) -> None:
     try:
         create_sparse(image, plan.size)
         write_partition_table(image, plan)
-        direct_io = supports_direct_io(image.parent)
-        log.info("loop device over %s (direct I/O %s)", image.name, "on" if direct_io else "off")
-        with loop_device(image, read_only=False, partitions=True, direct_io=direct_io) as loop:
+        with loop_device(image, read_only=False, partitions=True, direct_io=loop_direct_io(image.parent)) as loop:
             for part in plan.partitions:
                 make_filesystem(loop.partition(part.number), part)
             uuids = read_back(loop, plan)

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.disk import supports_direct_io
 from tasks.lib import esp, fixes, inodeflags
 from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import EditPlan
@@ -64,7 +63,7 @@ from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import chroot_binds, mounted
 from tasks.lib.runner import P2VError, chroot_run, run
 from tasks.lib.spec import Spec
-from tasks.lib.target import MountedTarget, mounted_target
+from tasks.lib.target import MountedTarget, loop_direct_io, mounted_target
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 
 log = logging.getLogger("p2v.fix")
@@ -675,7 +674,7 @@ def fix_host(run: StageRun) -> None:
     log.info("kernel %s (it has virtio)", kernel)
     pending = pending_flags(run.input(SYNC_STAMP))
     started = time.monotonic()
-    with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
+    with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=loop_direct_io(image.parent)) as target:
         devices = target_devices(target, plan)
         cleared = clear_deferred_flags(target.root, [*applied_flag_paths(target.root), *(p for p, _ in pending)],
                                        devices)

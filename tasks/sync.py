@@ -65,7 +65,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.disk import supports_direct_io
 from tasks.fix import CONVERSION_RECORD
 from tasks.inspect import reachable_source, source_tree
 from tasks.lib import esp, inodeflags, storage
@@ -76,7 +75,7 @@ from tasks.lib.plan import DiskPlan
 from tasks.lib.replay import ReplayedFilesystem
 from tasks.lib.runner import CommandError, P2VError, run
 from tasks.lib.spec import Spec
-from tasks.lib.target import MountedTarget, mounted_target
+from tasks.lib.target import MountedTarget, loop_direct_io, mounted_target
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 
 log = logging.getLogger("p2v.sync")
@@ -315,7 +314,7 @@ def sync_host(run_: StageRun) -> None:
     vouched = False
     nodes: dict[str, str] = {}
     with source_tree(spec, layout, esp_views=False, devices_out=nodes) as source, \
-            mounted_target(image, plan, run_dir=spec.run_dir, direct_io=supports_direct_io(image.parent)) as target:
+            mounted_target(image, plan, run_dir=spec.run_dir, direct_io=loop_direct_io(image.parent)) as target:
         replayed = journal_replayed(layout, source.replayed)
         omitted = left_out(layout, plan, source.root)
         result = copy_tree(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from live.build import LiveImage
 from tasks.lib.runner import P2VError
 from tasks.lib.storage import md_examine_facts, read_only_activation_config
 from tests.fixtures.guest import JOB_ARGUMENT, GuestDisk, disk_by_serial, job_qemu_argv
-from tests.fixtures.md_lvm import DESCRIPTION, fixture_key
+from tests.fixtures.md_lvm import DESCRIPTION, Identities, fixture_key, shell_variables
 
 
 def drives(argv: list[str]) -> list[str]:
@@ -47,7 +48,16 @@ def test_a_serial_virtio_would_truncate_is_refused(tmp_path: Path) -> None:
 def test_the_fixture_key_follows_the_description() -> None:
     assert fixture_key() == fixture_key(DESCRIPTION)
     assert fixture_key(replace(DESCRIPTION, vg="vg_other")) != fixture_key()
-    assert "VG='vg_mdlvm'\n" in DESCRIPTION.shell_variables()
+    ids = Identities.derived(fixture_key())
+    variables = shell_variables(DESCRIPTION, ids)
+    assert "VG='vg_mdlvm'\n" in variables and f"MD_UUID='{ids.md_uuid}'\n" in variables
+
+
+def test_the_fixture_names_its_array_and_filesystems_before_the_guest_makes_them() -> None:
+    ids = Identities.derived("0123456789ab")
+    assert ids == Identities.derived("0123456789ab") != Identities.derived("ba9876543210")
+    assert re.fullmatch(r"[0-9a-f]{8}(:[0-9a-f]{8}){3}", ids.md_uuid)  # the form mdadm --uuid and mdadm.conf take
+    assert len({ids.md_uuid.replace(":", ""), ids.root_uuid.replace("-", ""), ids.swap_uuid.replace("-", "")}) == 3
 
 
 def test_read_only_activation_names_every_volume_group() -> None:

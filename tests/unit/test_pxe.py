@@ -108,6 +108,14 @@ def test_rendered_values_say_what_the_specs_say(tmp_path: Path, site_env: Path) 
     assert "images1" not in "".join(files.values())
 
 
+def test_the_live_system_can_stop_after_sync(tmp_path: Path, site_env: Path) -> None:
+    """Only inspect and sync read the source: the infra side can run everything from disk on."""
+    spec_dir, _ = project(tmp_path, {"web1": SPECS["web1"].replace("  address: 192.0.2.21\n",
+                                                                   "  address: 192.0.2.21\n  last_stage: sync\n")})
+    (spec,) = load_specs(spec_dir)
+    assert spec.live.last_stage == "sync"
+
+
 def test_a_pxe_host_works_in_its_directory_of_the_work_area(tmp_path: Path, site_env: Path) -> None:
     spec_dir, _ = project(tmp_path)
     specs = {s.host: s for s in load_specs(spec_dir)}
@@ -136,6 +144,9 @@ def test_a_pxe_host_works_in_its_directory_of_the_work_area(tmp_path: Path, site
      r"^specs/web1.yaml: source.disks\[0\]: '/dev/sda' does not match the expected form"),
     ({"web1": "source:\n  disks: all\nlive: {mac: '52:54:00:aa:00:01', address: 192.0.2.21}\n"},
      r"^specs/web1.yaml: source.disks: 'all' does not match the expected form"),
+    # disk needs no source, but sync does: a live system that stopped after disk would have read nothing.
+    ({"web1": SPECS["web1"].replace("  address: 192.0.2.21\n", "  address: 192.0.2.21\n  last_stage: disk\n")},
+     r"^specs/web1.yaml: live.last_stage: expected one of 'sync', 'fix', 'verify', 'report', 'upload', got 'disk'$"),
 ])
 def test_bad_live_fields_are_one_line_naming_file_and_field(tmp_path: Path, site_env: Path,
                                                           specs: dict[str, str], message: str) -> None:
