@@ -1,15 +1,19 @@
 """Glance, the OpenStack image service, from p2v's side: credentials, a session, clear errors.
 
-Credentials come the standard OpenStack way and never from the spec:
+Credentials come the standard OpenStack way and never from the spec: openstacksdk's
+`openstack.config` reads them, as the openstack CLI does (`load_cloud`):
 
 - a clouds.yaml entry, named by the spec (`glance.cloud`) or by `OS_CLOUD`. The file is the first
   of `$OS_CLIENT_CONFIG_FILE`, `./clouds.yaml`, `~/.config/openstack/clouds.yaml` and
-  `/etc/openstack/clouds.yaml` that exists (as openstacksdk looks them up), with a `secure.yaml`
-  from the same places merged over it;
+  `/etc/openstack/clouds.yaml` that exists, with a `secure.yaml` from the same places merged over
+  it, vendor profiles (`profile:`), `regions` (`OS_REGION_NAME` picks one) and every key of the
+  entry: `insecure`, `verify`, `cacert`, `cert`/`key`, `api_timeout`, `interface`,
+  `image_endpoint_override`;
 - otherwise the `OS_*` variables (`OS_AUTH_URL`, `OS_USERNAME`, `OS_PASSWORD`, `OS_PROJECT_NAME`,
-  ...), as an openrc file sets them.
+  `OS_CACERT`, `OS_INSECURE`, ...), as an openrc file sets them.
 
-keystoneauth makes the session (any of its auth plugins, `password` by default), and
+keystoneauth makes the session from what openstack.config resolved (any of its auth plugins,
+`password` by default; TLS verification and client certificate as openstack.config says), and
 python-glanceclient v2 talks to the image endpoint from the catalog. Every client error becomes a
 `P2VError` with one line that says what happened and what to do; errors worth retrying (the
 service unreachable, a reset connection, a 5xx) are a `TransientError`, which `retrying` retries
@@ -22,15 +26,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 import yaml
 
 from tasks.lib.runner import P2VError
+
+if TYPE_CHECKING:
+    from openstack.config.loader import OpenStackConfig
 
 log = logging.getLogger("p2v.glance")
 
@@ -38,7 +47,7 @@ T = TypeVar("T")
 
 # The clients log every request at DEBUG (keystoneauth masks the token but not every body); the
 # stage logs record DEBUG, so these stay at WARNING.
-for _name in ("keystoneauth", "keystoneauth1", "glanceclient", "urllib3", "requests", "stevedore"):
+for _name in ("keystoneauth", "keystoneauth1", "glanceclient", "openstack", "urllib3", "requests", "stevedore"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 # Image states of an upload that did not finish: a rerun deletes those with our provenance.
@@ -68,7 +77,8 @@ class AuthError(P2VError):
 
 @dataclass(frozen=True)
 class Cloud:
-    """One set of credentials. `auth` holds secrets: never print it (repr hides it)."""
+    """One set of credentials, as openstack.config resolved them. `auth` holds secrets: never print
+    it (repr hides it)."""
 
     name: str  # the clouds.yaml entry, or "OS_* variables"
     source: str  # the file it came from, or "environment"
@@ -76,7 +86,10 @@ class Cloud:
     auth: Mapping[str, Any] = field(repr=False)
     region_name: str | None = None
     interface: str = "public"
-    verify: bool | str = True
+    verify: bool | str = True  # False (insecure), a CA bundle (cacert), or True
+    cert: str | tuple[str, str] | None = None  # a client certificate, with its key when apart (cert, key)
+    timeout: float | None = None  # api_timeout
+    endpoint_override: str | None = None  # image_endpoint_override: Glance's URL, not the catalog's
 
     @property
     def auth_url(self) -> str:
@@ -97,99 +110,171 @@ class Cloud:
                 "user": self.user, "project": self.project, "region": self.region_name, "interface": self.interface}
 
 
-def config_paths(env: Mapping[str, str], cwd: Path, home: Path, name: str = "clouds") -> list[Path]:
-    """Where clouds.yaml (or secure.yaml) may be, in the order openstacksdk tries them."""
-    paths = []
-    override = env.get("OS_CLIENT_CONFIG_FILE" if name == "clouds" else "OS_CLIENT_SECURE_FILE")
-    if override:
-        paths.append(Path(override))
-    for directory in (cwd, home / ".config" / "openstack", Path("/etc/openstack")):
-        for suffix in (".yaml", ".yml"):
-            paths.append(directory / f"{name}{suffix}")
-    return paths
+# openstack.config names the cloud it makes of the OS_* variables so (unless OS_CLOUD_NAME renames it).
+FROM_ENVIRONMENT = "OS_* variables"
 
 
-def _read_clouds(path: Path) -> dict[str, Any]:
+def config_files(cwd: Path | None, home: Path | None, stem: str) -> list[str] | None:
+    """Where openstack.config looks for `stem` (clouds, secure, clouds-public): its own search path,
+    or, for a caller that names another working or home directory, the same one rooted there.
+    (OS_CLIENT_CONFIG_FILE and OS_CLIENT_SECURE_FILE come first either way: openstack.config adds them.)"""
+    if cwd is None and home is None:
+        return None
+    from openstack.config import loader
+
+    directories = [cwd or Path.cwd(), (home or Path.home()) / ".config" / "openstack", Path("/etc/openstack")]
+    return [str(directory / f"{stem}{suffix}") for directory in directories
+            for suffix in (*loader.YAML_SUFFIXES, *loader.JSON_SUFFIXES)]
+
+
+@contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """openstack.config reads os.environ itself: a caller's own environment (a test's, the live
+    runner's) stands in for it while the configuration is read, and the process's comes back."""
+    if env is os.environ:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise P2VError(f"cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise P2VError(f"{path} is not valid YAML{where}", hint="fix the file; see the clouds.yaml format") from None
-    clouds = data.get("clouds") if isinstance(data, dict) else None
-    if not isinstance(clouds, dict):
-        raise P2VError(f"{path} has no 'clouds:' mapping")
-    return clouds
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def load_cloud(name: str | None, env: Mapping[str, str] | None = None, cwd: Path | None = None,
                home: Path | None = None) -> Cloud:
-    """The credentials to use: the named clouds.yaml entry (or OS_CLOUD's), else OS_* variables."""
+    """The credentials to use: the named clouds.yaml entry (or OS_CLOUD's), else the OS_* variables.
+
+    openstack.config reads them, as every OpenStack client does: clouds.yaml (the first of
+    $OS_CLIENT_CONFIG_FILE, ./, ~/.config/openstack/, /etc/openstack/), secure.yaml merged over it,
+    clouds-public.yaml and the vendor profiles (`profile:`), `regions`, and every key of an entry
+    (insecure, verify, cacert, cert/key, api_timeout, interface, image_endpoint_override, ...).
+    What it lets pass quietly (a file it cannot parse is skipped) and what it raises become one
+    P2VError line naming the file or cloud."""
     env = os.environ if env is None else env
-    cwd = Path.cwd() if cwd is None else cwd
-    home = Path.home() if home is None else home
     name = name or env.get("OS_CLOUD") or None
+    with _environment(env):
+        config, searched = _read_config(env, cwd, home)
+        name, source, shown = _pick(config, name, searched)
+        options: dict[str, Any] = {}
+        if env.get("OS_REGION_NAME"):  # as the openstack CLI does: it picks one of the entry's regions
+            options["region_name"] = env["OS_REGION_NAME"]
+        if source == "environment" and not env.get("OS_AUTH_TYPE") and env.get("OS_APPLICATION_CREDENTIAL_SECRET"):
+            options["auth_type"] = "v3applicationcredential"  # what an application credential's openrc means
+        return _resolve(config, name, source, shown, options)
+
+
+def _read_config(env: Mapping[str, str], cwd: Path | None, home: Path | None) -> tuple[OpenStackConfig, list[str]]:
+    """openstack.config's view of the files and the OS_* variables, and the clouds.yaml paths it tried."""
+    from openstack import exceptions as os_exc
+    from openstack.config import loader
+
+    files = {stem: config_files(cwd, home, stem) for stem in ("clouds", "secure", "clouds-public")}
+    try:
+        config = loader.OpenStackConfig(config_files=files["clouds"], secure_files=files["secure"],
+                                        vendor_files=files["clouds-public"], app_name="p2v")
+    except os_exc.ConfigException as error:
+        raise P2VError(f"OpenStack configuration: {error}", hint="fix the file it names") from None
+    searched = _searched(env, files["clouds"] or loader.CONFIG_FILES, "OS_CLIENT_CONFIG_FILE")
+    _check_read(searched, config.config_filename)
+    _check_read(_searched(env, files["secure"] or loader.SECURE_FILES, "OS_CLIENT_SECURE_FILE"),
+                config.secure_config_filename)
+    return config, searched
+
+
+def _pick(config: OpenStackConfig, name: str | None, searched: list[str]) -> tuple[str, str, str]:
+    """Which cloud: (its name for openstack.config, where it comes from, its name in messages)."""
+    clouds = config.cloud_config["clouds"]
     if name is None:
-        return _cloud_from_env(env)
-    candidates = config_paths(env, cwd, home)
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        looked = ", ".join(str(p) for p in candidates if p.suffix == ".yaml")
+        if config.envvar_key not in clouds:
+            raise P2VError("no OpenStack credentials: the spec names no glance.cloud, and neither OS_CLOUD nor "
+                           "OS_AUTH_URL is set",
+                           hint="set glance.cloud to a clouds.yaml entry, or export OS_CLOUD (or source an openrc)")
+        return str(config.envvar_key), "environment", FROM_ENVIRONMENT
+    if config.config_filename is None:
+        looked = ", ".join(path for path in searched if path.endswith(".yaml"))
         raise P2VError(f"cloud {name!r}: no clouds.yaml found (looked in {looked})",
                        hint="write a clouds.yaml there, or set OS_CLIENT_CONFIG_FILE")
-    clouds = _read_clouds(found)
-    if name not in clouds:
-        known = ", ".join(sorted(map(str, clouds))) or "none"
-        raise P2VError(f"cloud {name!r} is not in {found} (clouds there: {known})",
+    from_file = {str(key) for key in clouds} - {config.envvar_key}
+    if name not in from_file:
+        known = ", ".join(sorted(from_file)) or "none"
+        raise P2VError(f"cloud {name!r} is not in {config.config_filename} (clouds there: {known})",
                        hint="set glance.cloud in the spec (or OS_CLOUD) to one of them, or add the entry")
     entry = clouds[name]
-    if not isinstance(entry, Mapping):
-        raise P2VError(f"cloud {name!r} in {found} is not a mapping")
-    secure = next((p for p in config_paths(env, cwd, home, "secure") if p.is_file()), None)
-    if secure is not None:
-        secure_entry = _read_clouds(secure).get(name)
-        if isinstance(secure_entry, Mapping):
-            entry = _merge(entry, secure_entry)
-    auth = entry.get("auth") or {}
-    if not isinstance(auth, Mapping):
-        raise P2VError(f"cloud {name!r} in {found}: 'auth' is not a mapping")
-    verify: bool | str = entry.get("cacert") or bool(entry.get("verify", True))
-    return Cloud(name=name, source=str(found), auth_type=str(entry.get("auth_type", "password")),
-                 auth={str(k).replace("-", "_"): v for k, v in auth.items()},
-                 region_name=entry.get("region_name") or entry.get("region") or None,
-                 interface=str(entry.get("interface") or entry.get("endpoint_type") or "public"), verify=verify)
+    for what, value in (("the entry", entry), ("its 'auth'", entry.get("auth", {}) if isinstance(entry, Mapping)
+                                                 else {})):
+        if not isinstance(value, Mapping):
+            raise P2VError(f"cloud {name!r} in {config.config_filename}: {what} is not a mapping",
+                           hint="see the clouds.yaml format: auth holds auth_url, username, ...")
+    return name, config.config_filename, name
 
 
-def _cloud_from_env(env: Mapping[str, str]) -> Cloud:
-    if not env.get("OS_AUTH_URL"):
-        raise P2VError("no OpenStack credentials: the spec names no glance.cloud, and neither OS_CLOUD nor "
-                       "OS_AUTH_URL is set",
-                       hint="set glance.cloud to a clouds.yaml entry, or export OS_CLOUD (or source an openrc)")
-    skip = {"OS_CLOUD", "OS_AUTH_TYPE", "OS_REGION_NAME", "OS_INTERFACE", "OS_ENDPOINT_TYPE", "OS_CACERT",
-            "OS_INSECURE", "OS_IDENTITY_API_VERSION", "OS_CLIENT_CONFIG_FILE", "OS_CLIENT_SECURE_FILE"}
-    auth = {key[3:].lower(): value for key, value in env.items() if key.startswith("OS_") and key not in skip}
-    if "tenant_name" in auth:
-        auth.setdefault("project_name", auth.pop("tenant_name"))
-    if "tenant_id" in auth:
-        auth.setdefault("project_id", auth.pop("tenant_id"))
-    verify: bool | str = env.get("OS_CACERT") or env.get("OS_INSECURE", "").lower() not in ("1", "true", "yes")
-    auth_type = env.get("OS_AUTH_TYPE") or ("v3applicationcredential" if "application_credential_secret" in auth
-                                            else "password")
-    return Cloud(name="OS_* variables", source="environment", auth_type=auth_type, auth=auth,
-                 region_name=env.get("OS_REGION_NAME") or None,
-                 interface=env.get("OS_INTERFACE") or env.get("OS_ENDPOINT_TYPE") or "public", verify=verify)
+def _resolve(config: OpenStackConfig, name: str, source: str, shown: str, options: Mapping[str, Any]) -> Cloud:
+    """The cloud's settings, resolved by openstack.config (profile, region, auth plugin options)."""
+    import requests
+    from keystoneauth1 import exceptions as ks_exc
+    from openstack import exceptions as os_exc
+
+    where = f"cloud {shown!r} ({source})"
+    fix = "set the OS_* variables for them" if source == "environment" else "add them to the entry"
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            region = config.get_one(name, **options)
+            verify, cert = region.get_requests_verify_args()
+    except ks_exc.NoMatchingPlugin as error:
+        raise P2VError(f"{where}: unknown auth_type {error.name!r}",
+                       hint="use password, v3applicationcredential or another keystoneauth plugin") from None
+    except ks_exc.MissingRequiredOptions as error:
+        missing = ", ".join(option.dest for option in error.options)
+        raise P2VError(f"{where} lacks auth settings: {missing}", hint=fix) from None
+    except requests.RequestException as error:  # a vendor profile by URL (profile: https://...) is fetched
+        raise P2VError(f"{where}: its vendor profile could not be fetched ({_connection_reason(error)})",
+                       hint="name a profile that openstacksdk ships, or put it in clouds-public.yaml") from None
+    except (os_exc.ConfigException, ks_exc.ClientException, TypeError, AttributeError, ValueError) as error:
+        raise P2VError(f"{where}: {_first_line(error)}",
+                       hint="fix the entry; see openstacksdk's clouds.yaml documentation") from None
+    # Its pending deprecations are about openstacksdk's own future (every cloud gets one about
+    # InfluxDB); what it says about the configuration (a vendor profile not found, cacert with
+    # insecure, a deprecated key) goes to the log, once.
+    for message in dict.fromkeys(str(w.message) for w in said if not issubclass(w.category, PendingDeprecationWarning)):
+        log.warning("%s: %s", where, message)
+    resolved = region.config
+    interface = region.get_interface("image")
+    timeout = resolved.get("api_timeout")
+    return Cloud(name=shown, source=source, auth_type=str(resolved.get("auth_type") or "password"),
+                 auth=dict(resolved.get("auth") or {}), region_name=region.region_name or None,
+                 interface=interface if isinstance(interface, str) else "public",
+                 verify=True if verify is None else verify, cert=cert,
+                 timeout=float(timeout) if timeout else None,
+                 endpoint_override=resolved.get("image_endpoint_override") or None)
+
+
+def _searched(env: Mapping[str, str], files: list[str], override: str) -> list[str]:
+    """The files openstack.config tried, in its order: the override variable's first."""
+    return [env[override], *files] if env.get(override) else list(files)
+
+
+def _check_read(candidates: list[str], used: str | None) -> None:
+    """openstack.config skips a file it cannot read or parse and takes the next one, or none: that
+    would use other credentials than the operator wrote, so the first file there must be the one used."""
+    first = next((path for path in candidates if os.path.exists(path)), None)
+    if first is None or first == used:
+        return
+    try:
+        text = Path(first).read_text()
+    except OSError as error:
+        raise P2VError(f"cannot read {first}: {error.strerror}") from None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise P2VError(f"{first} is not valid YAML{where}", hint="fix the file; see the clouds.yaml format") from None
+    raise P2VError(f"{first} was not read as OpenStack configuration", hint="fix the file; see the clouds.yaml format")
 
 
 # ---------------------------------------------------------------- errors
@@ -316,8 +401,9 @@ class ImageService:
         self.session = session if session is not None else make_session(cloud)
         from glanceclient import client as glance_client
 
+        where: dict[str, Any] = {"endpoint_override": cloud.endpoint_override} if cloud.endpoint_override else {}
         self.client = glance_client.Client("2", session=self.session, region_name=cloud.region_name,
-                                           interface=cloud.interface)
+                                           interface=cloud.interface, **where)
 
     def call(self, what: str, action: Callable[[], T]) -> T:
         try:
@@ -345,7 +431,8 @@ class ImageService:
         keep = ("auth_url", "username", "user_id", "password", "user_domain_name", "user_domain_id")
         try:
             unscoped = v3.Password(**{k: v for k, v in self.cloud.auth.items() if k in keep})
-            ks_session.Session(auth=unscoped, verify=self.cloud.verify).get_token()
+            ks_session.Session(auth=unscoped, verify=self.cloud.verify, cert=self.cloud.cert,
+                               timeout=self.cloud.timeout).get_token()
         except ks_exc.Unauthorized:
             return ": wrong user name or password", f"check username and password of the entry in {self.cloud.source}"
         except Exception:  # a diagnosis only; the 401 stands
@@ -355,6 +442,8 @@ class ImageService:
 
     @property
     def endpoint(self) -> str:
+        if self.cloud.endpoint_override:
+            return self.cloud.endpoint_override
         url = self.call("looking up the image endpoint", lambda: self.session.get_endpoint(
             service_type="image", interface=self.cloud.interface, region_name=self.cloud.region_name))
         return str(url)
@@ -416,4 +505,5 @@ def make_session(cloud: Cloud) -> Any:
     except ks_exc.MissingRequiredOptions as error:
         missing = ", ".join(option.dest for option in error.options)
         raise P2VError(f"cloud {cloud.name!r} ({cloud.source}) lacks auth settings: {missing}") from None
-    return ks_session.Session(auth=plugin, verify=cloud.verify, app_name="p2v")
+    return ks_session.Session(auth=plugin, verify=cloud.verify, cert=cloud.cert, timeout=cloud.timeout,
+                              app_name="p2v")

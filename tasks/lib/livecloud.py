@@ -54,6 +54,11 @@ def check_application_credential(spec: Spec, cloud: Cloud) -> None:
     if not cloud.auth.get("application_credential_secret"):
         raise P2VError(f"{spec.file}: cloud {cloud.name!r} ({cloud.source}) has no application_credential_secret",
                        hint="add the secret to the entry (or to secure.yaml)")
+    if cloud.cert is not None:
+        raise P2VError(f"{spec.file}: cloud {cloud.name!r} ({cloud.source}) authenticates with a client certificate "
+                       "(cert/key), which p2v does not put into the work area",
+                       hint=f"use an application credential without one, or set live.last_stage: report and run "
+                            f"upload:{spec.host} on the infra side")
     if not (cloud.auth.get("application_credential_id") or cloud.auth.get("application_credential_name")):
         raise P2VError(f"{spec.file}: cloud {cloud.name!r} ({cloud.source}) names no application credential "
                        "(application_credential_id, or _name with the user)")
@@ -72,6 +77,10 @@ def render_live_clouds(cloud: Cloud, cacert: str | None) -> str:
     }
     if cloud.region_name:
         entry["region_name"] = cloud.region_name
+    if cloud.endpoint_override:
+        entry["image_endpoint_override"] = cloud.endpoint_override
+    if cloud.timeout:
+        entry["api_timeout"] = cloud.timeout
     if cacert:
         entry["cacert"] = cacert
     elif cloud.verify is False:

@@ -20,6 +20,7 @@ from pathlib import Path
 import jinja2
 
 from live.cmdline import INITRD_NAME, KERNEL_NAME, SQUASHFS_NAME, live_cmdline
+from tasks.lib import templating
 from tasks.lib.runner import P2VError
 from tasks.lib.site import Site
 from tasks.lib.spec import PROJECT_DIR, Spec
@@ -83,13 +84,7 @@ def pxe_hosts(site: Site, specs: Sequence[Spec]) -> list[PxeHost]:
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(  # noqa: S701 - config files and shell-free scripts, not HTML
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    return templating.environment(TEMPLATES)
 
 
 def render_deploy(site: Site, specs: Sequence[Spec], deploy_dir: Path | None = None) -> dict[str, str]:

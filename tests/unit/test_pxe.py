@@ -323,3 +323,22 @@ def test_an_earlier_last_stage_takes_the_credential_away(tmp_path: Path, site_en
     site = load_site(site_env, base=tmp_path)
     counts = deploy(site, pxe_specs(site, load_specs(tmp_path / "specs")), tmp_path / "live")
     assert counts["credentials"] == 0 and not (work_area / "web1/cloud").exists()
+
+
+def test_the_live_credential_keeps_the_endpoint_and_timeout_and_refuses_a_client_certificate(
+        tmp_path: Path, site_env: Path, clouds: Path) -> None:
+    """openstack.config's keys that the live system needs to reach the same Glance go with the
+    credential; a client certificate (cert/key) is refused in one line, like a password."""
+    data = yaml.safe_load(clouds.read_text())
+    data["clouds"]["p2v-live-upload"].update(image_endpoint_override="https://glance.example:9292", api_timeout=60)
+    clouds.write_text(yaml.safe_dump(data))
+    work_area, _ = _deploy_one(tmp_path, site_env, SPECS["web1"])
+    entry = yaml.safe_load((work_area / "web1/cloud/clouds.yaml").read_text())["clouds"]["p2v-live-upload"]
+    assert entry["image_endpoint_override"] == "https://glance.example:9292" and entry["api_timeout"] == 60
+    data["clouds"]["p2v-live-upload"].update(cert="/etc/p2v/client.pem", key="/etc/p2v/client.key")
+    clouds.write_text(yaml.safe_dump(data))
+    with pytest.raises(P2VError, match=r"^specs/web1.yaml: cloud 'p2v-live-upload' \(.*clouds.yaml\) authenticates "
+                                       r"with a client certificate \(cert/key\)") as raised:
+        site = load_site(site_env, base=tmp_path)
+        deploy(site, pxe_specs(site, load_specs(tmp_path / "specs")), tmp_path / "live")
+    assert "\n" not in str(raised.value)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,131 @@ def test_session_needs_complete_auth(tmp_path: Path) -> None:
         glance.make_session(cloud)
     with pytest.raises(P2VError, match="unknown auth_type 'magic'"):
         glance.make_session(dataclasses.replace(cloud, auth_type="magic"))
+
+
+# ---------------------------------------------------------------- credentials through openstack.config
+
+
+def load(tmp_path: Path, name: str | None = "prod", env: dict[str, str] | None = None) -> glance.Cloud:
+    return glance.load_cloud(name, env=env or {}, cwd=tmp_path, home=tmp_path / "nohome")
+
+
+def test_tls_settings_reach_the_session(tmp_path: Path) -> None:
+    """insecure, cacert (with ~), cert/key and api_timeout, as openstack.config reads them, make the session."""
+    write_clouds(tmp_path / "clouds.yaml",
+                 prod={**ENTRY, "cacert": "~/ca.pem", "cert": "/etc/p2v/client.pem", "key": "/etc/p2v/client.key",
+                       "api_timeout": 45},
+                 insecure={**ENTRY, "insecure": True, "cacert": "/etc/p2v/ca.pem"},
+                 certonly={**ENTRY, "cert": "/etc/p2v/both.pem"},
+                 plain=ENTRY)
+    cloud = load(tmp_path)
+    assert cloud.verify == str(Path.home() / "ca.pem") and cloud.cert == ("/etc/p2v/client.pem", "/etc/p2v/client.key")
+    session = glance.make_session(cloud)
+    assert session.verify == str(Path.home() / "ca.pem")
+    assert session.cert == ("/etc/p2v/client.pem", "/etc/p2v/client.key") and session.timeout == 45
+    # insecure wins over cacert, as in every OpenStack client
+    assert glance.make_session(load(tmp_path, "insecure")).verify is False
+    assert load(tmp_path, "certonly").cert == "/etc/p2v/both.pem"
+    plain = glance.make_session(load(tmp_path, "plain"))
+    assert plain.verify is True and plain.cert is None and plain.timeout is None
+
+
+def test_image_endpoint_override_goes_to_glance(tmp_path: Path) -> None:
+    write_clouds(tmp_path / "clouds.yaml", prod={**ENTRY, "image_endpoint_override": "https://glance.example:9292"})
+    cloud = load(tmp_path)
+    service = glance.ImageService(cloud, session=glance.make_session(cloud))
+    assert service.endpoint == "https://glance.example:9292"
+    assert service.client.http_client.endpoint_override == "https://glance.example:9292"
+
+
+def test_secure_yaml_from_os_client_secure_file(tmp_path: Path) -> None:
+    entry = json.loads(json.dumps(ENTRY))
+    del entry["auth"]["password"]
+    write_clouds(tmp_path / "clouds.yaml", prod=entry)
+    write_clouds(tmp_path / "secure.yaml", prod={"auth": {"password": "nearby"}})
+    secure = write_clouds(tmp_path / "elsewhere" / "my-secure.yaml",
+                          prod={"auth": {"password": "named"}, "insecure": True})
+    cloud = load(tmp_path, env={"OS_CLIENT_SECURE_FILE": str(secure)})
+    assert cloud.auth["password"] == "named" and cloud.verify is False and cloud.source == str(tmp_path / "clouds.yaml")
+
+
+def test_profile_and_regions(tmp_path: Path) -> None:
+    """A vendor profile (clouds-public.yaml) gives auth_url, regions and interface; the first region is
+    taken unless OS_REGION_NAME picks another, and a region the entry does not have is one line."""
+    (tmp_path / "clouds-public.yaml").write_text(yaml.safe_dump({"public-clouds": {"acme": {
+        "auth": {"auth_url": "https://keystone.acme.example/v3"}, "regions": ["east", "west"],
+        "interface": "internal"}}}))
+    write_clouds(tmp_path / "clouds.yaml", prod={"profile": "acme", "auth": {"username": "u", "password": "pw",
+                                                                             "project_name": "p"}},
+                 listed={**{k: v for k, v in ENTRY.items() if k != "region_name"}, "regions": ["One", "Two"]})
+    cloud = load(tmp_path)
+    assert cloud.auth_url == "https://keystone.acme.example/v3" and cloud.region_name == "east"
+    assert cloud.interface == "internal"
+    assert load(tmp_path, env={"OS_REGION_NAME": "west"}).region_name == "west"
+    assert load(tmp_path, "listed").region_name == "One"
+    assert load(tmp_path, "listed", env={"OS_REGION_NAME": "Two"}).region_name == "Two"
+    with pytest.raises(P2VError, match=r"^cloud 'listed' \(.*clouds.yaml\): Region Three is not a valid region "
+                                       r"name for cloud listed. Valid choices are One,Two"):
+        load(tmp_path, "listed", env={"OS_REGION_NAME": "Three"})
+
+
+def test_tls_and_application_credentials_from_os_variables(tmp_path: Path) -> None:
+    env = {"OS_AUTH_URL": "https://k/v3", "OS_APPLICATION_CREDENTIAL_ID": "0123",
+           "OS_APPLICATION_CREDENTIAL_SECRET": "s3cret", "OS_CACERT": "/etc/ssl/cloud.pem",
+           "OS_CERT": "/etc/p2v/c.pem", "OS_KEY": "/etc/p2v/k.pem", "OS_INTERFACE": "internal"}
+    cloud = load(tmp_path, None, env)
+    assert cloud.name == "OS_* variables" and cloud.source == "environment"
+    assert cloud.auth_type == "v3applicationcredential" and cloud.interface == "internal"
+    assert cloud.auth == {"auth_url": "https://k/v3", "application_credential_id": "0123",
+                          "application_credential_secret": "s3cret"}
+    assert cloud.verify == "/etc/ssl/cloud.pem" and cloud.cert == ("/etc/p2v/c.pem", "/etc/p2v/k.pem")
+    assert load(tmp_path, None, {**env, "OS_INSECURE": "true"}).verify is False
+    with pytest.raises(P2VError, match=r"^cloud 'OS_\* variables' \(environment\) lacks auth settings: auth_url"):
+        load(tmp_path, None, {"OS_USERNAME": "u", "OS_PASSWORD": "pw"})
+
+
+def test_the_process_environment_is_left_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OS_CLOUD", "from-the-process")
+    write_clouds(tmp_path / "clouds.yaml", prod=ENTRY)
+    before = dict(os.environ)
+    assert load(tmp_path, env={"OS_CLOUD": "prod"}, name=None).name == "prod"
+    with pytest.raises(P2VError):
+        load(tmp_path, "nope")
+    assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({**ENTRY, "auth_type": "magic"}, r"^cloud 'prod' \(.*/clouds.yaml\): unknown auth_type 'magic'"),
+    ({"auth": {"username": "u", "password": "pw"}}, r"^cloud 'prod' \(.*/clouds.yaml\) lacks auth settings: auth_url"),
+    ({**ENTRY, "auth": "not a mapping"}, r"^cloud 'prod' in .*/clouds.yaml: its 'auth' is not a mapping"),
+    ("a string", r"^cloud 'prod' in .*/clouds.yaml: the entry is not a mapping"),
+    ({**ENTRY, "regions": [{"name": "x", "bogus": 1}]}, r"^cloud 'prod' \(.*/clouds.yaml\): Invalid region entry"),
+])
+def test_a_bad_entry_is_one_line_naming_the_cloud_and_the_file(tmp_path: Path, entry: Any, message: str) -> None:
+    write_clouds(tmp_path / "clouds.yaml", prod=entry)
+    with pytest.raises(P2VError, match=message) as raised:
+        load(tmp_path)
+    assert "\n" not in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+def test_a_file_openstack_config_would_skip_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    """openstack.config skips a clouds.yaml or secure.yaml it cannot parse and takes the next one
+    (or none): p2v stops instead, naming the file and the line."""
+    home = tmp_path / "home"
+    write_clouds(home / ".config" / "openstack" / "clouds.yaml", prod=ENTRY)
+    (tmp_path / "clouds.yaml").write_text("clouds:\n  prod: [unclosed\n")
+    with pytest.raises(P2VError, match=rf"^{tmp_path}/clouds.yaml is not valid YAML \(line 3\)"):
+        glance.load_cloud("prod", env={}, cwd=tmp_path, home=home)
+    (tmp_path / "clouds.yaml").unlink()
+    (tmp_path / "secure.yaml").write_text("clouds: {prod: {auth: {password: [x}}}\n")
+    with pytest.raises(P2VError, match=rf"^{tmp_path}/secure.yaml is not valid YAML"):
+        glance.load_cloud("prod", env={}, cwd=tmp_path, home=home)
+    (tmp_path / "secure.yaml").unlink()
+    assert glance.load_cloud("prod", env={}, cwd=tmp_path, home=home).source.startswith(str(home))
+    (tmp_path / "clouds.yaml").write_text("- a list\n")
+    with pytest.raises(P2VError, match=r"^OpenStack configuration: Configuration file .*clouds.yaml is empty or "
+                                       "not a valid mapping"):
+        glance.load_cloud("prod", env={}, cwd=tmp_path, home=home)
 
 
 # ---------------------------------------------------------------- errors and retries
