@@ -1,15 +1,17 @@
 """Stage outputs: the files one stage writes and later stages read, each checked against its schema.
 
-    file                 written by  read by                      schema (tasks/schemas/)     typed as
-    layout.json          inspect     every later stage            layout.schema.json          Layout
-    disk-plan.json       disk        sync fix verify report upload disk-plan.schema.json     DiskPlan
-    rootfs-synced.stamp  sync        fix report                   sync-stamp.schema.json      SyncStamp
-    fixed.stamp          fix         report upload                fix-stamp.schema.json       FixStamp
-    verified.stamp       verify      report                       verify-stamp.schema.json    VerifyStamp
-    uploaded.stamp       upload      (the operator, the live runner's log)  upload-stamp.schema.json  UploadStamp
+    file                 written by  read by                        schema (tasks/schemas/)   typed as
+    layout.json          inspect     every later stage              layout.schema.json        Layout
+    disk-plan.json       disk        sync fix verify report upload  disk-plan.schema.json     DiskPlan
+    rootfs-synced.stamp  sync        fix report                     sync-stamp.schema.json    SyncStamp
+    fixed.stamp          fix         report upload                  fix-stamp.schema.json     FixStamp
+    verified.stamp       verify      report                         verify-stamp.schema.json  VerifyStamp
+    uploaded.stamp       upload      the operator                   upload-stamp.schema.json  UploadStamp
 
 `load_<thing>(spec)` reads a host's file and `write_<thing>(path, data)` writes
 one (a stage writes its target at `StageRun.partial`; the pipeline renames it).
+`read(output, path)` is the by-path form (tasks/plan.py's `read_layout` and
+`read_disk_plan` use it); the hint then names the host the file records.
 Both check the document against its schema (JSON Schema draft 2020-12), so:
 
 - a writer that strays from its schema fails the stage that has the bug, and
