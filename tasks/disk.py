@@ -32,7 +32,7 @@ import _ped  # type: ignore[import-not-found]
 import parted
 
 from tasks import plan as plan_io
-from tasks.lib import storage
+from tasks.lib import outputs, storage
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import PLAN_VERSION, DiskPlan, PartitionPlan, made_differences, render_plan
 from tasks.lib.resources import LoopDevice, loop_device
@@ -163,7 +163,7 @@ def make_disk(stage_run: StageRun) -> None:
             uuids = read_back(loop, plan)
             _flush(loop, plan)
         _fsync(image)
-        plan_io.write_json_atomically(plan_path, plan.with_uuids(uuids).to_json())
+        outputs.write_disk_plan(plan_path, plan.with_uuids(uuids))
     except BaseException:
         for leftover in (image, plan_path):
             with contextlib.suppress(OSError):

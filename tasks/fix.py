@@ -56,6 +56,7 @@ from typing import Any
 from tasks.lib import esp, fixes, inodeflags
 from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import EditPlan
+from tasks.lib.outputs import FixStamp, StepReceipt, SyncStamp, load_sync_stamp, write_fix_stamp
 from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
 from tasks.lib.paths import RootTreeReader, read_text_in_root, remove_in_root, resolve_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
@@ -94,7 +95,7 @@ class StepReport:
         self.status = "changed"
         self.changes.append(what)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> StepReceipt:
         return {"name": self.name, "status": self.status, "changes": self.changes, "warnings": self.warnings,
                 "commands": self.commands}
 
@@ -337,11 +338,9 @@ def target_devices(target: MountedTarget, plan: DiskPlan) -> frozenset[int]:
     return frozenset(os.stat(resolve_in_root(target.root, mp)).st_dev for mp in plan.mount_order)
 
 
-def pending_flags(sync_stamp: Path) -> list[tuple[str, str]]:
+def pending_flags(sync_stamp: SyncStamp) -> list[tuple[str, str]]:
     """(path, letters) the sync stage left for this stage to set: i and a."""
-    stamp = json.loads(sync_stamp.read_text())
-    rows = stamp.get("copy", {}).get("inode_flags", {}).get("pending", [])
-    return [(row["path"], row["flags"]) for row in rows]
+    return [(row["path"], row["flags"]) for row in sync_stamp["copy"]["inode_flags"]["pending"]]
 
 
 def applied_flag_paths(root: Path) -> list[str]:
@@ -672,7 +671,7 @@ def fix_host(run: StageRun) -> None:
     # Fatal before anything is written: no kernel that can boot on virtio.
     kernel = fixes.choose_kernel(layout)
     log.info("kernel %s (it has virtio)", kernel)
-    pending = pending_flags(run.input(SYNC_STAMP))
+    pending = pending_flags(load_sync_stamp(spec))
     started = time.monotonic()
     with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=loop_direct_io(image.parent)) as target:
         devices = target_devices(target, plan)
@@ -683,7 +682,7 @@ def fix_host(run: StageRun) -> None:
         with esp_working_copies(plan, target, spec.run_dir), chroot_binds(target.root):
             ctx = fix_tree(spec, layout, plan, target)
         finish_flags(ctx, pending, devices)
-    stamp = {
+    stamp: FixStamp = {
         "format": STAMP_FORMAT,
         "version": STAMP_VERSION,
         "host": spec.host,
@@ -696,7 +695,7 @@ def fix_host(run: StageRun) -> None:
         "warnings": [f"{r.name}: {w}" for name in STEP_NAMES for r in [ctx.report(name)] for w in r.warnings],
         "sync_receipt_sha256": hashlib.sha256(run.input(SYNC_STAMP).read_bytes()).hexdigest(),
     }
-    run.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    write_fix_stamp(run.partial, stamp)
 
 
 def _config(spec: Spec) -> dict[str, object]:

@@ -13,7 +13,6 @@ describe the OS, and write a deterministic, versioned layout.json
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import stat
@@ -25,6 +24,7 @@ from typing import Any
 
 from tasks.lib import esp, storage
 from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, source_kind
+from tasks.lib.outputs import write_layout
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.replay import ReplayedFilesystem, replayed_journal
@@ -495,13 +495,9 @@ def summary(layout: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
 def inspect_host(run: StageRun) -> None:
     layout = build_layout(run.spec)
-    write_json(run.partial, layout)
+    write_layout(run.partial, layout)  # checked against tasks/schemas/layout.schema.json first
     log.info("%s", summary(layout))
 
 

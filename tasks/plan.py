@@ -2,69 +2,43 @@
 
     plan:<host>  reads <workdir>/layout.json, prints the table
 
-The planner itself is pure (tasks/lib/plan.py); this module reads its input,
-and reads and writes the completed plan (disk-plan.json) for the stages that
-follow the disk stage.
+The planner itself is pure (tasks/lib/plan.py); this module reads its input.
+layout.json and disk-plan.json are read and written through tasks/lib/outputs.py
+(schema-checked); `read_layout` and `read_disk_plan` here are its by-path forms.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks.inspect import LAYOUT_FORMAT, LAYOUT_VERSION
-from tasks.lib import state
+from tasks.lib import outputs, state
 from tasks.lib.plan import DiskPlan, plan_disk, render_plan
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 
-LAYOUT_FILE = "layout.json"
-PLAN_FILE = "disk-plan.json"  # written by the disk stage next to disk.img: the completed plan
+LAYOUT_FILE = outputs.LAYOUT.file
+PLAN_FILE = outputs.DISK_PLAN.file  # written by the disk stage next to disk.img: the completed plan
+# Kept here for the callers that write a plan by hand (tests).
+write_json_atomically = outputs.write_json_atomically
 
 
 def read_layout(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise P2VError(f"{path} does not exist", hint="run inspect:<host> first") from None
-    except ValueError as error:
-        raise P2VError(f"{path} is not valid JSON: {error}", hint="rerun inspect:<host>") from None
-    if not isinstance(data, dict) or data.get("format") != LAYOUT_FORMAT or data.get("version") != LAYOUT_VERSION:
-        raise P2VError(f"{path} is not a p2v layout (version {LAYOUT_VERSION})", hint="rerun inspect:<host>")
-    return data
+    """layout.json at `path`, checked against its schema (tasks/lib/outputs.py)."""
+    layout: dict[str, Any] = outputs.read(outputs.LAYOUT, path)
+    return layout
 
 
 def read_disk_plan(path: Path) -> DiskPlan:
-    """The completed plan the disk stage wrote (for sync and fix)."""
-    try:
-        return DiskPlan.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise P2VError(f"{path} does not exist", hint="run disk:<host> first") from None
-    except ValueError as error:
-        raise P2VError(f"{path} is not valid JSON: {error}", hint="rerun disk:<host>") from None
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Write `<path>.partial`, fsync, rename: readers see the old file or the new one."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "w") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    """The completed plan the disk stage wrote (for sync and fix), checked against its schema."""
+    return outputs.read_disk_plan(path)
 
 
 def plan_for(spec: Spec) -> DiskPlan:
-    return plan_disk(read_layout(spec.artifact(LAYOUT_FILE)), spec)
+    return plan_disk(outputs.load_layout(spec), spec)
 
 
 def show_plan(spec: Spec) -> TaskFailed | None:

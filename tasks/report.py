@@ -11,13 +11,13 @@ lays them out as Markdown; `render_report` does both. Tested on its own, byte fo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.lib import templating
+from tasks.lib.outputs import load_fix_stamp, load_sync_stamp, load_verify_stamp
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan, render_plan, swap_summary
 from tasks.lib.spec import Spec
@@ -190,16 +190,11 @@ def render_report(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Ma
     return env.get_template("report.md.j2").render(page=page)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
-
-
 def report_host(run: StageRun) -> None:
     layout = read_layout(run.input(LAYOUT_FILE))
     plan = read_disk_plan(run.input(PLAN_FILE))
-    text = render_report(run.spec.host, layout, plan, _read_json(run.input("rootfs-synced.stamp")),
-                         _read_json(run.input("fixed.stamp")), _read_json(run.input("verified.stamp")))
+    text = render_report(run.spec.host, layout, plan, load_sync_stamp(run.spec), load_fix_stamp(run.spec),
+                         load_verify_stamp(run.spec))
     run.partial.write_text(text)
     print(f"{run.spec.host}: report in {run.spec.artifact('report.md')}")
 

@@ -63,12 +63,13 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tasks.fix import CONVERSION_RECORD
 from tasks.inspect import reachable_source, source_tree
 from tasks.lib import esp, inodeflags, storage
 from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tree, target_matches_seal
+from tasks.lib.outputs import CopyReceipt, SyncStamp, write_sync_stamp
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan
@@ -353,14 +354,14 @@ def journal_replayed(layout: Mapping[str, Any], replayed: Sequence[ReplayedFiles
 
 
 def write_stamp(run_: StageRun, receipt: Mapping[str, Any], started: float) -> None:
-    stamp: dict[str, Any] = {
+    stamp: SyncStamp = {
         "format": STAMP_FORMAT,
         "version": STAMP_VERSION,
         "host": run_.spec.host,
         "seconds": round(time.monotonic() - started, 1),
-        "copy": dict(receipt),
+        "copy": cast(CopyReceipt, dict(receipt)),  # checked against the schema as it is written
     }
-    run_.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    write_sync_stamp(run_.partial, stamp)
     log.info("synced %s files, %s bytes in %.1f s; manifest %s (verified by %s)", receipt.get("files"),
              receipt.get("bytes"), stamp["seconds"], receipt.get("manifest_digest"), receipt.get("verified_by"))
     for fs in receipt.get("journal_replayed", []):

@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from tasks.lib import glance
 from tasks.lib.copy import human
 from tasks.lib.image_format import UploadFile, digest_of, upload_file
 from tasks.lib.machine import machine_properties
+from tasks.lib.outputs import FixStamp, UploadStamp, load_fix_stamp, write_upload_stamp
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.plan import DiskPlan, GiB
 from tasks.lib.runner import P2VError
@@ -124,33 +124,14 @@ def os_distro(os_info: Mapping[str, Any]) -> str | None:
     return OS_DISTRO.get(ident, ident)
 
 
-def guest_agent_installed(layout: Mapping[str, Any], fix_receipt: Mapping[str, Any] | None) -> bool:
+def guest_agent_installed(layout: Mapping[str, Any], fix_receipt: FixStamp | None) -> bool:
     """The source had the QEMU guest agent, or the fix stage installed it (its receipt says so)."""
     if layout.get("system", {}).get("qemu_guest_agent") is True:
         return True
-    if not fix_receipt:
+    if fix_receipt is None:
         return False
-    if fix_receipt.get("qemu_guest_agent") is True:
-        return True
-    names: list[str] = []
-    for key in ("installed_packages", "packages_installed"):
-        names += _package_names(fix_receipt.get(key))
-    packages = fix_receipt.get("packages")
-    if isinstance(packages, Mapping):
-        names += _package_names(packages.get("installed"))
-    return any(name.split("=")[0].split(":")[0] in GUEST_AGENT_PACKAGES for name in names)
-
-
-def _package_names(value: Any) -> list[str]:
-    if not isinstance(value, list):
-        return []
-    names = []
-    for item in value:
-        if isinstance(item, str):
-            names.append(item)
-        elif isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            names.append(item["name"])
-    return names
+    # A package as the package manager was given it: a name, name=version, or name:arch.
+    return any(name.split("=")[0].split(":")[0] in GUEST_AGENT_PACKAGES for name in fix_receipt["installed_packages"])
 
 
 def _int_setting(policy: GlancePolicy, key: str) -> int | None:
@@ -164,7 +145,7 @@ def _int_setting(policy: GlancePolicy, key: str) -> int | None:
 
 
 def image_request(layout: Mapping[str, Any], plan: DiskPlan, policy: GlancePolicy, host: str, disk_format: str,
-                  provenance: Provenance, fix_receipt: Mapping[str, Any] | None = None) -> ImageRequest:
+                  provenance: Provenance, fix_receipt: FixStamp | None = None) -> ImageRequest:
     """What Glance is told about the image, from the layout, the plan and the spec (pure)."""
     system = layout.get("system", {})
     os_info = system.get("os", {})
@@ -413,16 +394,16 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_fix_receipt(path: Path) -> dict[str, Any] | None:
-    """fixed.stamp, if there is one and it is a JSON object; anything else is no receipt."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+def read_fix_receipt(spec: Spec) -> FixStamp | None:
+    """fixed.stamp, checked against its schema (a file that does not match is refused, in one line).
+
+    None when there is none: upload does not depend on the fix stage's file
+    (verified.stamp orders it), and without a receipt only the source's own
+    guest agent sets hw_qemu_guest_agent.
+    """
+    if not spec.artifact(FIX_RECEIPT).exists():
         return None
-    except (OSError, ValueError) as error:
-        log.warning("%s is not a JSON receipt (%s); its package list is ignored", path, error)
-        return None
-    return data if isinstance(data, dict) else None
+    return load_fix_stamp(spec)
 
 
 def max_rate_from_env(env: Mapping[str, str] | None = None) -> float | None:
@@ -451,7 +432,7 @@ def upload_host(run_: StageRun) -> None:
                             plan_sha256=file_sha256(plan_path),
                             converted_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     request = image_request(layout, plan, spec.glance, spec.host, upload.disk_format, provenance,
-                            read_fix_receipt(spec.artifact(FIX_RECEIPT)))
+                            read_fix_receipt(spec))
     service = glance.ImageService(cloud)
     service.authenticate()
     endpoint = service.endpoint
@@ -461,7 +442,7 @@ def upload_host(run_: StageRun) -> None:
     if not published.reused:
         log.info("uploaded image %s (%s) in %.1f s, %s/s", image["id"], image.get("name"), published.seconds,
                  human(upload.size / published.seconds if published.seconds else 0))
-    receipt = {
+    receipt: UploadStamp = {
         "format": STAMP_FORMAT,
         "version": STAMP_VERSION,
         "host": spec.host,
@@ -478,7 +459,7 @@ def upload_host(run_: StageRun) -> None:
         "credentials": cloud.public(),
         "shutdown": shutdown_decision(spec),
     }
-    run_.partial.write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n")
+    write_upload_stamp(run_.partial, receipt)
     log.info("%s: image %s (%s) %s: %s/v2/images/%s", spec.host, image["id"], image.get("name"),
              "reused" if published.reused else "uploaded", endpoint.rstrip("/"), image["id"])
 

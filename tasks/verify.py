@@ -29,7 +29,6 @@ receipt records every check's output.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import secrets
@@ -45,6 +44,7 @@ from tasks.lib import inodeflags
 from tasks.lib.accel import Accel, choose_accel
 from tasks.lib.bootcheck import BootCheckError, BootResult, boot_check, serial_tail
 from tasks.lib.machine import FIRMWARE_PROPERTY, MACHINE_PROPERTY, BootMachine, boot_machine
+from tasks.lib.outputs import VerifyStamp, write_verify_stamp
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.paths import read_text_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
@@ -345,11 +345,10 @@ def run_checks(image: Path, checks: Sequence[Check], password: str, serial_log: 
 def verify_host(run: StageRun) -> None:
     spec = run.spec
     started = time.monotonic()
-    stamp: dict[str, Any] = {"format": STAMP_FORMAT, "version": STAMP_VERSION, "host": spec.host}
     if not spec.verify:
         log.warning("verify is off in %s: the image was not booted before upload", spec.file)
-        stamp.update(skipped=True, checks=[])
-        run.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        write_verify_stamp(run.partial, {"format": STAMP_FORMAT, "version": STAMP_VERSION, "host": spec.host,
+                                         "skipped": True, "checks": []})
         return
     layout = read_layout(run.input(LAYOUT_FILE))
     plan = read_disk_plan(run.input(PLAN_FILE))
@@ -380,16 +379,17 @@ def verify_host(run: StageRun) -> None:
         raise P2VError(f"{len(failed)} of {len(results)} checks failed: {details}\n"
                        f"--- serial log tail ({serial_log}) ---\n{serial_tail(serial_log)}",
                        hint="see the fix receipt (fixed.stamp) for what was changed")
-    stamp.update(
-        skipped=False,
-        seconds=round(time.monotonic() - started, 1),
-        seconds_to_login=round(boot.seconds_to_login, 1),
-        machine={"disk_bus": "virtio", "nic_model": "virtio", "mac": VERIFY_MAC, "accel": accel.name,
-                 "accel_reason": accel.reason, **machine.to_json()},
-        serial_log=str(serial_log),
-        checks=[r.to_json() for r in results],
-    )
-    run.partial.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    stamp: VerifyStamp = {
+        "format": STAMP_FORMAT, "version": STAMP_VERSION, "host": spec.host,
+        "skipped": False,
+        "seconds": round(time.monotonic() - started, 1),
+        "seconds_to_login": round(boot.seconds_to_login, 1),
+        "machine": {"disk_bus": "virtio", "nic_model": "virtio", "mac": VERIFY_MAC, "accel": accel.name,
+                    "accel_reason": accel.reason, **machine.to_json()},
+        "serial_log": str(serial_log),
+        "checks": [r.to_json() for r in results],
+    }
+    write_verify_stamp(run.partial, stamp)
     log.info("verified: %d checks passed, login after %.0f s", len(results), boot.seconds_to_login)
 
 

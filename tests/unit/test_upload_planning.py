@@ -20,10 +20,12 @@ from keystoneauth1 import exceptions as ks_exc
 from tasks import upload
 from tasks.lib import glance
 from tasks.lib.image_format import sha512_of
+from tasks.lib.outputs import FixStamp
 from tasks.lib.plan import DiskPlan, GiB, plan_disk
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import FixPolicy, GlancePolicy, Source, Spec, TargetPolicy
 from tests.unit.layouts import LAYOUTS, layout
+from tests.unit.test_outputs import fix_stamp
 
 NAMES = sorted(p.stem for p in LAYOUTS.glob("*.json"))
 PROVENANCE = upload.Provenance(host="web01", version="0.1.0", layout_sha256="a" * 64, plan_sha256="b" * 64,
@@ -37,7 +39,7 @@ def make_spec(glance_policy: GlancePolicy | None = None, devices: tuple[str, ...
                 glance=glance_policy or GlancePolicy(), shutdown=shutdown)
 
 
-def request(name: str = "plain-bookworm", policy: GlancePolicy | None = None, fix: dict[str, Any] | None = None,
+def request(name: str = "plain-bookworm", policy: GlancePolicy | None = None, fix: FixStamp | None = None,
             lay: dict[str, Any] | None = None, plan: DiskPlan | None = None) -> upload.ImageRequest:
     lay = lay or layout(name)
     plan = plan or plan_disk(lay, make_spec())
@@ -86,19 +88,17 @@ def test_uefi_plan_sets_firmware_type() -> None:
     assert props["hw_firmware_type"] == "uefi" and props["hw_machine_type"] == "q35"
 
 
-@pytest.mark.parametrize(("receipt", "expected"), [
-    (None, False),
-    ({}, False),
-    ({"installed_packages": ["cloud-init", "qemu-guest-agent"]}, True),
-    ({"installed_packages": ["qemu-guest-agent=1:7.2+dfsg-7"]}, True),
-    ({"installed_packages": [{"name": "qemu-guest-agent", "version": "7.2"}]}, True),
-    ({"packages": {"installed": ["qemu-guest-agent"]}}, True),
-    ({"qemu_guest_agent": True}, True),
-    ({"installed_packages": "qemu-guest-agent"}, False),  # not a list: not understood
-    ({"installed_packages": ["qemu-guest-agent-doc", 3, None]}, False),
+@pytest.mark.parametrize(("packages", "expected"), [
+    (None, False),  # no fixed.stamp: only the source's own agent counts
+    ([], False),
+    (["cloud-init", "qemu-guest-agent"], True),
+    (["qemu-guest-agent=1:7.2+dfsg-7"], True),
+    (["qemu-guest-agent:amd64"], True),
+    (["qemu-ga"], True),
+    (["qemu-guest-agent-doc"], False),
 ])
-def test_guest_agent_from_the_fix_receipt(receipt: dict[str, Any] | None, expected: bool) -> None:
-    props = dict(request(fix=receipt).properties)
+def test_guest_agent_from_the_fix_receipt(packages: list[str] | None, expected: bool) -> None:
+    props = dict(request(fix=None if packages is None else fix_stamp(packages)).properties)
     assert (props.get("hw_qemu_guest_agent") == "yes") is expected
 
 
@@ -178,15 +178,29 @@ def test_sha512_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
     assert sha512_of(image, cache) == hashlib.sha512(b"y" * 100_001).hexdigest()
 
 
-def test_fix_receipt_is_read_tolerantly(tmp_path: Path) -> None:
-    path = tmp_path / "fixed.stamp"
-    assert upload.read_fix_receipt(path) is None
-    path.write_text("not json")
-    assert upload.read_fix_receipt(path) is None
-    path.write_text("[1, 2]")
-    assert upload.read_fix_receipt(path) is None
-    path.write_text('{"installed_packages": ["qemu-guest-agent"]}')
-    assert upload.read_fix_receipt(path) == {"installed_packages": ["qemu-guest-agent"]}
+@pytest.mark.parametrize(("text", "message"), [
+    ("not json", "fixed.stamp is not valid JSON"),
+    ("[1, 2]", "fixed.stamp: expected object, got list"),
+    # Shapes the upload stage used to guess at: the fix stage never wrote them.
+    ('{"installed_packages": ["qemu-guest-agent"]}', "fixed.stamp: format: required field is missing"),
+    (json.dumps({**fix_stamp(), "installed_packages": "qemu-guest-agent"}),
+     "fixed.stamp: installed_packages: expected array, got str"),
+    (json.dumps({**fix_stamp(), "installed_packages": [{"name": "qemu-guest-agent", "version": "7.2"}]}),
+     "fixed.stamp: installed_packages[0]: expected string, got dict"),
+    (json.dumps({**fix_stamp(), "packages": {"installed": ["qemu-guest-agent"]}}),
+     "fixed.stamp: packages: unknown key"),
+    (json.dumps({**fix_stamp(), "qemu_guest_agent": True}), "fixed.stamp: qemu_guest_agent: unknown key"),
+])
+def test_the_fix_receipt_is_read_through_its_schema(text: str, message: str, tmp_path: Path) -> None:
+    spec = dataclasses.replace(make_spec(), workdir=tmp_path)
+    assert upload.read_fix_receipt(spec) is None  # none: upload does not depend on it
+    spec.artifact("fixed.stamp").write_text(json.dumps(fix_stamp(["qemu-guest-agent"])))
+    assert upload.read_fix_receipt(spec) == fix_stamp(["qemu-guest-agent"])
+    spec.artifact("fixed.stamp").write_text(text)
+    with pytest.raises(P2VError, match=re.escape(message)) as caught:
+        upload.read_fix_receipt(spec)
+    assert "\n" not in str(caught.value)
+    assert caught.value.hint == "remove fixed.stamp and run fix:web01 again: it writes the file anew"
 
 
 # ---------------------------------------------------------------- shutdown
