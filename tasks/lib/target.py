@@ -67,15 +67,16 @@ def loop_direct_io(directory: Path) -> bool:
     """Whether the loop device over an image in `directory` should bypass the page cache.
 
     On a local filesystem, yes where it can: buffered loop writeback can be a hundred times
-    slower (P2V-NOTES). On a network filesystem, no: each loop request then becomes its own
-    synchronous WRITE and COMMIT round trip, which held a PXE-booted server's sync onto the
-    NFS work area at about 4.5 MiB/s; buffered, the NFS client gathers writes to its wsize
-    and commits them together.
+    slower (P2V-NOTES). On a network filesystem, no: with direct I/O the NFS client sends each
+    loop request as its own synchronous WRITE (and COMMIT) and waits for it; buffered, it
+    gathers writes up to its wsize and commits them together. Not measured as a gain here: in
+    the PXE tests the guest's copy onto NFS ran at about 4.5 MiB/s either way, probably bound by its
+    emulated CPU (TCG), not by the NFS round trips.
     """
     network = NETWORK_FILESYSTEMS.get(filesystem_magic(directory) or 0)
     direct = network is None and takes_direct_io(directory)
     log.info("loop device over an image in %s: direct I/O %s%s", directory, "on" if direct else "off",
-             f" ({network}: buffered writes batch better)" if network else "")
+             f" ({network}: buffered, so the client gathers writes)" if network else "")
     return direct
 
 
