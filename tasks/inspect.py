@@ -30,8 +30,9 @@ from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.replay import ReplayedFilesystem, replayed_journal
 from tasks.lib.resources import mounted, read_only_mount_options
 from tasks.lib.runner import P2VError
+from tasks.lib.source.boot import combine_bootloader, guess_boot_sector
+from tasks.lib.source.describe import describe_system
 from tasks.lib.spec import Spec
-from tasks.lib.system import combine_bootloader, describe_system, guess_boot_sector
 
 log = logging.getLogger("p2v.inspect")
 

@@ -19,9 +19,13 @@ from typing import Any
 from tasks.lib.fixes.cmdline import CmdlineTarget, rewrite_args
 from tasks.lib.fixes.model import Changes, TreeReader
 from tasks.lib.fixes.text import set_shell_var, with_newline
+from tasks.lib.formats.bls import parse_bls_entry
+from tasks.lib.formats.grub2 import expand_grub_vars
+from tasks.lib.formats.grubenv import parse_grubenv
+from tasks.lib.formats.shellvars import parse_shell_vars
 from tasks.lib.plan import DiskPlan
 from tasks.lib.runner import P2VError
-from tasks.lib.system import Bootloader, expand_grub_vars, parse_bls_entry, parse_grubenv, parse_shell_vars
+from tasks.lib.source.model import Bootloader
 
 STEP = "bootloader-config"
 DEFAULT_GRUB = "/etc/default/grub"

@@ -12,8 +12,8 @@ from tasks.lib.fixes.model import Command, describe
 from tasks.lib.fixes.network import uses_systemd
 from tasks.lib.plan import DiskPlan
 from tasks.lib.runner import P2VError
+from tasks.lib.source.model import SystemDescription
 from tasks.lib.spec import FixPolicy
-from tasks.lib.system import SystemDescription
 
 
 def _grub2_prefix(system: SystemDescription) -> str:

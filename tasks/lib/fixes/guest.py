@@ -7,8 +7,8 @@ from typing import Any
 
 from tasks.lib.fixes.model import Changes, FileEdit, TreeReader
 from tasks.lib.plan import DiskPlan
+from tasks.lib.source.model import SystemDescription
 from tasks.lib.spec import FixPolicy
-from tasks.lib.system import SystemDescription
 
 CLOUD_CFG_DIR = "/etc/cloud/cloud.cfg.d"
 # cloud-init merges cloud.cfg.d/*.cfg in name order and the last one wins.

@@ -26,7 +26,8 @@ from tasks.lib.fixes.model import VIRTIO_MODULES, Changes, TreeReader, describe
 from tasks.lib.fixes.text import set_shell_var, with_newline
 from tasks.lib.plan import DiskPlan
 from tasks.lib.runner import P2VError
-from tasks.lib.system import Kernel, SystemDescription, version_key
+from tasks.lib.source.kernels import version_key
+from tasks.lib.source.model import Kernel, SystemDescription
 
 STEP = "initrd-config"
 INITRAMFS_MODULES = "/etc/initramfs-tools/modules"

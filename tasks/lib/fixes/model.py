@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tasks.lib.system import SystemDescription, from_json
+from tasks.lib.source.codec import from_json
+from tasks.lib.source.model import SystemDescription
 
 # The drivers a guest needs on OpenStack KVM: disk (blk, scsi), the PCI
 # transport they sit on, and the NIC.

@@ -28,8 +28,10 @@ import yaml
 
 from tasks.lib.fixes.model import Changes, TreeReader
 from tasks.lib.fixes.text import remove_shell_var, with_newline
+from tasks.lib.formats.netfields import normalize_mac
+from tasks.lib.formats.netplan import parse_netplan_yaml
+from tasks.lib.source.model import MacBinding, NetworkConfig, SystemDescription
 from tasks.lib.spec import FixPolicy
-from tasks.lib.system import MacBinding, NetworkConfig, SystemDescription, normalize_mac, parse_netplan_yaml
 
 KERNEL_STYLE = re.compile(r"^eth\d+$")
 SCRIPTS = "/etc/sysconfig/network-scripts"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.lib.system import parse_shell_vars
+from tasks.lib.formats.shellvars import parse_shell_vars
 
 
 def _assignment(name: str) -> re.Pattern[str]:

@@ -1,0 +1,36 @@
+"""Boot Loader Specification entries (/boot/loader/entries/*.conf)."""
+
+from __future__ import annotations
+
+from tasks.lib.source.model import BootEntry, kver_from_kernel_path
+
+
+def parse_bls_entry(text: str) -> dict[str, list[str]]:
+    """A Boot Loader Specification entry: 'key value' lines; keys may repeat (initrd)."""
+    values: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, _, value = stripped.partition(" ")
+        values.setdefault(key, []).append(value.strip())
+    return values
+
+
+def bls_entry(text: str, source: str) -> BootEntry:
+    values = parse_bls_entry(text)
+    stem = source.rsplit("/", 1)[-1].removesuffix(".conf")
+    kernel = values.get("linux", [None])[0]
+    initrds = [word for value in values.get("initrd", []) for word in value.split() if not word.startswith("$")]
+    args = [word for value in values.get("options", []) for word in value.split()]
+    version = values.get("version", [None])[0] or kver_from_kernel_path(kernel)
+    return BootEntry(
+        title=values.get("title", [stem])[0],
+        id=stem,
+        kernel=kernel,
+        kernel_version=version,
+        initrd=initrds[0] if initrds else None,
+        args=tuple(args),
+        grub_root=None,
+        source=source,
+    )
