@@ -2,7 +2,7 @@
 
     disk:<host>  layout.json  ->  disk.img (+ disk-plan.json, the completed plan)
 
-The planner (tasks/lib/plan.py) decides everything; this stage carries it out:
+The planner (tasks/lib/planning/) decides everything; this stage carries it out:
 
 1. plan from layout.json and the spec;
 2. a sparse raw file of the planned size;
@@ -34,7 +34,9 @@ import parted
 from tasks import plan as plan_io
 from tasks.lib import outputs, storage
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import PLAN_VERSION, DiskPlan, PartitionPlan, made_differences, render_plan
+from tasks.lib.planning.features import made_differences
+from tasks.lib.planning.model import PLAN_VERSION, DiskPlan, PartitionPlan
+from tasks.lib.planning.render import render_plan
 from tasks.lib.resources import LoopDevice, loop_device
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import Spec

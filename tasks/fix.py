@@ -60,7 +60,7 @@ from tasks.lib.outputs import FixStamp, StepReceipt, SyncStamp, load_sync_stamp,
 from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
 from tasks.lib.paths import RootTreeReader, read_text_in_root, remove_in_root, resolve_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.resources import chroot_binds, mounted
 from tasks.lib.runner import P2VError, chroot_run, run
 from tasks.lib.spec import Spec

@@ -2,7 +2,7 @@
 
     plan:<host>  reads <workdir>/layout.json, prints the table
 
-The planner itself is pure (tasks/lib/plan.py); this module reads its input.
+The planner itself is pure (tasks/lib/planning/); this module reads its input.
 layout.json and disk-plan.json are read and written through tasks/lib/outputs.py
 (schema-checked); `read_layout` and `read_disk_plan` here are its by-path forms.
 """
@@ -16,7 +16,9 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from tasks.lib import outputs, state
-from tasks.lib.plan import DiskPlan, plan_disk, render_plan
+from tasks.lib.planning.model import DiskPlan
+from tasks.lib.planning.planner import plan_disk
+from tasks.lib.planning.render import render_plan
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
 

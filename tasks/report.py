@@ -19,7 +19,8 @@ from typing import Any
 from tasks.lib import templating
 from tasks.lib.outputs import load_fix_stamp, load_sync_stamp, load_verify_stamp
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import DiskPlan, render_plan, swap_summary
+from tasks.lib.planning.model import DiskPlan
+from tasks.lib.planning.render import render_plan, swap_summary
 from tasks.lib.spec import Spec
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
 

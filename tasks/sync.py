@@ -72,7 +72,7 @@ from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tr
 from tasks.lib.outputs import CopyReceipt, SyncStamp, write_sync_stamp
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.replay import ReplayedFilesystem
 from tasks.lib.runner import CommandError, P2VError, run
 from tasks.lib.spec import Spec

@@ -46,7 +46,7 @@ from tasks.lib.image_format import UploadFile, digest_of, upload_file
 from tasks.lib.machine import machine_properties
 from tasks.lib.outputs import FixStamp, UploadStamp, load_fix_stamp, write_upload_stamp
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import DiskPlan, GiB
+from tasks.lib.planning.model import DiskPlan, GiB
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, GlancePolicy, Spec
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout

@@ -48,7 +48,7 @@ from tasks.lib.outputs import VerifyStamp, write_verify_stamp
 from tasks.lib.overlay import create_overlay, fuse_export
 from tasks.lib.paths import read_text_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import Spec

@@ -89,7 +89,7 @@ class LivePolicy:
 class TargetPolicy:
     layout: str = "flatten"
     root_fs: str = "auto"
-    label: str = "auto"  # msdos for a BIOS server, gpt for a UEFI one (tasks/lib/plan.py)
+    label: str = "auto"  # msdos for a BIOS server, gpt for a UEFI one (tasks/lib/planning/layout.py)
     swap: str = "source"
     size: str = "auto"
     headroom_percent: int = 20

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.lib.paths import resolve_in_root
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.resources import LoopDevice, loop_device, mounted
 from tasks.lib.runner import P2VError
 

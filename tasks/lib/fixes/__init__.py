@@ -53,7 +53,7 @@ from tasks.lib.fixes.model import (
     describe,
 )
 from tasks.lib.fixes.network import decide_naming, fix_network
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import FixPolicy
 

@@ -23,7 +23,7 @@ from tasks.lib.formats.bls import parse_bls_entry
 from tasks.lib.formats.grub2 import expand_grub_vars
 from tasks.lib.formats.grubenv import parse_grubenv
 from tasks.lib.formats.shellvars import parse_shell_vars
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.source.model import Bootloader
 

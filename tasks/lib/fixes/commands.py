@@ -10,7 +10,7 @@ from typing import Any
 from tasks.lib.fixes.bootconfig import grub_legacy_partition
 from tasks.lib.fixes.model import Command, describe
 from tasks.lib.fixes.network import uses_systemd
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.source.model import SystemDescription
 from tasks.lib.spec import FixPolicy

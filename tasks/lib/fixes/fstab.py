@@ -16,7 +16,7 @@ import re
 
 from tasks.lib.fixes.model import Changes, TreeReader
 from tasks.lib.fstab import parse_fstab, source_kind
-from tasks.lib.plan import DiskPlan, FstabChange
+from tasks.lib.planning.model import DiskPlan, FstabChange
 
 FSTAB = "/etc/fstab"
 REMOVED_MARK = "# p2v removed"

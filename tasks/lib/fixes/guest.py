@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.lib.fixes.model import Changes, FileEdit, TreeReader
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.source.model import SystemDescription
 from tasks.lib.spec import FixPolicy
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from tasks.lib.fixes.model import VIRTIO_MODULES, Changes, TreeReader, describe
 from tasks.lib.fixes.text import set_shell_var, with_newline
-from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.source.kernels import version_key
 from tasks.lib.source.model import Kernel, SystemDescription
