@@ -18,14 +18,16 @@ from typing import Any
 
 from tasks.lib.fixes.cmdline import CmdlineTarget, rewrite_args
 from tasks.lib.fixes.model import Changes, TreeReader
-from tasks.lib.fixes.text import set_shell_var, with_newline
-from tasks.lib.formats.bls import parse_bls_entry
-from tasks.lib.formats.grub2 import expand_grub_vars
-from tasks.lib.formats.grubenv import parse_grubenv
-from tasks.lib.formats.shellvars import parse_shell_vars
+from tasks.lib.formats.bls import edit_bls_entry, parse_bls_entry
+from tasks.lib.formats.grub2 import expand_grub_vars, rewrite_efi_stub
+from tasks.lib.formats.grub_defaults import mkconfig_args, parse_grub_defaults, set_grub_default
+from tasks.lib.formats.grub_legacy import edit_grub_legacy, legacy_cmdline
+from tasks.lib.formats.grubenv import GrubenvFull, parse_grubenv, set_grubenv_value
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.source.model import Bootloader
+
+__all__ = ["legacy_cmdline", "rewrite_efi_stub"]  # their old home
 
 STEP = "bootloader-config"
 DEFAULT_GRUB = "/etc/default/grub"
@@ -69,50 +71,39 @@ def _serial_unit(command: str) -> int:
 
 
 def rewrite_default_grub(text: str, target: CmdlineTarget) -> str:
-    values = parse_shell_vars(text)[0]
-    new = set_shell_var(text, "GRUB_CMDLINE_LINUX", " ".join(
+    values = parse_grub_defaults(text)
+    new = set_grub_default(text, "GRUB_CMDLINE_LINUX", " ".join(
         rewrite_args(values.get("GRUB_CMDLINE_LINUX", "").split(), target, primary=True, set_root=False)))
     if "GRUB_CMDLINE_LINUX_DEFAULT" in values:
-        new = set_shell_var(new, "GRUB_CMDLINE_LINUX_DEFAULT", " ".join(
+        new = set_grub_default(new, "GRUB_CMDLINE_LINUX_DEFAULT", " ".join(
             rewrite_args(values["GRUB_CMDLINE_LINUX_DEFAULT"].split(), target, primary=False, set_root=False)))
     # GRUB_TERMINAL overrides GRUB_TERMINAL_INPUT/OUTPUT in grub-mkconfig.
     if not {"console", "serial"} <= set(values.get("GRUB_TERMINAL", "").split()):
-        new = set_shell_var(new, "GRUB_TERMINAL", "console serial")
+        new = set_grub_default(new, "GRUB_TERMINAL", "console serial")
     if "GRUB_SERIAL_COMMAND" not in values or _serial_unit(values["GRUB_SERIAL_COMMAND"]) != 0:
-        new = set_shell_var(new, "GRUB_SERIAL_COMMAND", GRUB_SERIAL_COMMAND)
+        new = set_grub_default(new, "GRUB_SERIAL_COMMAND", GRUB_SERIAL_COMMAND)
     if values.get("GRUB_DISABLE_LINUX_UUID") == "true":
-        new = set_shell_var(new, "GRUB_DISABLE_LINUX_UUID", "false")
+        new = set_grub_default(new, "GRUB_DISABLE_LINUX_UUID", "false")
     return new
 
 
 def mkconfig_cmdline(default_grub: str, target: CmdlineTarget) -> tuple[str, ...]:
     """The arguments grub-mkconfig's 10_linux gives the normal entries."""
-    values = parse_shell_vars(default_grub)[0]
-    return (f"root={target.root}", "ro", *values.get("GRUB_CMDLINE_LINUX", "").split(),
-            *values.get("GRUB_CMDLINE_LINUX_DEFAULT", "").split())
+    return (f"root={target.root}", "ro", *mkconfig_args(default_grub))
 
 
 def rewrite_bls_entry(text: str, target: CmdlineTarget, boot_moved: bool,
                       inline_kernelopts: tuple[str, ...] | None = None) -> str:
     """`inline_kernelopts`: grubenv's kernelopts, to write in place of `$kernelopts`
     where grubenv cannot hold the new value (see GrubenvOverflow)."""
-    out: list[str] = []
-    for line in text.splitlines():
-        indent = line[: len(line) - len(line.lstrip())]
-        keyword, _, rest = line.strip().partition(" ")
-        if keyword == "options":
-            words = rest.split()
-            if inline_kernelopts is not None and "$kernelopts" in words:
-                at = words.index("$kernelopts")
-                words[at:at + 1] = inline_kernelopts
-            from_env = "$kernelopts" in words  # RHEL 8: the arguments live in grubenv
-            words = list(rewrite_args(words, target, primary=not from_env, set_root=not from_env))
-            line = f"{indent}options {' '.join(words)}"
-        elif keyword in ("linux", "initrd") and boot_moved:
-            line = f"{indent}{keyword} " + " ".join(_boot_path(w, boot_moved) for w in rest.split())
-        out.append(line)
-    new = with_newline(out)
-    return text if new.rstrip("\n") == text.rstrip("\n") else new
+    def options(words: list[str]) -> tuple[str, ...]:
+        if inline_kernelopts is not None and "$kernelopts" in words:
+            at = words.index("$kernelopts")
+            words[at:at + 1] = inline_kernelopts
+        from_env = "$kernelopts" in words  # RHEL 8: the arguments live in grubenv
+        return rewrite_args(words, target, primary=not from_env, set_root=not from_env)
+
+    return edit_bls_entry(text, options, (lambda path: _boot_path(path, boot_moved)) if boot_moved else None)
 
 
 class GrubenvOverflow(Exception):
@@ -135,14 +126,11 @@ def rewrite_grubenv(text: str, target: CmdlineTarget) -> str | None:
     values = parse_grubenv(text)
     if "kernelopts" not in values:
         return None
-    size = len(text.encode())
     args = rewrite_args(values["kernelopts"].split(), target, primary=True, set_root=True)
-    body = text.rstrip("#")  # the padding: every '#' after the last newline
-    lines = [f"kernelopts={' '.join(args)}" if line.startswith("kernelopts=") else line for line in body.split("\n")]
-    new = "\n".join(lines)
-    if len(new.encode()) > size:
-        raise GrubenvOverflow(len(new.encode()), size, tuple(values["kernelopts"].split()))
-    return new + "#" * (size - len(new.encode()))
+    try:
+        return set_grubenv_value(text, "kernelopts", " ".join(args))
+    except GrubenvFull as full:
+        raise GrubenvOverflow(full.needed, full.size, tuple(values["kernelopts"].split())) from full
 
 
 def _efi_stubs(bootloader: Bootloader) -> list[str]:
@@ -160,14 +148,6 @@ def uuid_map(layout: Mapping[str, Any], plan: DiskPlan) -> dict[str, str]:
         if old and new and old != new:
             mapping[old] = new
     return mapping
-
-
-def rewrite_efi_stub(text: str, uuids: Mapping[str, str], boot_moved: bool) -> str:
-    for old, new in uuids.items():
-        text = re.sub(re.escape(old), new, text, flags=re.IGNORECASE)
-    if boot_moved:
-        text = re.sub(r"\(\$dev\)/grub2?\b", lambda m: m.group(0).replace(")/", ")/boot/"), text)
-    return text
 
 
 def _fix_grub2(changes: Changes, tree: TreeReader, boot: Bootloader, target: CmdlineTarget, kernel: str,
@@ -233,54 +213,14 @@ def grub_legacy_partition(plan: DiskPlan) -> int:
 
 
 def rewrite_grub_legacy(text: str, target: CmdlineTarget, partition: int, boot_moved: bool) -> str:
-    lines = text.splitlines()
-    out: list[str] = []
-    first_title = next((i for i, line in enumerate(lines) if re.match(r"^\s*title\b", line)), len(lines))
-    has_serial = any(re.match(r"^\s*serial\b", line) for line in lines[:first_title])
-    has_terminal = any(re.match(r"^\s*terminal\b", line) for line in lines[:first_title])
-    for index, line in enumerate(lines):
-        indent = line[: len(line) - len(line.lstrip())]
-        words = line.split()
-        keyword = words[0] if words else ""
-        if index == first_title:
-            if not has_serial:
-                out.append(LEGACY_SERIAL)
-            if not has_terminal:
-                out.append(LEGACY_TERMINAL)
-        if index < first_title and keyword == "serial":
-            line = LEGACY_SERIAL
-        elif index < first_title and keyword == "terminal":
-            line = LEGACY_TERMINAL
-        elif keyword.startswith("splashimage"):
-            # grub legacy shows its menu either as a splash image or on the
-            # serial line; the serial line is what OpenStack's console log shows.
-            line = f"#{line.lstrip()}"
-        elif keyword == "root" and len(words) > 1 and words[1].startswith("(hd"):
-            line = f"{indent}root (hd0,{partition})"
-        elif keyword == "kernel" and len(words) > 1:
-            head = [keyword]
-            rest = words[1:]
-            while rest and rest[0].startswith("--"):
-                head.append(rest.pop(0))
-            if rest:
-                head.append(_boot_path(rest.pop(0), boot_moved))
-            args = rewrite_args(rest, target, primary=True, set_root=True)
-            line = indent + " ".join([*head, *args])
-        elif keyword == "initrd" and len(words) > 1:
-            line = indent + " ".join([keyword, _boot_path(words[1], boot_moved), *words[2:]])
-        out.append(line)
-    new = with_newline(out)
-    return text if new.rstrip("\n") == text.rstrip("\n") else new
-
-
-def legacy_cmdline(text: str, kernel: str) -> tuple[str, ...]:
-    for line in text.splitlines():
-        words = line.split()
-        if words and words[0] == "kernel":
-            rest = [w for w in words[1:] if not w.startswith("--")]
-            if rest and rest[0].endswith(f"vmlinuz-{kernel}"):
-                return tuple(rest[1:])
-    return ()
+    return edit_grub_legacy(
+        text,
+        serial=LEGACY_SERIAL,
+        terminal=LEGACY_TERMINAL,
+        partition=partition,
+        kernel_args=lambda args: rewrite_args(args, target, primary=True, set_root=True),
+        boot_path=lambda path: _boot_path(path, boot_moved),
+    )
 
 
 # ---------------------------------------------------------------- the step

@@ -12,39 +12,13 @@ layout where the new values fit.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from tasks.lib.fixes.model import Changes, TreeReader
-from tasks.lib.fstab import parse_fstab, source_kind
+from tasks.lib.formats.fstab import parse_fstab, rewrite_fields, source_kind
 from tasks.lib.planning.model import DiskPlan, FstabChange
 
 FSTAB = "/etc/fstab"
 REMOVED_MARK = "# p2v removed"
-
-
-_DEFAULT_FIELDS = ("", "", "auto", "defaults", "0", "0")
-
-
-def _rewrite_fields(line: str, values: dict[int, str]) -> str:
-    """Replace fields by index (0 = spec), keeping the original spacing where the new value fits."""
-    indent = line[: len(line) - len(line.lstrip())]
-    parts = re.findall(r"(\S+)(\s*)", line.strip())
-    fields = [field for field, _ in parts]
-    gaps = [gap for _, gap in parts]
-    while len(fields) < max(values) + 1:
-        fields.append(_DEFAULT_FIELDS[len(fields)])
-        gaps.append("")
-    out = indent
-    for index, (old, gap) in enumerate(zip(fields, gaps, strict=True)):
-        new = values.get(index, old)
-        if index == len(fields) - 1:
-            gap = ""
-        elif new != old and len(gap) > 1 and "\t" not in gap:  # aligned columns stay aligned
-            gap = " " * max(1, len(old) + len(gap) - len(new))
-        else:
-            gap = gap or " "
-        out += new + gap
-    return out
 
 
 def _changed_line(line: str, change: FstabChange) -> str:
@@ -54,7 +28,7 @@ def _changed_line(line: str, change: FstabChange) -> str:
     values = {0: change.new_spec, 2: change.new_vfstype, 3: ",".join(change.new_options) or "defaults"}
     if change.new_passno is not None:
         values[5] = str(change.new_passno)
-    return _rewrite_fields(line, values)
+    return rewrite_fields(line, values)
 
 
 def _entry_file(line: str) -> str | None:

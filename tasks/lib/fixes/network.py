@@ -24,14 +24,19 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import yaml
-
 from tasks.lib.fixes.model import Changes, TreeReader
-from tasks.lib.fixes.text import remove_shell_var, with_newline
-from tasks.lib.formats.netfields import normalize_mac
-from tasks.lib.formats.netplan import parse_netplan_yaml
+from tasks.lib.formats.ifcfg import drop_ifcfg_macs
+from tasks.lib.formats.ifupdown import drop_hwaddress
+from tasks.lib.formats.netplan import drop_netplan_macs
+from tasks.lib.formats.networkd import drop_networkd_macs
+from tasks.lib.formats.nm_keyfile import drop_keyfile_macs
+from tasks.lib.formats.shellvars import remove_shell_var
+from tasks.lib.formats.udev import drop_udev_rules
 from tasks.lib.source.model import MacBinding, NetworkConfig, SystemDescription
 from tasks.lib.spec import FixPolicy
+
+__all__ = ["drop_hwaddress", "drop_ifcfg_macs", "drop_keyfile_macs", "drop_netplan_macs", "drop_networkd_macs",
+           "drop_udev_rules"]  # their old home: tests import them from here
 
 KERNEL_STYLE = re.compile(r"^eth\d+$")
 SCRIPTS = "/etc/sysconfig/network-scripts"
@@ -96,174 +101,7 @@ def decide_naming(tree: TreeReader, system: SystemDescription, policy: FixPolicy
 
 
 # ---------------------------------------------------------------- MAC bindings, one format each
-
-
-def drop_ifcfg_macs(text: str) -> str:
-    return remove_shell_var(remove_shell_var(text, "HWADDR"), "MACADDR")
-
-
-_UDEV_ADDRESS = re.compile(r'ATTRS?\{address\}\s*==\s*"([^"]*)"')
-
-
-def drop_udev_rules(text: str, macs: set[str]) -> str | None:
-    """The rules without those that match `macs`; None when no rule is left (delete the file)."""
-    lines = text.splitlines()
-    kept: list[str] = []
-    for line in lines:
-        found = _UDEV_ADDRESS.search(line)
-        if found and not line.lstrip().startswith("#") and normalize_mac(found.group(1)) in macs:
-            if kept and kept[-1].startswith("# PCI device"):
-                kept.pop()  # write_net_rules' comment for the rule
-            continue
-        kept.append(line)
-    if not any(line.strip() and not line.lstrip().startswith("#") for line in kept):
-        return None
-    return text if len(kept) == len(lines) else with_newline(kept)
-
-
-_KEYFILE_MAC = re.compile(r"^\s*(?:cloned-)?mac-address\s*=\s*(.*)$")
-
-
-def drop_keyfile_macs(text: str) -> str:
-    """NetworkManager keyfile: mac-address / cloned-mac-address that name a MAC (not 'preserve' etc.)."""
-    lines = text.splitlines()
-    kept = [line for line in lines if not ((m := _KEYFILE_MAC.match(line)) and normalize_mac(m.group(1)))]
-    return text if len(kept) == len(lines) else with_newline(kept)
-
-
-_HWADDRESS = re.compile(r"^\s*hwaddress\s+(?:ether\s+)?(\S+)\s*$")
-
-
-def drop_hwaddress(text: str, macs: set[str]) -> str:
-    lines = text.splitlines()
-    kept = [line for line in lines if not ((m := _HWADDRESS.match(line)) and normalize_mac(m.group(1)) in macs)]
-    return text if len(kept) == len(lines) else with_newline(kept)
-
-
-_INI_SECTION = re.compile(r"^\s*\[([^\]]+)\]\s*$")
-_INI_KEY = re.compile(r"^\s*([A-Za-z]+)\s*=")
-
-
-def drop_networkd_macs(text: str, is_link: bool, name: str | None) -> tuple[str | None, str | None]:
-    """A networkd .network/.netdev or udev .link file without MACs: (text or None to delete, finding).
-
-    A [Match] on MACAddress becomes a [Match] on Name= (the interface the
-    binding named). A .link file that matched only by MAC existed to name
-    that NIC: it goes, and `decide_naming` takes over its job.
-    """
-    lines = text.splitlines()
-    section = ""
-    match_keys: list[str] = []
-    has_name = False
-    for line in lines:
-        header = _INI_SECTION.match(line)
-        if header:
-            section = header.group(1).strip()
-            continue
-        found = _INI_KEY.match(line)
-        if found and section == "Match":
-            match_keys.append(found.group(1))
-            has_name = has_name or found.group(1) == "Name"
-    mac_keys = {"MACAddress", "PermanentMACAddress"}
-    if is_link and match_keys and set(match_keys) <= mac_keys:
-        return None, None
-    finding = None
-    out: list[str] = []
-    section = ""
-    for line in lines:
-        header = _INI_SECTION.match(line)
-        if header:
-            section = header.group(1).strip()
-        found = _INI_KEY.match(line)
-        key = found.group(1) if found else None
-        if key in mac_keys and section == "Match":
-            if not has_name and not is_link and set(match_keys) <= mac_keys:
-                if name:
-                    out.append(f"Name={name}")
-                else:
-                    out.append("Type=ether")
-                    finding = "matched its NIC by MAC only and names none: it now applies to every Ethernet NIC"
-                has_name = True
-            continue
-        if key == "MACAddress" and section in ("Link", "NetDev"):
-            continue
-        out.append(line)
-    return (text if out == lines else with_newline(out)), finding
-
-
-class _TextDumper(yaml.SafeDumper):
-    """Writes every scalar as the text it is: netplan reads scalars as strings (see parse_netplan_yaml)."""
-
-
-_TextDumper.yaml_implicit_resolvers = {}
-
-_NETPLAN_SECTIONS = ("ethernets", "bonds", "bridges", "vlans", "wifis")
-
-
-def drop_netplan_macs(text: str) -> tuple[str, list[str]]:
-    """netplan without MACs: (new text, findings); the text is unchanged when there is none.
-
-    `match: {macaddress: M}` with `set-name: N` becomes the plain id N (netplan
-    configures the interface of that name), and every reference to the old id
-    (bond and bridge members, VLAN links) follows. Without set-name the id
-    keeps configuring whatever interface has its name, which a finding says.
-    """
-    document, problems = parse_netplan_yaml(text)
-    if document is None:
-        return text, [f"not rewritten: {p}" for p in problems]
-    network = document.get("network")
-    if not isinstance(network, dict):
-        return text, []
-    findings: list[str] = []
-    renames: dict[str, str] = {}
-    changed = False
-    for section in _NETPLAN_SECTIONS:
-        configs = network.get(section)
-        if not isinstance(configs, dict):
-            continue
-        for ident, config in configs.items():
-            if not isinstance(config, dict):
-                continue
-            if "macaddress" in config:
-                del config["macaddress"]
-                changed = True
-            match = config.get("match")
-            if not (isinstance(match, dict) and "macaddress" in match):
-                continue
-            del match["macaddress"]
-            changed = True
-            if match:
-                continue  # still matched by driver or name: set-name stays valid
-            del config["match"]
-            new_name = config.pop("set-name", None)
-            if isinstance(new_name, str) and new_name != ident:
-                if new_name in configs:
-                    findings.append(f"{ident}: set-name {new_name} is also an id; left under the id {ident}")
-                else:
-                    renames[ident] = new_name
-            elif new_name is None:
-                findings.append(f"{ident} matched its NIC by MAC without set-name: it now configures the "
-                                f"interface named {ident}")
-        if renames:
-            network[section] = {renames.get(k, k): v for k, v in configs.items()}
-    if not changed:
-        return text, findings
-    for section in _NETPLAN_SECTIONS:
-        for config in (network.get(section) or {}).values():
-            if not isinstance(config, dict):
-                continue
-            if isinstance(config.get("interfaces"), list):
-                config["interfaces"] = [renames.get(m, m) for m in config["interfaces"]]
-            if isinstance(config.get("link"), str):
-                config["link"] = renames.get(config["link"], config["link"])
-    head = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        head.append(line)
-    head.append("# p2v: MAC matches removed for the virtio NICs of OpenStack")
-    body = yaml.dump(document, Dumper=_TextDumper, default_flow_style=False, sort_keys=False, indent=2)
-    return with_newline(head) + body, findings
+# Each format's module removes its own bindings; this step picks the module per file.
 
 
 def _remove_bindings(changes: Changes, tree: TreeReader, network: NetworkConfig, naming: Naming,

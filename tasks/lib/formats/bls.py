@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
+from tasks.lib.formats.lines import with_newline
 from tasks.lib.source.model import BootEntry, kver_from_kernel_path
 
 
@@ -34,3 +39,23 @@ def bls_entry(text: str, source: str) -> BootEntry:
         grub_root=None,
         source=source,
     )
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def edit_bls_entry(text: str, options: Callable[[list[str]], Sequence[str]],
+                   path: Callable[[str], str] | None = None) -> str:
+    """The entry with every `options` line's words mapped by `options`, and, given `path`, every word of
+    the `linux` and `initrd` lines; indentation kept, and the text unchanged when nothing changes."""
+    out: list[str] = []
+    for line in text.splitlines():
+        indent = line[: len(line) - len(line.lstrip())]
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword == "options":
+            line = f"{indent}options {' '.join(options(rest.split()))}"
+        elif keyword in ("linux", "initrd") and path is not None:
+            line = f"{indent}{keyword} " + " ".join(path(w) for w in rest.split())
+        out.append(line)
+    new = with_newline(out)
+    return text if new.rstrip("\n") == text.rstrip("\n") else new

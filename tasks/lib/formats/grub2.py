@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
 from tasks.lib.source.model import BootEntry, kver_from_kernel_path
 
 
@@ -160,3 +162,16 @@ class _Grub2Reader:
             ),
             self.problems,
         )
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def rewrite_efi_stub(text: str, uuids: Mapping[str, str], boot_moved: bool) -> str:
+    """An EFI stub grub.cfg that finds /boot by filesystem UUID: the old UUIDs replaced by the new,
+    and `($dev)/grub2` under /boot when /boot became part of /."""
+    for old, new in uuids.items():
+        text = re.sub(re.escape(old), new, text, flags=re.IGNORECASE)
+    if boot_moved:
+        text = re.sub(r"\(\$dev\)/grub2?\b", lambda m: m.group(0).replace(")/", ")/boot/"), text)
+    return text

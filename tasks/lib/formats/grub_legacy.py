@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
+from tasks.lib.formats.lines import with_newline
 from tasks.lib.source.model import BootEntry, kver_from_kernel_path
 
 
@@ -67,3 +71,61 @@ def parse_grub_legacy(text: str, source: str) -> tuple[GrubLegacyConfig, list[st
             current["root"] = rest
     close()
     return GrubLegacyConfig(default=default, entries=tuple(entries)), problems
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def edit_grub_legacy(text: str, *, serial: str, terminal: str, partition: int,
+                     kernel_args: Callable[[list[str]], Sequence[str]], boot_path: Callable[[str], str]) -> str:
+    """grub.conf with the global `serial` and `terminal` lines (added before the first title when
+    missing), the splash image commented out, every `root (hdX,Y)` on `partition` of the first disk,
+    and each kernel's arguments and kernel/initrd paths mapped; the text unchanged when nothing changes."""
+    lines = text.splitlines()
+    out: list[str] = []
+    first_title = next((i for i, line in enumerate(lines) if re.match(r"^\s*title\b", line)), len(lines))
+    has_serial = any(re.match(r"^\s*serial\b", line) for line in lines[:first_title])
+    has_terminal = any(re.match(r"^\s*terminal\b", line) for line in lines[:first_title])
+    for index, line in enumerate(lines):
+        indent = line[: len(line) - len(line.lstrip())]
+        words = line.split()
+        keyword = words[0] if words else ""
+        if index == first_title:
+            if not has_serial:
+                out.append(serial)
+            if not has_terminal:
+                out.append(terminal)
+        if index < first_title and keyword == "serial":
+            line = serial
+        elif index < first_title and keyword == "terminal":
+            line = terminal
+        elif keyword.startswith("splashimage"):
+            # grub legacy shows its menu either as a splash image or on the
+            # serial line; the serial line is what OpenStack's console log shows.
+            line = f"#{line.lstrip()}"
+        elif keyword == "root" and len(words) > 1 and words[1].startswith("(hd"):
+            line = f"{indent}root (hd0,{partition})"
+        elif keyword == "kernel" and len(words) > 1:
+            head = [keyword]
+            rest = words[1:]
+            while rest and rest[0].startswith("--"):
+                head.append(rest.pop(0))
+            if rest:
+                head.append(boot_path(rest.pop(0)))
+            line = indent + " ".join([*head, *kernel_args(rest)])
+        elif keyword == "initrd" and len(words) > 1:
+            line = indent + " ".join([keyword, boot_path(words[1]), *words[2:]])
+        out.append(line)
+    new = with_newline(out)
+    return text if new.rstrip("\n") == text.rstrip("\n") else new
+
+
+def legacy_cmdline(text: str, kernel: str) -> tuple[str, ...]:
+    """The arguments of the kernel line that boots vmlinuz-`kernel`; () when none does."""
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0] == "kernel":
+            rest = [w for w in words[1:] if not w.startswith("--")]
+            if rest and rest[0].endswith(f"vmlinuz-{kernel}"):
+                return tuple(rest[1:])
+    return ()

@@ -16,7 +16,9 @@ from tasks.lib.formats.netfields import (
     parse_ip_route_words,
     set_vlan_from_name,
 )
-from tasks.lib.formats.shellvars import parse_shell_vars
+from tasks.lib.formats.shellvars import load as load
+from tasks.lib.formats.shellvars import parse_shell_vars, remove_shell_var
+from tasks.lib.formats.shellvars import render as render
 from tasks.lib.source.model import BindingAction, BindingKind, Interface, MacBinding, Route
 
 IGNORED_SUFFIXES = ("~", ".bak", ".old", ".orig", ".rpmnew", ".rpmorig", ".rpmsave", ".swp", ".dpkg-old", ".dpkg-dist")
@@ -124,3 +126,10 @@ def parse_route_file(text: str) -> tuple[list[Route], list[str]]:
         else:
             routes.append(route)
     return routes, problems
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def drop_ifcfg_macs(text: str) -> str:
+    return remove_shell_var(remove_shell_var(text, "HWADDR"), "MACADDR")

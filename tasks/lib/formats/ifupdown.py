@@ -6,6 +6,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
+from tasks.lib.formats.lines import with_newline
 from tasks.lib.formats.netfields import (
     InterfaceDraft,
     cidr,
@@ -167,3 +170,15 @@ def _set_kind(draft: InterfaceDraft, options: Mapping[str, str], stanza: Ifupdow
         if options.get("vlan-id", "").isdigit():
             draft.vlan_id = int(options["vlan-id"])
         set_vlan_from_name(draft)
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+_HWADDRESS = re.compile(r"^\s*hwaddress\s+(?:ether\s+)?(\S+)\s*$")
+
+
+def drop_hwaddress(text: str, macs: set[str]) -> str:
+    lines = text.splitlines()
+    kept = [line for line in lines if not ((m := _HWADDRESS.match(line)) and normalize_mac(m.group(1)) in macs)]
+    return text if len(kept) == len(lines) else with_newline(kept)

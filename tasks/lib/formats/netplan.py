@@ -7,6 +7,9 @@ from typing import Any
 
 import yaml
 
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
+from tasks.lib.formats.lines import with_newline
 from tasks.lib.formats.netfields import InterfaceDraft, normalize_destination, normalize_mac, parse_bool
 from tasks.lib.source.model import Interface, InterfaceKind, MacBinding, Route
 
@@ -148,3 +151,81 @@ def netplan_interfaces(document: Mapping[str, Any], files: Mapping[str, str]) ->
             if member in by_name:
                 by_name[member].master = draft.name
     return [d.freeze() for d in drafts], problems
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+class _TextDumper(yaml.SafeDumper):
+    """Writes every scalar as the text it is: netplan reads scalars as strings (see parse_netplan_yaml)."""
+
+
+_TextDumper.yaml_implicit_resolvers = {}
+
+_NETPLAN_SECTIONS = ("ethernets", "bonds", "bridges", "vlans", "wifis")
+
+
+def drop_netplan_macs(text: str) -> tuple[str, list[str]]:
+    """netplan without MACs: (new text, findings); the text is unchanged when there is none.
+
+    `match: {macaddress: M}` with `set-name: N` becomes the plain id N (netplan
+    configures the interface of that name), and every reference to the old id
+    (bond and bridge members, VLAN links) follows. Without set-name the id
+    keeps configuring whatever interface has its name, which a finding says.
+    """
+    document, problems = parse_netplan_yaml(text)
+    if document is None:
+        return text, [f"not rewritten: {p}" for p in problems]
+    network = document.get("network")
+    if not isinstance(network, dict):
+        return text, []
+    findings: list[str] = []
+    renames: dict[str, str] = {}
+    changed = False
+    for section in _NETPLAN_SECTIONS:
+        configs = network.get(section)
+        if not isinstance(configs, dict):
+            continue
+        for ident, config in configs.items():
+            if not isinstance(config, dict):
+                continue
+            if "macaddress" in config:
+                del config["macaddress"]
+                changed = True
+            match = config.get("match")
+            if not (isinstance(match, dict) and "macaddress" in match):
+                continue
+            del match["macaddress"]
+            changed = True
+            if match:
+                continue  # still matched by driver or name: set-name stays valid
+            del config["match"]
+            new_name = config.pop("set-name", None)
+            if isinstance(new_name, str) and new_name != ident:
+                if new_name in configs:
+                    findings.append(f"{ident}: set-name {new_name} is also an id; left under the id {ident}")
+                else:
+                    renames[ident] = new_name
+            elif new_name is None:
+                findings.append(f"{ident} matched its NIC by MAC without set-name: it now configures the "
+                                f"interface named {ident}")
+        if renames:
+            network[section] = {renames.get(k, k): v for k, v in configs.items()}
+    if not changed:
+        return text, findings
+    for section in _NETPLAN_SECTIONS:
+        for config in (network.get(section) or {}).values():
+            if not isinstance(config, dict):
+                continue
+            if isinstance(config.get("interfaces"), list):
+                config["interfaces"] = [renames.get(m, m) for m in config["interfaces"]]
+            if isinstance(config.get("link"), str):
+                config["link"] = renames.get(config["link"], config["link"])
+    head = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        head.append(line)
+    head.append("# p2v: MAC matches removed for the virtio NICs of OpenStack")
+    body = yaml.dump(document, Dumper=_TextDumper, default_flow_style=False, sort_keys=False, indent=2)
+    return with_newline(head) + body, findings

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import typing
 
 from tasks.lib.formats.ini import parse_ini
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
+from tasks.lib.formats.lines import with_newline
 from tasks.lib.formats.netfields import InterfaceDraft, normalize_destination, normalize_mac
 from tasks.lib.source.model import BindingKind, InterfaceKind, MacBinding, Route
 
@@ -86,3 +90,57 @@ def parse_networkd(text: str, path: str) -> tuple[InterfaceDraft | None, list[Ma
         )
     draft.carried_vlans = [n for v in get("Network", "VLAN") for n in v.split()]
     return draft, bindings, problems
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+_INI_SECTION = re.compile(r"^\s*\[([^\]]+)\]\s*$")
+_INI_KEY = re.compile(r"^\s*([A-Za-z]+)\s*=")
+
+
+def drop_networkd_macs(text: str, is_link: bool, name: str | None) -> tuple[str | None, str | None]:
+    """A networkd .network/.netdev or udev .link file without MACs: (text or None to delete, finding).
+
+    A [Match] on MACAddress becomes a [Match] on Name= (the interface the
+    binding named). A .link file that matched only by MAC existed to name
+    that NIC: it goes, and `decide_naming` takes over its job.
+    """
+    lines = text.splitlines()
+    section = ""
+    match_keys: list[str] = []
+    has_name = False
+    for line in lines:
+        header = _INI_SECTION.match(line)
+        if header:
+            section = header.group(1).strip()
+            continue
+        found = _INI_KEY.match(line)
+        if found and section == "Match":
+            match_keys.append(found.group(1))
+            has_name = has_name or found.group(1) == "Name"
+    mac_keys = {"MACAddress", "PermanentMACAddress"}
+    if is_link and match_keys and set(match_keys) <= mac_keys:
+        return None, None
+    finding = None
+    out: list[str] = []
+    section = ""
+    for line in lines:
+        header = _INI_SECTION.match(line)
+        if header:
+            section = header.group(1).strip()
+        found = _INI_KEY.match(line)
+        key = found.group(1) if found else None
+        if key in mac_keys and section == "Match":
+            if not has_name and not is_link and set(match_keys) <= mac_keys:
+                if name:
+                    out.append(f"Name={name}")
+                else:
+                    out.append("Type=ether")
+                    finding = "matched its NIC by MAC only and names none: it now applies to every Ethernet NIC"
+                has_name = True
+            continue
+        if key == "MACAddress" and section in ("Link", "NetDev"):
+            continue
+        out.append(line)
+    return (text if out == lines else with_newline(out)), finding

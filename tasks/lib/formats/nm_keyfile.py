@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tasks.lib.formats.ini import parse_ini
+from tasks.lib.formats.lines import load as load
+from tasks.lib.formats.lines import render as render
+from tasks.lib.formats.lines import with_newline
 from tasks.lib.formats.netfields import (
     InterfaceDraft,
     normalize_destination,
@@ -146,3 +149,16 @@ def parse_nm_keyfile(text: str, path: str) -> tuple[NMProfile | None, list[str]]
                 )
             )
     return NMProfile(draft, connection.get("uuid"), tuple(bindings)), problems
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+_KEYFILE_MAC = re.compile(r"^\s*(?:cloned-)?mac-address\s*=\s*(.*)$")
+
+
+def drop_keyfile_macs(text: str) -> str:
+    """NetworkManager keyfile: mac-address / cloned-mac-address that name a MAC (not 'preserve' etc.)."""
+    lines = text.splitlines()
+    kept = [line for line in lines if not ((m := _KEYFILE_MAC.match(line)) and normalize_mac(m.group(1)))]
+    return text if len(kept) == len(lines) else with_newline(kept)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 import shlex
 
+from tasks.lib.formats.lines import TextLines, load, render, with_newline
+
+__all__ = ["TextLines", "load", "parse_shell_vars", "remove_shell_var", "render", "set_shell_var", "shell_quote",
+           "with_newline"]
+
 _ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(\+?)=(.*)$")
 
 
@@ -33,3 +38,45 @@ def parse_shell_vars(text: str) -> tuple[dict[str, str], list[str]]:
         value = " ".join(words)
         values[key] = values.get(key, "") + value if append else value
     return values, problems
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def _assignment(name: str) -> re.Pattern[str]:
+    return re.compile(rf"^\s*(?:export\s+)?{re.escape(name)}\+?=")
+
+
+def shell_quote(value: str) -> str:
+    """Double quotes, as distributions write /etc/default/grub and ifcfg values."""
+    escaped = re.sub(r'(["\\$`])', r"\\\1", value)
+    return f'"{escaped}"'
+
+
+def set_shell_var(text: str, name: str, value: str) -> str:
+    """`name` set to `value`: the first assignment replaced, later ones dropped, or appended.
+
+    A variable that already has the value is left exactly as written.
+    """
+    if parse_shell_vars(text)[0].get(name) == value:
+        return text
+    pattern = _assignment(name)
+    out: list[str] = []
+    done = False
+    for line in text.splitlines():
+        if pattern.match(line):
+            if not done:
+                out.append(f"{name}={shell_quote(value)}")
+                done = True
+            continue
+        out.append(line)
+    if not done:
+        out.append(f"{name}={shell_quote(value)}")
+    return with_newline(out)
+
+
+def remove_shell_var(text: str, name: str) -> str:
+    pattern = _assignment(name)
+    lines = text.splitlines()
+    kept = [line for line in lines if not pattern.match(line)]
+    return text if len(kept) == len(lines) else with_newline(kept)
