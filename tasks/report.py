@@ -88,7 +88,8 @@ def plan_page(host: str, layout: Mapping[str, Any], plan: DiskPlan, sync: Mappin
         target_disk=render_plan(plan).rstrip("\n"),
         copy=_copy_lines(sync),
         fix=(
-            f"kernel {fix.get('kernel')}, command line: `{' '.join(fix.get('kernel_cmdline', []))}`",
+            (f"kernel {fix['kernel']}" if fix.get("kernel") else "kernel: not recorded in the fix receipt")
+            + f", command line: `{' '.join(fix.get('kernel_cmdline', []))}`",
             f"packages: {', '.join(fix.get('installed_packages', [])) or 'none'}",
             f"swap: {swap_summary(plan)}",
             f"inode flags set last: {_restored_flags(fix)}",
@@ -121,7 +122,9 @@ def _copy_lines(sync: Mapping[str, Any]) -> tuple[str, ...]:
     copy = sync.get("copy", {})
     return (
         f"{copy.get('files', '?')} entries, {_mib(int(copy.get('bytes', 0)))}, in {sync.get('seconds', '?')} s; "
-        f"manifest of both trees equal (digest `{str(copy.get('manifest_digest', ''))[:16]}`)",
+        + (f"manifest of both trees equal (digest `{str(copy['manifest_digest'])[:16]}`)"
+           if copy.get("manifest_digest") else
+           "the sync receipt records no manifest digest, so this report cannot say the trees were compared"),
         *(f"journal replayed: {fs['device']} ({fs['mountpoint']}, {fs['fstype']}) was not shut down cleanly; it "
           "was copied and verified from a throw-away overlay in which the kernel replayed its journal (the source "
           "was not written)" for fs in copy.get("journal_replayed", [])),
