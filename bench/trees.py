@@ -40,6 +40,7 @@ class Tree:
     root: Path  # the tree, mounted read-only
     mountpoints: tuple[str, ...]  # its filesystems, parents first
     filesystems: tuple[tuple[str, str, int], ...]  # (mountpoint, fstype, size) to build a target like it
+    run_dir: Path | None = None  # where p2v mounted it (a fixture's), for leftover checks
 
 
 def fixture_mounts(server: FixtureServer) -> list[dict[str, Any]]:
@@ -57,19 +58,41 @@ def fixture_mounts(server: FixtureServer) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def fixture_tree(name: str) -> Iterator[Tree]:
+def fixture_tree(name: str, directory: Path | None = None) -> Iterator[Tree]:
+    """With `directory`: the spec, and hard links to the cached images, go there, so that the
+    loop devices name files of this caller's only (a test checks them while others run)."""
     server = build_server(name)
     mounts = fixture_mounts(server)
-    with tempfile.TemporaryDirectory(prefix="p2v-tree-spec-") as scratch:
-        spec_dir = Path(scratch) / "specs"
-        spec_dir.mkdir()
-        images = "".join(f"    - {disk}\n" for disk in server.disks)
-        (spec_dir / f"{name}.yaml").write_text(f"source:\n  images:\n{images}")
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="p2v-tree-spec-")))
+            images = list(server.disks)
+        else:
+            images = [_own_link(disk, directory / "images" / str(index)) for index, disk in enumerate(server.disks)]
+            links = [image for image in images if image.is_relative_to(directory)]  # never a cached image
+            stack.callback(lambda: [link.unlink(missing_ok=True) for link in links])
+        spec_dir = directory / "specs"
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        listed = "".join(f"    - {image}\n" for image in images)
+        (spec_dir / f"{name}.yaml").write_text(f"source:\n  images:\n{listed}workdir: {directory / 'work'}\n")
         (spec,) = load_specs(spec_dir)
         with storage.attached_source(spec.source) as (_disks, devices), \
                 inspect.mounted_tree(spec, mounts, devices) as root:
             yield Tree(name=name, root=root, mountpoints=tuple(m["mountpoint"] for m in mounts),
-                       filesystems=tuple((m["mountpoint"], m["fstype"], m["size"]) for m in mounts))
+                       filesystems=tuple((m["mountpoint"], m["fstype"], m["size"]) for m in mounts),
+                       run_dir=spec.run_dir)
+
+
+def _own_link(image: Path, directory: Path) -> Path:
+    """A hard link to `image` in `directory`; the image itself where the cache is on another filesystem."""
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / image.name
+    link.unlink(missing_ok=True)
+    try:
+        os.link(image, link)
+    except OSError:
+        return image
+    return link
 
 
 def make_filesystem(image: Path, fstype: str, size: int) -> None:

@@ -13,9 +13,9 @@ stay mounted or attached.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -32,13 +32,11 @@ from tasks.lib.fixes import GRUB_PC_INSTALL_DEVICES, VIRTIO_BOOT_DISK
 from tasks.lib.machine import boot_machine
 from tasks.lib.manifest import build_manifest
 from tasks.lib.plan import DiskPlan
-from tasks.lib.resources import RUN_DIR, chroot_binds, host_run_dir, loop_device, mounted
-from tasks.lib.runner import chroot_run, run
 from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures.build import FixtureServer, build_server
 from tests.fixtures.cache import SERVERS_DIR, sha256
 from tests.fixtures.packages import ensure_package_dir
-from tests.integration.test_inspect import leftovers, make_spec
+from tests.integration.test_inspect import host_leftovers, make_spec, own_images
 from tests.integration.test_sync import image_tree
 
 # Converted all the way into Glance (with this disk format); the others stop at the report.
@@ -67,6 +65,11 @@ def host_of(name: str, layout: str) -> str:
     return name if layout == "flatten" else f"{name}-{layout}"
 
 
+def own_server(server: FixtureServer, directory: Path) -> FixtureServer:
+    """The fixture server with its disks as hard links in `directory` (own_images)."""
+    return dataclasses.replace(server, disks=tuple(own_images(server.disks, directory)))
+
+
 def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix: str = "",
                     image_format: str | None = None) -> Path:
     packages = ensure_package_dir(suite_of(server.name))
@@ -89,7 +92,9 @@ def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> Iterator[
     keep case reads the same disks as plain-bookworm, which one project refuses (two
     specs sharing a disk), so it is a second project, converted alongside."""
     root = tmp_path_factory.mktemp("convert-batch")
-    servers = {name: build_server(name) for name, _ in CASES}
+    # Hard links to the cached images: the loop devices p2v attaches name them, so the leftover check
+    # below sees this batch's only, whatever another test (or worker) attaches meanwhile.
+    servers = {name: own_server(build_server(name), root / "sources" / name) for name, _ in CASES}
     projects = {case: root / ("fleet" if case[1] == "flatten" else f"{case[0]}-{case[1]}") for case in CASES}
     for (name, layout), project in projects.items():
         conversion_spec(project, servers[name], layout, image_format=UPLOADED.get((name, layout)))
@@ -106,9 +111,9 @@ def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> Iterator[
                 for spec_dir, targets in runs.items()}
         results = {spec_dir: job.result() for spec_dir, job in jobs.items()}
     print(f"\n{len(CASES)} conversions in {len(runs)} projects: {time.monotonic() - started:.0f} s")
-    images = [*disks, *(projects[(n, lay)] / "work" / host_of(n, lay) / "disk.img" for n, lay in CASES)]
+    left = [line for project in sorted(set(projects.values())) for line in host_leftovers(project / "specs")]
     yield {"projects": projects, "servers": servers, "env": env, "services": openstack, "results": results,
-           "before": before, "after": {disk: sha256(disk) for disk in disks}, "leftovers": leftovers(images)}
+           "before": before, "after": {disk: sha256(disk) for disk in disks}, "leftovers": left}
     # The uploads are full-size copies in Glance's store; later modules do not need them.
     openstack.delete_all_images()
 
@@ -135,7 +140,7 @@ def test_batch_succeeded(batch: dict[str, Any]) -> None:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
-def _stamp(workdir: Path, name: str) -> dict[str, Any]:
+def read_stamp(workdir: Path, name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((workdir / name).read_text())
     return data
 
@@ -144,7 +149,7 @@ def test_conversion_verifies_from_scratch(converted: dict[str, Any]) -> None:
     result = converted["result"]
     if not (converted["workdir"] / "verified.stamp").exists():
         pytest.fail(f"{converted['host']}: no verified.stamp\n" + _failure_lines(result, converted["host"]))
-    verified = _stamp(converted["workdir"], "verified.stamp")
+    verified = read_stamp(converted["workdir"], "verified.stamp")
     assert not verified["skipped"]
     assert [c["name"] for c in verified["checks"] if not c["ok"]] == []
     names = {c["name"] for c in verified["checks"]}
@@ -153,7 +158,7 @@ def test_conversion_verifies_from_scratch(converted: dict[str, Any]) -> None:
 
 
 def test_guest_has_its_static_address_on_eth0_over_virtio(converted: dict[str, Any]) -> None:
-    verified = _stamp(converted["workdir"], "verified.stamp")
+    verified = read_stamp(converted["workdir"], "verified.stamp")
     checks = {c["name"]: c for c in verified["checks"]}
     source_iface = converted["server"].facts["network"]["interfaces"][0]
     assert source_iface["name"] == "eth0"
@@ -174,7 +179,7 @@ def test_guest_has_its_static_address_on_eth0_over_virtio(converted: dict[str, A
 
 def test_fix_receipt_and_report(converted: dict[str, Any]) -> None:
     workdir = converted["workdir"]
-    fixed = _stamp(workdir, "fixed.stamp")
+    fixed = read_stamp(workdir, "fixed.stamp")
     steps = {s["name"]: s for s in fixed["steps"]}
     assert steps["fstab"]["status"] == "changed"
     assert steps["initrd"]["status"] == "changed"
@@ -224,7 +229,7 @@ def test_convert_ends_with_an_active_image_whose_download_boots(converted: dict[
         pytest.skip("this case stops at the report")
     services, server, workdir = converted["services"], converted["server"], converted["workdir"]
     assert (workdir / "uploaded.stamp").exists(), _failure_lines(converted["result"], converted["host"])
-    stamp = _stamp(workdir, "uploaded.stamp")
+    stamp = read_stamp(workdir, "uploaded.stamp")
     image = dict(services.glance("p2v-admin").images.get(stamp["image"]["id"]))
     assert image["status"] == "active"
     assert image["disk_format"] == converted["image_format"]
@@ -290,196 +295,4 @@ def test_rerun_does_nothing_and_deleting_fixed_stamp_reruns_fix_and_verify_only(
     tree_after = _tree_without_times(workdir, converted["project"], "mnt-idem-2")
     changed = sorted(p for p in tree_before.keys() | tree_after.keys() if tree_before.get(p) != tree_after.get(p))
     assert changed == [], f"a second fix changed: {changed[:20]}"
-    assert leftovers([*converted["server"].disks, workdir / "disk.img"]) == []
-
-
-# ---------------------------------------------------------------- a broken fix fails verify, with the console
-
-
-def test_initrd_without_virtio_and_the_initrd_step_skipped_fails_verify(tmp_path: Path) -> None:
-    """A physical server's host-only initrd has no virtio; skip the step that fixes it and
-    verify must fail, quickly, with the serial console's tail in the error."""
-    server = build_server("plain-bullseye")
-    before = {image: sha256(image) for image in server.disks}
-    spec_dir = conversion_spec(tmp_path, server, "flatten", extra_fix="  skip: [initrd]\n")
-    synced = doit(spec_dir, f"sync:{server.name}")
-    assert synced.returncode == 0, synced.stdout[-3000:] + synced.stderr[-3000:]
-    workdir = tmp_path / "work" / server.name
-    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
-    # Make the copy's initrd like a host-only one from old hardware: IDE/SATA and ext4, no virtio.
-    from tasks.lib.target import mounted_target
-
-    with mounted_target(workdir / "disk.img", plan, run_dir=tmp_path / "run", direct_io=False) as target, \
-            chroot_binds(target.root):
-        conf = target.root / "etc/initramfs-tools/initramfs.conf"
-        conf.write_text(conf.read_text().replace("MODULES=most", "MODULES=list"))
-        (target.root / "etc/initramfs-tools/modules").write_text("ata_piix\nahci\nsd_mod\next4\n")
-        kernel = sorted(p.name.removeprefix("vmlinuz-") for p in (target.root / "boot").glob("vmlinuz-*"))[-1]
-        chroot_run(target.root, ["update-initramfs", "-u", "-k", kernel], timeout=900)
-        listing = chroot_run(target.root, ["lsinitramfs", f"/boot/initrd.img-{kernel}"]).stdout
-    assert "virtio_blk" not in listing
-    result = doit(spec_dir, f"verify:{server.name}")
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "verify:plain-bullseye" in output and "did not boot" in output, output[-3000:]
-    assert "serial log tail" in output
-    assert not (workdir / "verified.stamp").exists()
-    fixed = _stamp(workdir, "fixed.stamp")
-    assert {s["name"]: s["status"] for s in fixed["steps"]}["initrd"] == "skipped"
-    assert before == {image: sha256(image) for image in server.disks}
-    assert leftovers([*server.disks, workdir / "disk.img"]) == []
-
-
-# ---------------------------------------------------------------- a source whose only swap is a file, with chattr flags
-
-SWAP_FILE_HOST = "swapfile-bookworm"
-SWAP_FILE_SIZE = 256 << 20
-# path in the server -> the flags chattr gives it there (/srv is xfs on the source, merged into / by flatten).
-CHATTRED = {
-    "/etc/default/grub": "i",  # a file the fix stage edits (bootloader-config): i must come after it
-    "/etc/shadow": "i",  # a hardening some servers have: verify's one-time password goes into its overlay anyway
-    "/etc/p2v-locked": "i",  # a directory
-    "/var/log/p2v-append.log": "a",
-    "/var/backups/p2v-nodump": "dA",
-    "/srv/p2v-flags/immutable": "i",
-    "/srv/p2v-flags/nodump": "d",
-}
-
-
-def lsattr_letters(path: Path) -> str:
-    shown = run(["lsattr", "-d", str(path)]).stdout.split()[0]
-    return "".join(sorted(c for c in shown if c not in "-e"))
-
-
-def swap_file_source(server: FixtureServer, directory: Path) -> list[Path]:
-    """Copies of plain-bookworm's disks made into a server whose only swap is /swap.img (as Ubuntu
-    installs it: no swap partition, RESUME=none), with files chattr made immutable, append-only,
-    no-dump and no-atime on its ext4 / and its xfs /srv."""
-    directory.mkdir(parents=True)
-    disks = []
-    for disk in server.disks:
-        disks.append(directory / disk.name)
-        run(["cp", "--sparse=always", str(disk), str(disks[-1])])
-    where = {fs["mountpoint"]: fs["device"] for fs in server.facts["filesystems"]}
-    swap_partition = server.facts["swap"][0]["device"]["partition"]
-    root_point, srv_point = directory / "root", directory / "srv"
-    root_point.mkdir()
-    srv_point.mkdir()
-    with loop_device(disks[0], read_only=False, partitions=True) as first, \
-            loop_device(disks[1], read_only=False, partitions=True) as second:
-        run(["wipefs", "--all", first.partition(swap_partition)])
-        with mounted(first.partition(where["/"]["partition"]), root_point, fstype="ext4") as root:
-            fstab = root / "etc" / "fstab"
-            fstab.write_text("".join("/swap.img\tnone\tswap\tsw\t0\t0\n" if " swap " in line else line
-                                     for line in fstab.read_text().splitlines(keepends=True)))
-            (root / "etc/initramfs-tools/conf.d/resume").write_text("RESUME=none\n")
-            swap = root / "swap.img"
-            os.close(os.open(swap, os.O_WRONLY | os.O_CREAT, 0o600))
-            run(["dd", "if=/dev/zero", f"of={swap}", "bs=1M", f"count={SWAP_FILE_SIZE >> 20}", "conv=notrunc",
-                 "status=none"])
-            run(["mkswap", str(swap)])
-            (root / "etc/p2v-locked").mkdir()
-            (root / "etc/p2v-locked/inside").write_text("in a directory nobody may add to\n")
-            (root / "var/log/p2v-append.log").write_text("only ever appended to\n")
-            (root / "var/backups/p2v-nodump").write_text("not for dump(8)\n")
-            for path, flags in CHATTRED.items():
-                if not path.startswith("/srv/"):
-                    run(["chattr", f"+{flags}", str(root / path.lstrip("/"))])
-        with mounted(second.partition(where["/srv"]["partition"]), srv_point, fstype="xfs") as srv:
-            (srv / "p2v-flags").mkdir()
-            for path, flags in CHATTRED.items():
-                if path.startswith("/srv/"):
-                    (srv / path.removeprefix("/srv/")).write_text(f"{path}\n")
-                    run(["chattr", f"+{flags}", str(srv / path.removeprefix("/srv/"))])
-    return disks
-
-
-def test_swap_file_source_boots_with_as_much_swap_and_keeps_its_inode_flags(tmp_path: Path) -> None:
-    """The acceptance of issue 10, parts 2 and 3, through doit from inspect to the report: the swap file
-    is made again (same size, mkswap) and verify's boot finds exactly that much swap active; immutable
-    and append-only files are so in the converted image, set after the fix stage edited one of them."""
-    server = build_server("plain-bookworm")
-    disks = swap_file_source(server, tmp_path / "source")
-    before = {disk: sha256(disk) for disk in disks}
-    packages = ensure_package_dir(suite_of(server.name))
-    spec_dir = make_spec(tmp_path, SWAP_FILE_HOST, disks, extra=(
-        "fix:\n  network: keep\n"
-        f"  cloud_init:\n    install: true\n    source: {packages}\n"))
-    workdir = tmp_path / "work" / SWAP_FILE_HOST
-    started = time.monotonic()
-    result = doit(spec_dir, f"report:{SWAP_FILE_HOST}")
-    seconds = time.monotonic() - started
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"\n{SWAP_FILE_HOST}: inspect to report in {seconds:.0f} s")
-
-    layout = json.loads((workdir / "layout.json").read_text())
-    recorded = [e for e in layout["fstab"] if e["vfstype"] == "swap"]
-    assert [(e["spec"], e["status"], e["size"]) for e in recorded] == [("/swap.img", "swapfile", SWAP_FILE_SIZE)]
-    assert not any(s["in_fstab"] for s in layout["swaps"])
-    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
-    assert plan.swap_partition is None and plan.swap_file is not None
-    assert (plan.swap_file.path, plan.swap_file.size, plan.source_swap) == ("/swap.img", SWAP_FILE_SIZE,
-                                                                            SWAP_FILE_SIZE)
-    shown = doit(spec_dir, f"plan:{SWAP_FILE_HOST}")
-    assert "swap: the source had 256 MiB of swap in fstab; swap file /swap.img of 256 MiB" in shown.stdout
-
-    # verify booted it on virtio: exactly the swap file, as large as the source's, is active.
-    verified = _stamp(workdir, "verified.stamp")
-    swap_check = next(c for c in verified["checks"] if c["name"] == "swap")
-    assert swap_check["ok"], swap_check
-    active = [line.split() for line in swap_check["output"].splitlines() if line.strip()]
-    source_kib = (SWAP_FILE_SIZE // 4096 - 1) * 4  # what the source's /swap.img gives swapon
-    assert [(name, kind, int(kib)) for name, kind, kib, *_ in active] == [("/swap.img", "file", source_kib)]
-    print(f"swap: source /swap.img {SWAP_FILE_SIZE >> 20} MiB ({source_kib} KiB usable); "
-          f"converted: {active[0][2]} KiB active")
-
-    fixed = _stamp(workdir, "fixed.stamp")
-    steps = {s["name"]: s for s in fixed["steps"]}
-    assert steps["swap-file"]["status"] == "changed"
-    assert steps["bootloader-config"]["status"] == "changed"  # it edited /etc/default/grub, immutable on the source
-    assert steps["inode-flags"]["status"] == "changed"
-    assert [s["name"] for s in fixed["steps"]][-1] == "inode-flags"
-    want_pending = sorted((path, "".join(c for c in "ia" if c in flags)) for path, flags in CHATTRED.items()
-                          if set(flags) & set("ia"))
-    assert sorted((r["path"], r["flags"]) for r in fixed["inode_flags"]["restored"]) == want_pending
-    synced = _stamp(workdir, "rootfs-synced.stamp")["copy"]
-    assert sorted((r["path"], r["flags"]) for r in synced["inode_flags"]["pending"]) == want_pending
-    assert synced["warnings"] == []
-
-    report = (workdir / "report.md").read_text()
-    assert "- swap: the source had 256 MiB of swap in fstab; swap file /swap.img of 256 MiB" in report
-    assert f"- inode flags set last: {len(want_pending)} entries, read back" in report
-
-    with image_tree(workdir / "disk.img", plan, tmp_path / "converted") as tree:
-        flags = {path: lsattr_letters(tree / path.lstrip("/")) for path in CHATTRED}
-        fstab = (tree / "etc/fstab").read_text()
-        swap = (tree / "swap.img").stat()
-    assert flags == {path: "".join(sorted(want)) for path, want in CHATTRED.items()}
-    assert "/swap.img\tnone\tswap\tsw\t0\t0" in fstab and "p2v removed" not in fstab.split("swap.img")[0][-40:]
-    assert stat.S_IMODE(swap.st_mode) == 0o600 and swap.st_size == SWAP_FILE_SIZE
-    assert swap.st_blocks * 512 >= SWAP_FILE_SIZE  # written, not sparse
-
-    # Reruns into the locked image. fix again: it unlocks what it set, its steps write, it locks again.
-    started = time.monotonic()
-    assert doit(spec_dir, "forget", f"fix:{SWAP_FILE_HOST}").returncode == 0
-    refix = doit(spec_dir, f"fix:{SWAP_FILE_HOST}")
-    assert refix.returncode == 0, refix.stdout[-4000:] + refix.stderr[-4000:]
-    steps = {s["name"]: s for s in _stamp(workdir, "fixed.stamp")["steps"]}
-    assert steps["swap-file"]["status"] == "unchanged" and steps["inode-flags"]["status"] == "changed"
-    # sync again (doit reruns fix after it): the copy unlocks what the fix recorded in the image, puts the
-    # source's files back over the fix's edits, and leaves i and a pending; fix locks them again.
-    assert doit(spec_dir, "forget", f"sync:{SWAP_FILE_HOST}").returncode == 0
-    resync = doit(spec_dir, f"fix:{SWAP_FILE_HOST}")
-    assert resync.returncode == 0, resync.stdout[-4000:] + resync.stderr[-4000:]
-    print(f"fix again, then sync and fix again: {time.monotonic() - started:.0f} s")
-    synced = _stamp(workdir, "rootfs-synced.stamp")["copy"]
-    assert synced["verified_by"] == "manifests" and any(p["resumed"] for p in synced["filesystems"])
-    assert "cleared i/a on" in (workdir / "logs" / "sync-copy.log").read_text()
-    with image_tree(workdir / "disk.img", plan, tmp_path / "converted-again") as tree:
-        again = {path: lsattr_letters(tree / path.lstrip("/")) for path in CHATTRED}
-    assert again == flags
-    assert before == {disk: sha256(disk) for disk in disks}
-    # Ours only: other hosts' runs may share this machine's /run/p2v while this test runs.
-    ours = str(host_run_dir(SWAP_FILE_HOST, workdir))
-    assert [line for line in leftovers([*disks, workdir / "disk.img"])
-            if not line.startswith(str(RUN_DIR)) or line.startswith(ours)] == []
+    assert host_leftovers(spec_dir) == []

@@ -21,18 +21,18 @@ import pytest
 from tasks.lib import esp
 from tasks.lib.plan import DiskPlan
 from tasks.lib.resources import loop_device
-from tests.e2e.test_convert import conversion_spec, doit
+from tests.e2e.test_convert import conversion_spec, doit, own_server
 from tests.fixtures.build import build_server
 from tests.fixtures.cache import sha256
-from tests.integration.test_inspect import leftovers
+from tests.integration.test_inspect import host_leftovers
 
 NAME = "uefi-bookworm"
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    server = build_server(NAME)
     project = tmp_path_factory.mktemp("convert-uefi")
+    server = own_server(build_server(NAME), project / "sources")
     spec_dir = conversion_spec(project, server, "flatten")
     before = {disk: sha256(disk) for disk in server.disks}
     started = time.monotonic()
@@ -43,8 +43,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"server": server, "result": result, "workdir": workdir, "seconds": seconds, "before": before,
             "after": {disk: sha256(disk) for disk in server.disks},
             # Only this host's: other conversions may run on the same machine.
-            "leftovers": [line for line in leftovers([*server.disks, workdir / "disk.img"])
-                          if not line.startswith("/run/p2v/") or line.startswith(f"/run/p2v/{NAME}-")]}
+            "leftovers": host_leftovers(spec_dir)}
 
 
 def _stamp(workdir: Path, name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from bench.trees import Tree, fixture_tree, scratch_target
 from tasks.lib import copy
 from tasks.lib.copy import ALWAYS_EXCLUDED, CopyResult, Progress, copy_tree
 from tasks.lib.manifest import XFS_ACL_XATTRS, build_manifest, compare
-from tasks.lib.resources import RUN_DIR
+from tasks.lib.resources import host_run_dir
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import PROJECT_DIR
 from tests.fixtures import oddities
@@ -45,12 +45,19 @@ def image_hashes(server: FixtureServer) -> dict[str, str | None]:
             for disk in server.disks}
 
 
-def leftovers(server: FixtureServer, scratch: Path) -> list[str]:
-    """Loop devices on our images, mounts p2v or this test made, and tar/rsync children, right now."""
+def source_dir(scratch: Path) -> Path:
+    """Where fixture_tree puts the source's spec and its links to the cached images."""
+    return scratch / "source"
+
+
+def leftovers(scratch: Path) -> list[str]:
+    """Loop devices on our images (links in `scratch`: another test's loops on the cached images do not
+    count), mounts p2v or this test made, and tar/rsync children, right now."""
     loops = run(["losetup", "-a"]).stdout.splitlines()
-    found = [line for line in loops if str(server.directory) in line or str(scratch) in line]
+    found = [line for line in loops if str(scratch) in line]
     mounts = run(["findmnt", "-rn", "-o", "TARGET"]).stdout.splitlines()
-    found += [m for m in mounts if m.startswith((str(RUN_DIR), str(scratch)))]
+    fixture_run_dir = host_run_dir(SERVER, source_dir(scratch) / "work")
+    found += [m for m in mounts if m == str(fixture_run_dir) or m.startswith((f"{fixture_run_dir}/", str(scratch)))]
     for status in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             text = status.read_text()
@@ -63,7 +70,7 @@ def leftovers(server: FixtureServer, scratch: Path) -> list[str]:
 @contextlib.contextmanager
 def source_and_target(scratch: Path, filesystems: tuple[tuple[str, str, int], ...] = TARGET
                       ) -> Iterator[tuple[Tree, Path]]:
-    with fixture_tree(SERVER) as tree, scratch_target(scratch, filesystems) as target:
+    with fixture_tree(SERVER, source_dir(scratch)) as tree, scratch_target(scratch, filesystems) as target:
         yield tree, target
 
 
@@ -100,9 +107,9 @@ def copied(server: FixtureServer, tmp_path_factory: pytest.TempPathFactory) -> d
         found["source_had_contents"] = {path: bool(os.listdir(tree.root / path.lstrip("/"))) for path in excluded}
         found["swap_in_target"] = os.path.lexists(target / SWAP_STAND_IN.lstrip("/"))
         found["swap_in_source"] = os.path.lexists(tree.root / SWAP_STAND_IN.lstrip("/"))
-        found["seen_while_mounted"] = leftovers(server, scratch)
+        found["seen_while_mounted"] = leftovers(scratch)
     found.update(first=first, again=again, reports=reports, before=before, after=image_hashes(server),
-                 leftovers=leftovers(server, scratch), log=(scratch / "copy.log").read_text(errors="replace"))
+                 leftovers=leftovers(scratch), log=(scratch / "copy.log").read_text(errors="replace"))
     print(f"\nfirst copy by {first.method}: {first.copy_seconds:.1f} s copy + {first.verify_seconds:.1f} s verify, "
           f"{first.bytes_transferred:,} bytes; no-change rerun: {again.copy_seconds:.1f} s, "
           f"{again.bytes_transferred:,} bytes")
@@ -215,7 +222,7 @@ def test_rsync_method_is_lossless_too(server: FixtureServer, tmp_path: Path) -> 
         result = copy_tree(tree.root, target, tree.mountpoints, method="rsync", **copy_options(tmp_path / "log"))
     assert result.verified and all(p.tool == "rsync" for p in result.passes)
     assert result.bytes_transferred == result.bytes
-    assert leftovers(server, tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------- failures
@@ -230,13 +237,13 @@ def test_failure_mid_copy_leaves_nothing(server: FixtureServer, tmp_path: Path) 
 
     def explode(progress: Progress) -> None:
         if progress.bytes_done > 100 * 1024**2:
-            seen.extend(leftovers(server, tmp_path))  # mounts, loops and the tar pair are alive here
+            seen.extend(leftovers(tmp_path))  # mounts, loops and the tar pair are alive here
             raise Injected("injected failure mid-copy")
 
     with pytest.raises(Injected), source_and_target(tmp_path) as (tree, target):
         copy_tree(tree.root, target, tree.mountpoints, progress=explode, **copy_options(tmp_path / "log"))
     assert any("child process tar" in item for item in seen)
-    assert leftovers(server, tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_disk_full_is_a_clear_error(server: FixtureServer, tmp_path: Path) -> None:
@@ -250,7 +257,7 @@ def test_disk_full_is_a_clear_error(server: FixtureServer, tmp_path: Path) -> No
     assert "rsync" not in message.split("(hint")[0] and "exit code" not in message
     log = (tmp_path / "log").read_text(errors="replace")
     assert "+ tar --create" in log and "No space left on device" in log
-    assert leftovers(server, tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_killed_copy_resumes_and_copies_less(server: FixtureServer, tmp_path: Path) -> None:
@@ -282,7 +289,7 @@ def test_killed_copy_resumes_and_copies_less(server: FixtureServer, tmp_path: Pa
     assert root.resumed and root.tool == "rsync"
     assert rerun.bytes is not None and rerun.bytes_transferred is not None
     assert rerun.bytes_transferred < rerun.bytes
-    assert leftovers(server, tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------- options, without copying
