@@ -33,11 +33,9 @@ import parted
 
 from tasks import plan as plan_io
 from tasks.lib import outputs, storage
-from tasks.lib.fixes import check_convertible
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.features import made_differences
 from tasks.lib.planning.model import PLAN_VERSION, DiskPlan, PartitionPlan
-from tasks.lib.planning.planner import plan_disk
 from tasks.lib.planning.render import render_plan
 from tasks.lib.resources import LoopDevice, loop_device
 from tasks.lib.runner import P2VError, run
@@ -155,10 +153,7 @@ def make_disk(stage_run: StageRun) -> None:
     spec = stage_run.spec
     image = stage_run.partial
     plan_path = spec.artifact(plan_io.PLAN_FILE)  # the pipeline removed the old one
-    layout = outputs.load_layout(spec)
-    # What fix will need, checked before anything is written: a source it cannot convert stops here.
-    check_convertible(layout, spec.fix)
-    plan = plan_disk(layout, spec)
+    plan = plan_io.plan_for(spec)
     log.info("%s", render_plan(plan))
     _warn_about_space(spec, plan)
     try:

@@ -127,15 +127,15 @@ CASES: list[Case] = [
     Case("redhat-release-only", "operating systems",
          "a CentOS 7 root without /etc/os-release, with /etc/redhat-release", "inspect",
          "the OS is read from /etc/redhat-release (centos 7); plan:{host} makes the plan", "", carries_on=True),
-    Case("no-kernel", "operating systems", "a root with no kernel in /boot", "disk",
+    Case("no-kernel", "operating systems", "a root with no kernel in /boot", "fix",
          "no installed kernel can boot on virtio; kernels: none",
          "install the distribution's current kernel package on the server (it has CONFIG_VIRTIO_BLK and "
          "CONFIG_VIRTIO_PCI), then rerun inspect:<host>"),
-    Case("no-initrd-tool", "operating systems", "a root without dracut, initramfs-tools or mkinitrd", "disk",
+    Case("no-initrd-tool", "operating systems", "a root without dracut, initramfs-tools or mkinitrd", "fix",
          "initrd tool none found: p2v rebuilds initrds with dracut or initramfs-tools",
          "install dracut or initramfs-tools on the server, then rerun inspect:<host>"),
     Case("no-bootloader", "operating systems", "no grub configuration in the tree and no boot code on any disk",
-         "disk", "bootloader unknown: p2v configures grub2 and grub legacy only", GRUB_HINT),
+         "fix", "bootloader unknown: p2v configures grub2 and grub legacy only", GRUB_HINT),
     # ------------------------------------------------ work area and runs
     Case("layout-edited", "work area and runs", "layout.json edited by hand (a field of the wrong type)", "disk",
          "<workdir>/layout.json: used_bytes: expected integer, got str 'about a gigabyte' (schema "

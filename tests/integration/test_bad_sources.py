@@ -37,7 +37,7 @@ SECTOR = 512
 ROOT_UUID = "2f7c9e1a-3b5d-4f6a-8c9e-0a1b2c3d4e5f"
 SRV_UUID = "5d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6"
 ROOT_FSTAB = f"UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\n"
-TARGETS = {"inspect": "layout.json", "disk": "disk.img", "sync": "rootfs-synced.stamp"}
+TARGETS = {"inspect": "layout.json", "disk": "disk.img", "sync": "rootfs-synced.stamp", "fix": "fixed.stamp"}
 
 
 @dataclass

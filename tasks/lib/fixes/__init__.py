@@ -88,9 +88,9 @@ __all__ = [
 
 
 def check_convertible(layout: Mapping[str, Any], policy: FixPolicy) -> str:
-    """What the fix stage will need from the source, checked before the disk stage writes anything:
-    a kernel that boots on virtio, an initrd tool and a bootloader p2v configures, unless the
-    spec skips the step that needs them. Returns the kernel; raises P2VError with a hint."""
+    """What the fix stage needs from the source, checked before it writes anything: a kernel
+    that boots on virtio, an initrd tool and a bootloader p2v configures, unless the spec skips
+    the step that needs them. Returns the kernel; raises P2VError with a hint."""
     kernel = choose_kernel(layout)
     if "initrd" not in policy.skip:
         initrd_commands(layout, kernel)
