@@ -177,7 +177,7 @@ ELSEWHERE: list[Elsewhere] = [
               "another p2v run is working on host web1", "",
               "tests/unit/test_pipeline.py::test_a_second_run_on_the_same_host_is_refused"),
     Elsewhere("read-only-work-area", "work area and runs", "a work area p2v cannot write (immutable)", "disk",
-              "Operation not permitted", "hint: the workdir must be writable",
+              "Operation not permitted", "the workdir must be writable",
               "tests/integration/test_disk.py::test_unwritable_workdir_is_a_clear_error"),
     Elsewhere("full-work-area", "work area and runs", "a work area too small for the copy", "sync",
               "MiB free, and the copy needs about", "",
