@@ -19,6 +19,7 @@ known is said to be unknown, with no percentage or ETA made up for it.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -77,10 +78,12 @@ class Progress:
     @property
     def eta(self) -> str:
         left = None if self.bytes_total is None else self.bytes_total - self.bytes_done
-        if self.final or (left is not None and left <= 0 and not self.estimated):
-            return "0:00:00"
-        if left is None or left <= 0 or self.rate <= 0:
-            return "?"  # no total, an estimate already passed, or nothing done yet
+        if left is not None and left <= 0:
+            # All of a known total is done; an estimate passed before the end says nothing.
+            return "0:00:00" if self.final or not self.estimated else "?"
+        if left is None or self.rate <= 0:
+            return "?"
+        # Also at the end of one of several parts (the copy's filesystems): the rest's.
         return duration(left / self.rate)
 
     def text(self) -> str:
@@ -160,13 +163,21 @@ class TerminalBar:
         # The bar's own counter is the fraction in thousandths: tqdm draws the bar
         # from it, and every figure shown is the text, which is ours.
         count = round(1000 * fraction) if fraction is not None else progress.bytes_done
+        # The terminal's size now. One that reports none (a serial console, a pty
+        # nobody sized: 0x0) gets 80x24: tqdm itself would draw nothing there.
+        width, height = shutil.get_terminal_size((80, 24))
+        line = progress.line()
+        # The figures come first: the bar only where the line leaves room for it.
+        fits = fraction is not None and len(line) + BAR_WIDTH + 3 <= width
+        shape = f"{{desc}} |{{bar:{BAR_WIDTH}}}|" if fits else "{desc}"
         if self.bar is None:  # drawn as it is made
-            self.bar = _Bar(total=1000 if fraction is not None else None, initial=count, desc=progress.line(),
-                            file=self.stream, leave=True, mininterval=0, dynamic_ncols=True,
-                            bar_format=f"{{desc}} |{{bar:{BAR_WIDTH}}}|" if fraction is not None else "{desc}")
+            self.bar = _Bar(total=1000 if fraction is not None else None, initial=count, desc=line,
+                            file=self.stream, leave=True, mininterval=0, ncols=width, nrows=height,
+                            bar_format=shape)
         else:
-            self.bar.set_description_str(progress.line(), refresh=False)
+            self.bar.set_description_str(line, refresh=False)
             self.bar.n = count
+            self.bar.ncols, self.bar.nrows, self.bar.bar_format = width, height, shape
             self.bar.refresh()
         if progress.final:
             self.bar.close()

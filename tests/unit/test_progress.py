@@ -85,7 +85,7 @@ def test_the_final_line_is_always_printed() -> None:
     show(upload(10 * MiB))
     show(upload(11 * MiB, final=True))  # neither a new tenth nor 10 s: the final one all the same
     assert lines == ["upload: 10.0 MiB of 100.0 MiB (10%), 1.0 MiB/s, ETA 0:01:30",
-                     "upload: 11.0 MiB of 100.0 MiB (11%), 1.1 MiB/s, ETA 0:00:00"]
+                     "upload: 11.0 MiB of 100.0 MiB (11%), 1.1 MiB/s, ETA 0:01:21"]
 
 
 def test_unknown_total_lines_come_by_time_alone() -> None:
@@ -131,7 +131,9 @@ def test_without_a_terminal_lines_go_to_the_log_and_never_carry_control_codes(ca
     assert not any(c in r.getMessage() for r in caplog.records for c in "\r\x1b")
 
 
-def test_on_a_terminal_a_bar_and_the_lines_only_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+def test_on_a_terminal_a_bar_and_the_lines_only_in_the_log(caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "120")
     terminal = Terminal()
     show = console_reporter(terminal)
     with caplog.at_level(logging.DEBUG, logger="p2v.progress"):
@@ -143,7 +145,8 @@ def test_on_a_terminal_a_bar_and_the_lines_only_in_the_log(caplog: pytest.LogCap
     assert [r.levelno for r in caplog.records] == [logging.DEBUG, logging.DEBUG]
 
 
-def test_the_bar_redraws_at_most_twice_a_second() -> None:
+def test_the_bar_redraws_at_most_twice_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "120")
     terminal = Terminal()
     clock = Clock()
     bar = TerminalBar(terminal, clock=clock)
@@ -156,6 +159,23 @@ def test_the_bar_redraws_at_most_twice_a_second() -> None:
     assert "upload: 1.0 MiB of" in drawn and "upload: 99.0 MiB of" in drawn
     assert not any(f"upload: {done}.0 MiB of" in drawn for done in range(2, 99))
     assert drawn.endswith(upload(100 * MiB, final=True).line() + " |" + "#" * progress_module.BAR_WIDTH + "|\n")
+
+
+def test_a_narrow_terminal_gets_the_figures_without_the_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures are what matters; a terminal with no room for both (or one that reports no
+    size: 80 columns are assumed) loses the bar, not the ETA."""
+    monkeypatch.setenv("COLUMNS", "70")
+    terminal = Terminal()
+    TerminalBar(terminal, clock=Clock())(upload(100 * MiB, final=True))
+    assert {part for part in terminal.getvalue().strip("\r\n").split("\r") if part} == {
+        "upload: 100.0 MiB of 100.0 MiB (100%), 10.0 MiB/s, ETA 0:00:00"}
+
+
+def test_at_the_end_of_one_part_the_eta_is_the_rests() -> None:
+    """The copy's final report of one filesystem is not the end of the copy."""
+    part = Progress("copy", 3 * MiB, 9 * MiB, 3.0, files_done=10, files_total=30, estimated=True, where="/boot",
+                    final=True)
+    assert part.line() == "copy: 3.0 MiB of ~9.0 MiB (33%), 10 of ~30 files, 1.0 MiB/s, ETA 0:00:06 [/boot]"
 
 
 def test_the_bar_of_an_unknown_total_shows_the_figures_alone() -> None:
