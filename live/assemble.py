@@ -221,7 +221,7 @@ def build_venv(inputs: LiveInputs, tree: Path) -> list[str]:
     (tree / site.lstrip("/") / "p2v-project.pth").write_text(PROJECT_DIR + "\n")
     in_tree(tree, ["apt-get", "purge", "-y", "--autoremove", *inputs.build_packages], timeout=900)
     # The compiled part still loads without the headers, and the set is consistent.
-    in_tree(tree, [f"{VENV_DIR}/bin/python", "-c", "import parted, doit, yaml, jinja2, jsonschema"])
+    in_tree(tree, [f"{VENV_DIR}/bin/python", "-c", "import parted, doit, yaml, jinja2, jsonschema, tqdm"])
     in_tree(tree, [pip, "check", "--disable-pip-version-check"])
     freeze = in_tree(tree, [pip, "freeze", "--disable-pip-version-check"]).stdout.split()
     shutil.rmtree(wheels)

@@ -68,11 +68,12 @@ from typing import Any, cast
 from tasks.fix import CONVERSION_RECORD
 from tasks.inspect import reachable_source, source_tree
 from tasks.lib import esp, inodeflags, storage
-from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, console_progress, copy_tree, target_matches_seal
+from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, copy_tree, target_matches_seal
 from tasks.lib.outputs import CopyReceipt, SyncStamp, write_sync_stamp
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.model import DiskPlan
+from tasks.lib.progress import console_reporter
 from tasks.lib.replay import ReplayedFilesystem
 from tasks.lib.runner import CommandError, P2VError, run
 from tasks.lib.spec import Spec
@@ -323,7 +324,7 @@ def sync_host(run_: StageRun) -> None:
             log_file=spec.log_dir / "sync-copy.log",
             exclude_contents=contents_to_leave_behind(layout),
             swap_files=omitted,
-            progress=console_progress(),
+            progress=console_reporter(),
             seal=seal_path(spec),
             defer_flags=inodeflags.DEFERRED,
             unlock=flags_set_by_fix(target.root),

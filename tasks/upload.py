@@ -30,10 +30,9 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -41,12 +40,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.lib import glance
-from tasks.lib.copy import human
 from tasks.lib.image_format import UploadFile, digest_of, upload_file
 from tasks.lib.machine import machine_properties
 from tasks.lib.outputs import FixStamp, UploadStamp, load_fix_stamp, write_upload_stamp
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.model import DiskPlan, GiB
+from tasks.lib.progress import Progress, Reporter, console_reporter, human
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, GlancePolicy, Spec
 from tasks.plan import LAYOUT_FILE, PLAN_FILE, read_disk_plan, read_layout
@@ -185,54 +184,10 @@ def image_request(layout: Mapping[str, Any], plan: DiskPlan, policy: GlancePolic
 # ---------------------------------------------------------------- progress
 
 
-@dataclass(frozen=True)
-class UploadProgress:
-    done: int
-    total: int
-    elapsed: float
-    final: bool = False
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
-
-    def line(self) -> str:
-        percent = 100.0 * self.done / self.total if self.total else 100.0
-        left = self.total - self.done
-        eta = "0:00:00" if left <= 0 else ("?" if self.rate <= 0 else _duration(left / self.rate))
-        return f"upload: {human(self.done)} of {human(self.total)} ({percent:.0f}%), {human(self.rate)}/s, ETA {eta}"
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds + 0.5), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def console_progress(stream: IO[str] | None = None, every: float = 10.0) -> Callable[[UploadProgress], None]:
-    """A live line on a terminal; otherwise a log line every `every` seconds, and the last one."""
-    out = stream or sys.stderr
-    live = out.isatty()
-    last = [0.0]
-
-    def show(progress: UploadProgress) -> None:
-        now = time.monotonic()
-        if live and (progress.final or now - last[0] >= 0.5):
-            last[0] = now
-            out.write("\r" + progress.line() + "\033[K" + ("\n" if progress.final else ""))
-            out.flush()
-        elif not live and (progress.final or now - last[0] >= every):
-            last[0] = now
-            log.info("%s", progress.line())
-
-    return show
-
-
 class HashingReader:
     """The file as glanceclient reads it (read(n) chunks), hashed and counted on the way."""
 
-    def __init__(self, handle: IO[bytes], total: int, progress: Callable[[UploadProgress], None],
-                 max_rate: float | None = None):
+    def __init__(self, handle: IO[bytes], total: int, progress: Reporter, max_rate: float | None = None):
         self.handle = handle
         self.total = total
         self.progress = progress
@@ -240,6 +195,7 @@ class HashingReader:
         self.digest = hashlib.sha512()
         self.done = 0
         self.started = time.monotonic()
+        self.reported_final = False
 
     def read(self, size: int = -1) -> bytes:
         data = self.handle.read(size if size and size > 0 else 1 << 20)
@@ -250,7 +206,12 @@ class HashingReader:
             if self.max_rate and self.done / self.max_rate > elapsed:
                 time.sleep(self.done / self.max_rate - elapsed)
                 elapsed = time.monotonic() - self.started
-            self.progress(UploadProgress(self.done, self.total, elapsed, final=self.done >= self.total))
+            self.progress(Progress("upload", self.done, self.total, elapsed, final=self.done >= self.total))
+            self.reported_final = self.done >= self.total
+        elif not self.reported_final:
+            # The file ended short of its size (it changed): the last line says how far it got.
+            self.reported_final = True
+            self.progress(Progress("upload", self.done, self.total, time.monotonic() - self.started, final=True))
         return data
 
 
@@ -310,7 +271,7 @@ class FileDigests:
 
 
 def publish(service: glance.ImageService, request: ImageRequest, upload: UploadFile, digests: FileDigests,
-            host: str, progress: Callable[[UploadProgress], None], max_rate: float | None = None) -> Published:
+            host: str, progress: Reporter, max_rate: float | None = None) -> Published:
     """Reuse an active image of this host with this content, or upload one; never a duplicate."""
     sha512 = digests.sha512
     images = clear_unfinished(service, _ours(service, host))
@@ -437,7 +398,7 @@ def upload_host(run_: StageRun) -> None:
     service.authenticate()
     endpoint = service.endpoint
     log.info("image service: %s", endpoint)
-    published = publish(service, request, upload, digests, spec.host, console_progress(), max_rate_from_env())
+    published = publish(service, request, upload, digests, spec.host, console_reporter(), max_rate_from_env())
     image = published.image
     if not published.reused:
         log.info("uploaded image %s (%s) in %.1f s, %s/s", image["id"], image.get("name"), published.seconds,

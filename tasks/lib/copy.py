@@ -71,10 +71,12 @@ source and the run stops there. Any other outcome removes the seal and runs
 rsync and the full verification as before. Why that is a proof, and its
 limits, are spelled out at SEAL_FORMAT below.
 
-Progress: the target filesystem's used bytes and inodes (statvfs, every half
-second) against the source's, so it reads the same for both methods and for a
-resumed copy. The full tool output (rsync's itemized changes, tar's warnings)
-goes to `log_file`, with the command lines.
+Progress: what the target filesystems gained in this run (statvfs used bytes
+and inodes, every half second) against what the source's use (an estimate: a
+resumed copy gains less), so it reads the same for both methods; shown by the
+reporter the caller passes (tasks/lib/progress.py).
+The full tool output (rsync's itemized changes, tar's warnings) goes to
+`log_file`, with the command lines.
 """
 
 from __future__ import annotations
@@ -90,7 +92,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,7 @@ from tasks.lib import inodeflags
 from tasks.lib import manifest as manifests
 from tasks.lib.fstab import mount_order
 from tasks.lib.manifest import Manifest, compare, normalize, render_differences, shown
+from tasks.lib.progress import Progress, human
 from tasks.lib.runner import CommandError, P2VError, output, run, which
 
 log = logging.getLogger("p2v.copy")
@@ -179,38 +181,6 @@ _NO_SPACE = ("No space left on device", "ENOSPC", "Disk quota exceeded")
 
 
 # ---------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a copy is, for a console line."""
-
-    mountpoint: str  # the filesystem being copied now
-    bytes_done: int  # target usage grown since the start of this run
-    bytes_total: int  # source usage (an estimate of what the target will hold)
-    files_done: int
-    files_total: int
-    elapsed: float
-    final: bool = False  # the last report of this filesystem
-
-    @property
-    def rate(self) -> float:
-        return self.bytes_done / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        left = self.bytes_total - self.bytes_done
-        if left <= 0:
-            return 0.0
-        return left / self.rate if self.rate > 0 else None
-
-    def line(self) -> str:
-        percent = min(100.0, 100.0 * self.bytes_done / self.bytes_total) if self.bytes_total else 100.0
-        eta = self.eta
-        eta_text = "?" if eta is None else _duration(eta)
-        return (f"copy: {human(self.bytes_done)} of ~{human(self.bytes_total)} ({percent:.0f}%), "
-                f"{self.files_done:,} of ~{self.files_total:,} files, {human(self.rate)}/s, ETA {eta_text} "
-                f"[{self.mountpoint}]")
 
 
 @dataclass(frozen=True)
@@ -338,20 +308,6 @@ class CopyResult:
 # ---------------------------------------------------------------- small helpers
 
 
-def human(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds + 0.5), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
 def tool_versions() -> dict[str, str]:
     return {tool: output([tool, "--version"]).splitlines()[0].strip() for tool in ("rsync", "tar")}
 
@@ -453,24 +409,6 @@ def holds_data(directory: Path) -> bool:
 # ---------------------------------------------------------------- running tools
 
 
-def console_progress(stream: IO[str] | None = None, every: float = 10.0) -> Callable[[Progress], None]:
-    """A progress printer: a live line on a terminal, otherwise a log line every `every` seconds."""
-    out = stream or sys.stderr
-    last = [0.0]
-    live = out.isatty()
-
-    def show(progress: Progress) -> None:
-        now = time.monotonic()
-        if live:
-            out.write("\r" + progress.line() + "\033[K" + ("\n" if progress.final else ""))
-            out.flush()
-        elif progress.final or now - last[0] >= every:
-            last[0] = now
-            log.info("%s", progress.line())
-
-    return show
-
-
 class _Log:
     """The copy's log file, shared with the tools (they write to it directly)."""
 
@@ -549,39 +487,50 @@ def _run_logged(pipeline: Sequence[Sequence[str]], log_file: _Log, sample: Calla
 
 @dataclass
 class _Watch:
-    """Progress over the whole run, fed by statvfs samples of the pass at work."""
+    """Progress over the whole run, fed by statvfs samples of the pass at work.
+
+    Done is what the target filesystems gained in this run, as statvfs measures
+    it, and only that: a finished pass adds its own measured gain, not the
+    source's usage, so the figures never go back between filesystems. The
+    totals are the source's usage, an estimate (`~`): a resumed copy gains less.
+    """
 
     total_bytes: int
     total_files: int
     callback: Callable[[Progress], None] | None
     started: float = dataclasses.field(default_factory=time.monotonic)
-    done_bytes: int = 0  # of the passes finished
+    done_bytes: int = 0  # gained by the passes finished
     done_files: int = 0
 
-    def sampler(self, mountpoint: str, target: Path) -> tuple[Callable[[], None], Callable[[int, int], None]]:
-        """sample() while a pass runs; finish(source bytes, source files) when it is done."""
+    def sampler(self, mountpoint: str, target: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+        """sample() while a pass runs; finish() when it is done."""
         base_bytes, base_files, _ = _used(target)
 
-        def report(final: bool) -> None:
-            if self.callback is None:
-                return
+        def gained() -> tuple[int, int]:
             used_bytes, used_files, _ = _used(target)
-            self.callback(Progress(
-                mountpoint=mountpoint,
-                bytes_done=self.done_bytes + max(0, used_bytes - base_bytes),
-                bytes_total=self.total_bytes,
-                files_done=self.done_files + max(0, used_files - base_files),
-                files_total=self.total_files,
-                elapsed=time.monotonic() - self.started,
-                final=final,
-            ))
+            return max(0, used_bytes - base_bytes), max(0, used_files - base_files)
 
-        def finish(source_bytes: int, source_files: int) -> None:
-            report(final=True)
-            self.done_bytes += source_bytes
-            self.done_files += source_files
+        def report(gain: tuple[int, int], final: bool) -> None:
+            if self.callback is not None:
+                self.callback(Progress(
+                    step="copy",
+                    bytes_done=self.done_bytes + gain[0],
+                    bytes_total=self.total_bytes,
+                    files_done=self.done_files + gain[1],
+                    files_total=self.total_files,
+                    elapsed=time.monotonic() - self.started,
+                    estimated=True,  # what the source uses, not exactly what the target will
+                    where=mountpoint,
+                    final=final,
+                ))
 
-        return lambda: report(final=False), finish
+        def finish() -> None:
+            gain = gained()
+            report(gain, final=True)
+            self.done_bytes += gain[0]
+            self.done_files += gain[1]
+
+        return lambda: report(gained(), final=False), finish
 
 
 def _stats_number(text: str, label: str) -> int:
@@ -1163,7 +1112,7 @@ def _copy_filesystem(source_root: Path, target_root: Path, mp: str, method: Meth
     except _PassFailed as failure:
         raise _failed(mp, failure.argv, failure.code, failure.text, free_before, size[0], target, log_file) \
             from None
-    finish(size[0], size[1])
+    finish()
     seconds = time.monotonic() - started
     log_file.write(f"== {mp}: done by {outcome.tool} in {seconds:.1f} s")
     return PassResult(mountpoint=mp, tool=outcome.tool, resumed=resumed, seconds=seconds,

@@ -8,20 +8,29 @@ whose postinst dumps the environment it sees.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from tasks.lib.resources import chroot_binds
+from tasks.fix import FixContext, install_packages
+from tasks.lib.fixes.model import EditPlan
+from tasks.lib.resources import LoopDevice, chroot_binds
 from tasks.lib.runner import CommandError, chroot_run, run
+from tasks.lib.spec import CloudInitPolicy, FixPolicy
+from tasks.lib.target import MountedTarget
 from tests.fixtures.description import BASE_PACKAGES
 from tests.fixtures.rootfs import ensure_rootfs, extract_rootfs
+from tests.unit.fix_layouts import completed_plan, make_spec
+from tests.unit.layouts import layout
 
 SECRETS = {"OS_PASSWORD": "hunter2-os-password", "OS_APPLICATION_CREDENTIAL_SECRET": "appcred-secret-42",
            "OS_AUTH_URL": "https://keystone.example:5000/v3", "OS_CLOUD": "production",
+           "OS_CLIENT_CONFIG_FILE": "/work/host/p2v-clouds.yaml",
            "P2V_TEST_SECRET": "not-for-scriptlets"}
 
 POSTINST = """#!/bin/sh
@@ -52,19 +61,23 @@ def processes_in(root: Path) -> list[str]:
     return found
 
 
-def test_a_package_scriptlet_sees_no_credential(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in SECRETS.items():
-        monkeypatch.setenv(name, value)
-    package = tmp_path / "pkg"
+def env_dump_deb(directory: Path, name: str = "p2v-env-dump") -> Path:
+    """A package whose postinst writes the environment it sees to /root/postinst-env."""
+    package = directory / "pkg"
     (package / "DEBIAN").mkdir(parents=True)
-    (package / "DEBIAN/control").write_text("Package: p2v-env-dump\nVersion: 1.0\nArchitecture: all\n"
+    (package / "DEBIAN/control").write_text(f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
                                             "Maintainer: p2v tests <p2v@example.invalid>\n"
                                             "Description: dumps the environment of its postinst\n")
     (package / "DEBIAN/postinst").write_text(POSTINST)
     (package / "DEBIAN/postinst").chmod(0o755)
-    run(["dpkg-deb", "--build", "--root-owner-group", str(package), str(tree / "tmp/env-dump.deb")])
-    chroot_run(tree, ["dpkg", "-i", "/tmp/env-dump.deb"], timeout=120)
-    seen = (tree / "root/postinst-env").read_text()
+    debs = directory / "debs"
+    debs.mkdir()
+    deb = debs / f"{name}_1.0_all.deb"
+    run(["dpkg-deb", "--build", "--root-owner-group", str(package), str(deb)])
+    return deb
+
+
+def assert_no_secret_in(seen: str) -> None:
     names = {line.split("=", 1)[0] for line in seen.splitlines() if "=" in line}
     assert "DPKG_MAINTSCRIPT_NAME" in names  # really dpkg's postinst
     assert not {name for name in names if name.startswith("OS_")}, seen
@@ -72,6 +85,39 @@ def test_a_package_scriptlet_sees_no_credential(tree: Path, tmp_path: Path, monk
         assert value not in seen
     assert "P2V_TEST_SECRET" not in names
     assert {"PATH", "HOME", "LC_ALL"} <= names
+
+
+def test_a_package_scriptlet_sees_no_credential(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    deb = env_dump_deb(tmp_path)
+    (tree / "tmp/env-dump.deb").write_bytes(deb.read_bytes())
+    chroot_run(tree, ["dpkg", "-i", "/tmp/env-dump.deb"], timeout=120)
+    assert_no_secret_in((tree / "root/postinst-env").read_text())
+
+
+def test_the_fix_package_step_keeps_credentials_from_scriptlets(tree: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """fix's own package step (a directory source: apt in the chroot, then dpkg, then the postinst)
+    with OS_* variables in p2v's environment: the live runner gives doit OS_CLOUD and
+    OS_CLIENT_CONFIG_FILE (tasks/lib/livecloud.py) for all the stages it runs, fix among them,
+    and an operator's shell may hold OS_PASSWORD."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    deb = env_dump_deb(tmp_path, "p2v-env-dump-fix")
+    (tree / "root/postinst-env").unlink(missing_ok=True)
+    base = make_spec("env-dump")
+    spec = dataclasses.replace(base, fix=FixPolicy(cloud_init=CloudInitPolicy(
+        install=False, source=str(deb.parent), packages=("p2v-env-dump-fix",))))
+    server = layout("plain-bookworm")  # apt, bookworm: what the tree is
+    target = MountedTarget(loop=cast(LoopDevice, None), root=tree)  # the package step uses only the root
+    ctx = FixContext(spec=spec, layout=server, plan=completed_plan(server), target=target,
+                     edits=EditPlan(edits=(), findings=(), kernel_cmdline=(), kernel=""))
+    install_packages(ctx)
+    assert ctx.installed_packages == ["p2v-env-dump-fix"]
+    assert ctx.reports["packages"].commands[-1].startswith("apt-get ")  # the postinst ran under fix's apt-get
+    assert_no_secret_in((tree / "root/postinst-env").read_text())
+    assert sorted(p.name for p in deb.parent.iterdir()) == [deb.name]  # the operator's directory untouched
 
 
 def test_a_timeout_kills_the_whole_group(tree: Path) -> None:

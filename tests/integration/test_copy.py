@@ -8,6 +8,7 @@ filesystem types both ways (the source has ext4 /, /boot and xfs /srv), and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -22,8 +23,9 @@ import pytest
 
 from bench.trees import Tree, fixture_tree, scratch_target
 from tasks.lib import copy
-from tasks.lib.copy import ALWAYS_EXCLUDED, CopyResult, Progress, copy_tree
+from tasks.lib.copy import ALWAYS_EXCLUDED, CopyResult, copy_tree
 from tasks.lib.manifest import XFS_ACL_XATTRS, build_manifest, compare
+from tasks.lib.progress import PlainLines, Progress
 from tasks.lib.resources import host_run_dir
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import PROJECT_DIR
@@ -191,9 +193,27 @@ def test_receipt(copied: dict[str, Any]) -> None:
 def test_progress_was_reported(copied: dict[str, Any]) -> None:
     reports: list[Progress] = copied["reports"]
     assert reports and reports[-1].final
-    assert {r.mountpoint for r in reports} == {"/", "/boot", "/srv"}
-    assert reports[-1].bytes_done >= 0.8 * reports[-1].bytes_total
+    assert {r.where for r in reports} == {"/", "/boot", "/srv"}
+    assert reports[-1].bytes_total is not None and reports[-1].bytes_done >= 0.8 * reports[-1].bytes_total
     assert "ETA" in reports[-1].line()
+
+
+def test_progress_reads_as_plain_lines_without_a_terminal(copied: dict[str, Any]) -> None:
+    """The copy's reports through the shared reporter as sync gives them without a terminal:
+    plain lines, the last of each filesystem always among them, with the copy's own figures."""
+    reports: list[Progress] = copied["reports"]
+    lines: list[str] = []
+    show = PlainLines(lines.append, clock=lambda: 0.0)  # no time passes: only the tenths and finals
+    for report in reports:
+        show(report)
+    finals = [r.line() for r in reports if r.final]
+    assert len(finals) == 3 and all(line in lines for line in finals)
+    assert all(line.startswith("copy: ") and "\r" not in line and "\x1b" not in line for line in lines)
+    assert all(f"{r.files_done:,} of ~{r.files_total:,} files" in r.line() for r in reports)
+    assert len(lines) <= 3 + 10  # a line at each tenth of the whole copy, and each filesystem's last
+    for last, first in itertools.pairwise(reports):
+        if last.final:  # measured gains only: never back from one filesystem to the next
+            assert first.bytes_done >= last.bytes_done and (first.files_done or 0) >= (last.files_done or 0)
 
 
 def test_log_has_the_commands(copied: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from tasks.lib import glance
 from tasks.lib.livecloud import live_cloud_env, write_live_cloud
 from tasks.lib.pipeline import run_stage
 from tasks.lib.plan import plan_disk
+from tasks.lib.progress import human
 from tasks.lib.runner import run
 from tasks.lib.spec import PROJECT_DIR, Source, Spec, parse_spec
 from tasks.plan import write_json_atomically
@@ -151,6 +152,13 @@ def test_upload_then_rerun_reuses(openstack: OpenStackServices, tmp_path: Path) 
     assert receipt["reused"] is False and receipt["endpoint"] == openstack.glance_url
     assert receipt["properties"]["p2v_source_host"] == "up-basic"
     assert receipt["shutdown"] == "skipped (offline conversion)"
+    # the shared progress reporter, without a terminal: plain lines, the last one the whole file
+    shown = (spec.log_dir / "upload.log").read_text()
+    lines = re.findall(r" p2v\.progress: (upload: .*)$", shown, re.M)
+    whole = human(IMAGE_SIZE)
+    assert lines and lines[-1].startswith(f"upload: {whole} of {whole} (100%), ") and lines[-1].endswith("ETA 0:00:00")
+    percents = [int(line.split(" (")[1].split("%")[0]) for line in lines]
+    assert percents == sorted(percents) and "\r" not in shown and "\x1b" not in shown
 
     # rerun: the same image, nothing uploaded, no duplicate
     spec.artifact("uploaded.stamp").unlink()

@@ -22,6 +22,7 @@ from tasks.lib import glance
 from tasks.lib.image_format import sha512_of
 from tasks.lib.outputs import FixStamp
 from tasks.lib.plan import DiskPlan, GiB, plan_disk
+from tasks.lib.progress import PlainLines, Progress
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import FixPolicy, GlancePolicy, Source, Spec, TargetPolicy
 from tests.unit.layouts import LAYOUTS, layout
@@ -146,22 +147,46 @@ def test_min_ram_must_be_a_number() -> None:
 
 
 def test_progress_line() -> None:
-    line = upload.UploadProgress(done=256 << 20, total=1 << 30, elapsed=4.0).line()
+    line = Progress("upload", bytes_done=256 << 20, bytes_total=1 << 30, elapsed=4.0).line()
     assert line == "upload: 256.0 MiB of 1.0 GiB (25%), 64.0 MiB/s, ETA 0:00:12"
-    assert "ETA ?" in upload.UploadProgress(0, 10, 0.0).line()
-    assert "ETA 0:00:00" in upload.UploadProgress(10, 10, 1.0, final=True).line()
+    assert "ETA ?" in Progress("upload", 0, 10, 0.0).line()
+    assert "ETA 0:00:00" in Progress("upload", 10, 10, 1.0, final=True).line()
 
 
 def test_hashing_reader_hashes_and_reports() -> None:
     data = bytes(range(256)) * 10000
-    seen: list[upload.UploadProgress] = []
+    seen: list[Progress] = []
     reader = upload.HashingReader(io.BytesIO(data), len(data), seen.append)
     chunks = []
     while chunk := reader.read(65536):
         chunks.append(chunk)
     assert b"".join(chunks) == data and reader.done == len(data)
     assert reader.digest.hexdigest() == hashlib.sha512(data).hexdigest()
-    assert seen[-1].final and seen[-1].done == len(data) and not seen[0].final
+    assert seen[-1].final and seen[-1].bytes_done == len(data) and not seen[0].final
+    assert [p.bytes_done for p in seen] == sorted(p.bytes_done for p in seen) and seen[-1].bytes_total == len(data)
+    assert [p for p in seen if p.final] == [seen[-1]]
+
+
+def test_hashing_reader_shows_its_plain_lines() -> None:
+    """The upload's figures through the shared reporter, as a CI log gets them: a line at each
+    tenth, exact."""
+    data = b"x" * (10 << 20)
+    lines: list[str] = []
+    reader = upload.HashingReader(io.BytesIO(data), len(data), PlainLines(lines.append, clock=lambda: 0.0))
+    while reader.read(1 << 20):
+        pass
+    assert len(lines) == 10
+    assert lines[0].startswith("upload: 1.0 MiB of 10.0 MiB (10%), ")
+    assert lines[-1].startswith("upload: 10.0 MiB of 10.0 MiB (100%), ") and lines[-1].endswith(", ETA 0:00:00")
+
+
+def test_a_file_that_ends_short_still_gets_its_last_line() -> None:
+    lines: list[str] = []
+    reader = upload.HashingReader(io.BytesIO(b"x" * 1000), 4000, PlainLines(lines.append, clock=lambda: 0.0))
+    while reader.read(100):
+        pass
+    assert reader.read(100) == b""
+    assert len(lines) == 3 and lines[-1].startswith("upload: 1000 B of 3.9 KiB (25%), ")  # 10% and 20%, then the end
 
 
 def test_sha512_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
