@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tasks.lib.distro import family_of_system
 from tasks.lib.fixes.model import Changes, TreeReader
 from tasks.lib.formats.ifcfg import drop_ifcfg_macs
 from tasks.lib.formats.ifupdown import drop_hwaddress
@@ -61,11 +62,10 @@ def physical_nics(network: NetworkConfig) -> tuple[str, ...]:
 
 
 def uses_systemd(tree: TreeReader, system: SystemDescription) -> bool:
+    """systemd's binary in the tree, or else the distro family's word for the release."""
     if tree.exists("/usr/lib/systemd/systemd") or tree.exists("/lib/systemd/systemd"):
         return True
-    major = system.os.major or 0
-    return (system.os.family == "rhel" and major >= 7) or (system.os.id == "debian" and major >= 8) or \
-        (system.os.id == "ubuntu" and major >= 16)
+    return family_of_system(system).systemd_by_release()
 
 
 def decide_naming(tree: TreeReader, system: SystemDescription, policy: FixPolicy) -> tuple[Naming, list[str]]:
@@ -166,14 +166,12 @@ def link_file_path(name: str) -> str:
 
 
 def dhcp_style(system: SystemDescription) -> str:
-    """The distribution's own way to configure eth0, from what the source uses."""
+    """The distribution's own way to configure eth0: what the source uses, else its family's default."""
     styles = system.network.styles
     for style in ("netplan", "NetworkManager", "ifcfg", "systemd-networkd", "ifupdown"):
         if style in styles:
             return style
-    if system.os.family == "rhel":
-        return "NetworkManager" if (system.os.major or 0) >= 9 else "ifcfg"
-    return "ifupdown"
+    return family_of_system(system).default_network_style()
 
 
 def _dhcp_config(style: str, host: str) -> tuple[str, str, int]:
