@@ -15,8 +15,9 @@ here, keyed by the tool, and a family may override them.
 from __future__ import annotations
 
 import re
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,6 +28,10 @@ from tasks.lib.source.model import Kernel, NetStyle, OSIdentity, SystemDescripti
 # The file that makes an SELinux system relabel every file at its next boot
 # (Fedora's selinux-autorelabel, Debian's selinux-basics).
 AUTORELABEL = "/.autorelabel"
+# Where each network style keeps its files (the ones p2v writes and replaces).
+SCRIPTS = "/etc/sysconfig/network-scripts"
+NM_CONNECTIONS = "/etc/NetworkManager/system-connections"
+LINK_DIR = "/etc/systemd/network"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,21 @@ class Family(ABC):
     @property
     def grub_dir(self) -> str:
         return f"/boot/{self.grub_prefix}"
+
+    def efi_vendor(self) -> str:
+        """EFI/<vendor> for grub's loader when the ESP has no vendor directory yet: the os-release ID
+        (debian, ubuntu, centos), as before families. RHEL's own packages use "redhat"; a family may say so."""
+        return self.os.id or "linux"
+
+    # ------------------------------------------------------------ network files
+
+    def dhcp_file(self, style: NetStyle | str, host: str) -> tuple[str, str, int]:
+        """(path, text, mode) of DHCP on eth0 in `style` (network policy dhcp)."""
+        return dhcp_file(style, host)
+
+    def interface_files(self, files: Iterable[str]) -> list[str]:
+        """Of the source's network files, those that configure interfaces (policy dhcp replaces them)."""
+        return interface_files(files)
 
     # ------------------------------------------------------------ services
 
@@ -127,3 +147,41 @@ def _dracut_at_least(system: SystemDescription, major: int) -> bool:
     found = re.match(r"(\d+)", system.initrd.version or "")
     # An unknown version is taken as a modern one: every dracut since 2013 has the flags.
     return found is None or int(found.group(1)) >= major
+
+
+def dhcp_file(style: str, host: str) -> tuple[str, str, int]:
+    """(path, text, mode) of DHCP on eth0 in `style`, where every family so far keeps that style's files."""
+    if style == "netplan":
+        return ("/etc/netplan/01-p2v-dhcp.yaml",
+                "# Written by p2v: DHCP on eth0\nnetwork:\n  version: 2\n  ethernets:\n    eth0:\n"
+                "      dhcp4: true\n", 0o600)
+    if style == "NetworkManager":
+        ident = uuid.uuid5(uuid.NAMESPACE_DNS, f"{host}.p2v.eth0")
+        return (f"{NM_CONNECTIONS}/eth0.nmconnection",
+                f"[connection]\nid=eth0\nuuid={ident}\ntype=ethernet\ninterface-name=eth0\nautoconnect=true\n\n"
+                "[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n", 0o600)
+    if style == "ifcfg":
+        return (f"{SCRIPTS}/ifcfg-eth0",
+                "# Written by p2v: DHCP on eth0\nDEVICE=eth0\nTYPE=Ethernet\nBOOTPROTO=dhcp\nONBOOT=yes\n", 0o644)
+    if style == "systemd-networkd":
+        return (f"{LINK_DIR}/10-p2v-eth0.network",
+                "# Written by p2v: DHCP on eth0\n[Match]\nName=eth0\n\n[Network]\nDHCP=yes\n", 0o644)
+    return ("/etc/network/interfaces",
+            "# Written by p2v: DHCP on eth0\nsource /etc/network/interfaces.d/*\n\nauto lo\n"
+            "iface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n", 0o644)
+
+
+def interface_files(files: Iterable[str]) -> list[str]:
+    """The source's interface configuration files (not the loopback's, not global settings)."""
+    out = []
+    for path in files:
+        name = path.rsplit("/", 1)[-1]
+        if path.startswith(f"{SCRIPTS}/") and name != "ifcfg-lo" and name.startswith(("ifcfg-", "route-", "route6-")):
+            out.append(path)
+        elif path.startswith(f"{NM_CONNECTIONS}/") or (path.startswith("/etc/netplan/") and name.endswith(".yaml")):
+            out.append(path)
+        elif path.startswith(f"{LINK_DIR}/") and name.endswith((".network", ".netdev")):
+            out.append(path)
+        elif path == "/etc/network/interfaces" or path.startswith("/etc/network/interfaces.d/"):
+            out.append(path)
+    return out

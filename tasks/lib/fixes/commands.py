@@ -154,7 +154,7 @@ def efi_loader(system: SystemDescription, plan: DiskPlan) -> EfiLoader | None:
                     f"{top}{boot_dir}/BOOTX64.EFI")
     shim = any(re.match(r"shim", p.rsplit("/", 1)[1], re.IGNORECASE) for p in binaries
                if not p.startswith(f"{top}{boot_dir}/"))
-    vendor = vendor_dirs[0] if vendor_dirs else (system.os.id or "linux")
+    vendor = vendor_dirs[0] if vendor_dirs else family_of_system(system).efi_vendor()
     written: list[str] = []
     if not shim:
         written.append(f"{top}{vendor}/grubx64.efi")
