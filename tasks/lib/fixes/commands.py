@@ -154,7 +154,8 @@ def efi_loader(system: SystemDescription, plan: DiskPlan) -> EfiLoader | None:
                     f"{top}{boot_dir}/BOOTX64.EFI")
     shim = any(re.match(r"shim", p.rsplit("/", 1)[1], re.IGNORECASE) for p in binaries
                if not p.startswith(f"{top}{boot_dir}/"))
-    vendor = vendor_dirs[0] if vendor_dirs else family_of_system(system).efi_vendor()
+    family = family_of_system(system)
+    vendor = vendor_dirs[0] if vendor_dirs else family.efi_vendor()
     written: list[str] = []
     if not shim:
         written.append(f"{top}{vendor}/grubx64.efi")
@@ -162,7 +163,6 @@ def efi_loader(system: SystemDescription, plan: DiskPlan) -> EfiLoader | None:
         written.append(fallback)
     if not written:
         return None
-    family = family_of_system(system)
     grub_dir = family.grub_dir
     mkimage = family.grub_tool("mkimage")
     holder = "/boot" if any(fs.mountpoint == "/boot" for fs in plan.filesystems) else "/"
