@@ -55,9 +55,10 @@ from typing import Any
 
 from tasks.lib import esp, fixes, inodeflags
 from tasks.lib.debconf import CONFIG_DAT, question_value
+from tasks.lib.distro import family_of_system
 from tasks.lib.fixes import EditPlan
 from tasks.lib.outputs import FixStamp, StepReceipt, SyncStamp, load_sync_stamp, write_fix_stamp
-from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install, write_apt_index
+from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, PackageTooling, write_apt_index
 from tasks.lib.paths import RootTreeReader, read_text_in_root, remove_in_root, resolve_in_root, write_text_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.model import DiskPlan
@@ -119,6 +120,12 @@ class FixContext:
     def tree(self) -> RootTreeReader:
         return RootTreeReader(self.root)
 
+    @property
+    def packaging(self) -> PackageTooling:
+        """The package tooling the source's distro family installs and queries with."""
+        system = fixes.describe(self.layout)
+        return family_of_system(system).packaging(system)
+
     def report(self, step: str) -> StepReport:
         return self.reports.setdefault(step, StepReport(step))
 
@@ -156,7 +163,7 @@ def package_repository(ctx: FixContext, source: PackageSource) -> Iterator[None]
             repo = resolve_in_root(ctx.root, REPO_MOUNT)  # in the chroot's tmpfs /run
             pool = repo / "pool"
             pool.mkdir(parents=True, exist_ok=True)
-            if ctx.layout["system"].get("package_manager") == "apt":
+            if ctx.packaging.indexes_directory:
                 count = write_apt_index(directory, repo)
                 log.info("indexed %d packages from %s", count, directory)
             stack.enter_context(mounted(str(directory), pool, bind=True, options=["ro"]))
@@ -211,7 +218,7 @@ def _remove_made(file: Path, directories: Sequence[Path]) -> None:
 @contextlib.contextmanager
 def services_held_back(ctx: FixContext) -> Iterator[None]:
     """Package scripts must not start daemons in the chroot (Debian's policy-rc.d)."""
-    if ctx.layout["system"].get("package_manager") != "apt":
+    if not ctx.packaging.holds_services:
         yield
         return
     policy = "/usr/sbin/policy-rc.d"
@@ -239,7 +246,8 @@ def install_packages(ctx: FixContext) -> None:
     if not missing:
         ctx.installed_packages = wanted
         return
-    install = plan_install(ctx.layout, PackageSource.from_spec(policy.source), missing)
+    codename = (ctx.layout["system"].get("os") or {}).get("codename")
+    install = ctx.packaging.plan(PackageSource.from_spec(policy.source), missing, codename)
     with package_repository(ctx, PackageSource.from_spec(policy.source)), services_held_back(ctx):
         for path, text in install.files.items():
             target = resolve_in_root(ctx.root, path)
@@ -260,12 +268,9 @@ def install_packages(ctx: FixContext) -> None:
 
 
 def _is_installed(ctx: FixContext, package: str) -> bool:
-    manager = ctx.layout["system"].get("package_manager")
-    if manager == "apt":
-        result = chroot_run(ctx.root, ["dpkg-query", "-W", "-f=${db:Status-Status}", package], check=False)
-        return result.returncode == 0 and result.stdout.strip() == "installed"
-    result = chroot_run(ctx.root, ["rpm", "-q", package], check=False)
-    return result.returncode == 0
+    packaging = ctx.packaging
+    result = chroot_run(ctx.root, list(packaging.installed_query(package)), check=False)
+    return packaging.is_installed(result.returncode, result.stdout)
 
 
 def clean_cloud_init(ctx: FixContext) -> None:

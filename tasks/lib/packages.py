@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tasks.lib.runner import P2VError, output
 
@@ -71,10 +71,42 @@ def _apt_options(own_sources: bool) -> tuple[str, ...]:
 def plan_install(layout: Mapping[str, Any], source: PackageSource, packages: Sequence[str]) -> InstallPlan:
     """The commands that install `packages` into the target, for the server's package manager."""
     system = layout["system"]
-    manager = system.get("package_manager")
     codename = (system.get("os") or {}).get("codename")
-    wanted = tuple(dict.fromkeys(packages))
-    if manager == "apt":
+    return tooling_for(system.get("package_manager")).plan(source, packages, codename)
+
+
+class PackageTooling(Protocol):
+    """How one package manager installs and queries packages in the target's chroot.
+
+    A distro family hands out one (`tasks.lib.distro.Family.packaging`).
+    """
+
+    @property
+    def manager(self) -> str | None: ...
+
+    @property
+    def holds_services(self) -> bool: ...  # package scripts kept from starting daemons by policy-rc.d
+
+    @property
+    def indexes_directory(self) -> bool: ...  # a directory source needs an index p2v writes (write_apt_index)
+
+    def plan(self, source: PackageSource, packages: Sequence[str], codename: str | None) -> InstallPlan: ...
+
+    def installed_query(self, package: str) -> tuple[str, ...]: ...
+
+    def is_installed(self, returncode: int, stdout: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AptTooling:
+    """apt-get to install, dpkg-query to ask (Debian, Ubuntu)."""
+
+    manager: str = "apt"
+    holds_services: bool = True
+    indexes_directory: bool = True
+
+    def plan(self, source: PackageSource, packages: Sequence[str], codename: str | None) -> InstallPlan:
+        wanted = tuple(dict.fromkeys(packages))
         if source.kind == "directory":
             sources = f"deb [trusted=yes] file:{REPO_MOUNT} ./\n"  # index at the top, debs in pool/
         elif source.kind == "url":
@@ -94,7 +126,32 @@ def plan_install(layout: Mapping[str, Any], source: PackageSource, packages: Seq
              "-o", "Dpkg::Options::=--force-confold", *wanted),
         )
         return InstallPlan("apt", wanted, files, commands, needs_network=source.kind != "directory")
-    if manager in ("yum", "dnf"):
+
+    def installed_query(self, package: str) -> tuple[str, ...]:
+        return ("dpkg-query", "-W", "-f=${db:Status-Status}", package)
+
+    def is_installed(self, returncode: int, stdout: str) -> bool:
+        return returncode == 0 and stdout.strip() == "installed"
+
+
+@dataclass(frozen=True)
+class RpmTooling:
+    """yum or dnf to install, rpm to ask (the RHEL family).
+
+    Any other manager found (zypper, or none) is still asked through rpm, but
+    p2v installs nothing with it: `plan` says so in one line.
+    """
+
+    manager: str | None
+    holds_services: bool = False
+    indexes_directory: bool = False
+
+    def plan(self, source: PackageSource, packages: Sequence[str], codename: str | None) -> InstallPlan:
+        manager = self.manager
+        if manager is None or manager not in ("yum", "dnf"):
+            raise P2VError(f"no package manager known for this server (found {manager!r})",
+                           hint="set fix.cloud_init.install: false and install cloud-init on the server beforehand")
+        wanted = tuple(dict.fromkeys(packages))
         repo_options: tuple[str, ...] = ()
         files = {}
         if source.kind in ("directory", "url"):
@@ -108,8 +165,19 @@ def plan_install(layout: Mapping[str, Any], source: PackageSource, packages: Seq
             return InstallPlan(manager, wanted, {}, (("sh", "-c", local),), needs_network=False)
         return InstallPlan(manager, wanted, files, ((manager, "-y", *repo_options, "install", *wanted),),
                            needs_network=True)
-    raise P2VError(f"no package manager known for this server (found {manager!r})",
-                   hint="set fix.cloud_init.install: false and install cloud-init on the server beforehand")
+
+    def installed_query(self, package: str) -> tuple[str, ...]:
+        return ("rpm", "-q", package)
+
+    def is_installed(self, returncode: int, stdout: str) -> bool:
+        return returncode == 0
+
+
+def tooling_for(manager: str | None) -> PackageTooling:
+    """The tooling of the package manager inspect found: apt, or rpm with yum/dnf (as before families)."""
+    if manager == "apt":
+        return AptTooling()
+    return RpmTooling(manager)
 
 
 def write_apt_index(debs_dir: Path, index_dir: Path, pool: str = "pool") -> int:

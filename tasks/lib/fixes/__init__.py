@@ -11,7 +11,9 @@ all of it out (`apply_edit` writes one edit, confined to the target root).
 The steps, in order: fstab, bootloader-config, initrd-config, network,
 cloud-init-config, selinux. Planning on an already fixed tree yields no
 edits: each step rewrites what is there and drops rewrites that change
-nothing.
+nothing. What differs between distributions (grub's tool names, the initrd's
+path and tool, systemd or SysV, the DHCP file, SELinux) is asked of the
+source's distro family (tasks/lib/distro), never decided by its name here.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.lib.distro import family_of_system
 from tasks.lib.fixes.bootconfig import grub_legacy_partition
 from tasks.lib.fixes.model import Command, describe
 from tasks.lib.fixes.network import uses_systemd
@@ -16,15 +17,11 @@ from tasks.lib.source.model import SystemDescription
 from tasks.lib.spec import FixPolicy
 
 
-def _grub2_prefix(system: SystemDescription) -> str:
-    """RHEL and SUSE call grub 2's tools grub2-*, Debian and Ubuntu grub-*."""
-    return "grub" if system.os.family == "debian" else "grub2"
-
-
 def bootloader_install_commands(layout: Mapping[str, Any], plan: DiskPlan, disk_device: str) -> list[Command]:
     """Boot code for BIOS on `disk_device` (the image's loop device, as the chroot sees it).
 
-    - grub2: `grub-install --target=i386-pc <dev>` (grub2-install on RHEL).
+    - grub2: `grub-install --target=i386-pc <dev>` (grub2-install on RHEL: the
+      distro family names grub's tools, tasks/lib/distro).
     - grub legacy: the grub shell in batch mode, fed `device (hd0) <dev>`,
       `root (hd0,N)` (the partition with /boot) and `setup (hd0)`. An empty
       device map keeps it from probing the conversion host's disks.
@@ -36,7 +33,7 @@ def bootloader_install_commands(layout: Mapping[str, Any], plan: DiskPlan, disk_
         return list(loader.commands) if loader else []
     kind = system.bootloader.kind
     if kind == "grub2":
-        return [Command((f"{_grub2_prefix(system)}-install", "--target=i386-pc", disk_device))]
+        return [Command((family_of_system(system).grub_tool("install"), "--target=i386-pc", disk_device))]
     if kind == "grub-legacy":
         script = f"device (hd0) {disk_device}\nroot (hd0,{grub_legacy_partition(plan)})\nsetup (hd0)\nquit\n"
         return [Command(("grub", "--batch", "--no-floppy", "--device-map=/dev/null"), script)]
@@ -58,18 +55,19 @@ def debconf_install_device_command(layout: Mapping[str, Any], plan: DiskPlan) ->
     answer names: the physical server's disk id, which the cloud does not have.
     Point it at the virtio disk; None where grub-pc's answer does not apply."""
     system = describe(layout)
-    if system.os.family != "debian" or system.bootloader.kind != "grub2" or plan.firmware == "uefi":
+    if not family_of_system(system).grub_pc_debconf or system.bootloader.kind != "grub2" or plan.firmware == "uefi":
         return None
     return Command(("debconf-set-selections",), f"grub-pc {GRUB_PC_INSTALL_DEVICES} multiselect {VIRTIO_BOOT_DISK}\n")
 
 
 def bootloader_config_commands(layout: Mapping[str, Any]) -> list[list[str]]:
     """grub2: regenerate grub.cfg from /etc/default/grub; grub legacy: [] (its file is edited)."""
-    boot = describe(layout).bootloader
+    system = describe(layout)
+    boot = system.bootloader
     if boot.kind == "grub-legacy":
         return []
     if boot.kind == "grub2" and boot.config_path:
-        return [[f"{_grub2_prefix(describe(layout))}-mkconfig", "-o", boot.config_path]]
+        return [[family_of_system(system).grub_tool("mkconfig"), "-o", boot.config_path]]
     raise P2VError(f"bootloader {boot.kind}: p2v configures grub2 and grub legacy only",
                    hint="install grub on the server, then rerun inspect:<host>")
 
@@ -79,22 +77,16 @@ def service_commands(layout: Mapping[str, Any], policy: FixPolicy, *,
     """(command line, what it does) that disable the services the spec lists (vendor RAID, iLO agents ...).
 
     systemd: `systemctl disable` (works offline in a chroot); EL6 and other
-    SysV systems: `chkconfig <name> off`, or `update-rc.d <name> disable` on
-    Debian. `has_systemd` overrides the guess from the OS version.
+    SysV systems: the distro family's way, `chkconfig <name> off`, or
+    `update-rc.d <name> disable` on Debian. `has_systemd` overrides the guess
+    from the OS version.
     """
     system = describe(layout)
     if has_systemd is None:
         has_systemd = uses_systemd(_NoTree(), system)
-    commands: list[tuple[list[str], str]] = []
-    for name in policy.remove_services:
-        if has_systemd:
-            argv = ["systemctl", "disable", name]
-        elif system.os.family == "debian":
-            argv = ["update-rc.d", name.removesuffix(".service"), "disable"]
-        else:
-            argv = ["chkconfig", name.removesuffix(".service"), "off"]
-        commands.append((argv, f"disabled the hardware-specific service {name}"))
-    return commands
+    family = family_of_system(system)
+    return [(family.disable_service(name, has_systemd), f"disabled the hardware-specific service {name}")
+            for name in policy.remove_services]
 
 
 class _NoTree:
@@ -163,7 +155,8 @@ def efi_loader(system: SystemDescription, plan: DiskPlan) -> EfiLoader | None:
                     f"{top}{boot_dir}/BOOTX64.EFI")
     shim = any(re.match(r"shim", p.rsplit("/", 1)[1], re.IGNORECASE) for p in binaries
                if not p.startswith(f"{top}{boot_dir}/"))
-    vendor = vendor_dirs[0] if vendor_dirs else (system.os.id or "linux")
+    family = family_of_system(system)
+    vendor = vendor_dirs[0] if vendor_dirs else family.efi_vendor()
     written: list[str] = []
     if not shim:
         written.append(f"{top}{vendor}/grubx64.efi")
@@ -171,8 +164,8 @@ def efi_loader(system: SystemDescription, plan: DiskPlan) -> EfiLoader | None:
         written.append(fallback)
     if not written:
         return None
-    tool = _grub2_prefix(system)
-    grub_dir = "/boot/grub2" if tool == "grub2" else "/boot/grub"
+    grub_dir = family.grub_dir
+    mkimage = family.grub_tool("mkimage")
     holder = "/boot" if any(fs.mountpoint == "/boot" for fs in plan.filesystems) else "/"
     holder_fs = plan.filesystem(holder)
     prefix = grub_dir.removeprefix("/boot") if holder == "/boot" else grub_dir
@@ -182,11 +175,11 @@ def efi_loader(system: SystemDescription, plan: DiskPlan) -> EfiLoader | None:
         Command(("mkdir", "-p", *directories)),
         Command(("cp", "-a", f"{EFI_MODULES}/.", f"{grub_dir}/x86_64-efi/")),
         Command(("tee", EFI_LOAD_CFG), load_cfg),
-        Command((f"{tool}-mkimage", "-O", "x86_64-efi", "-o", written[0], "-c", EFI_LOAD_CFG, "-p", prefix,
+        Command((mkimage, "-O", "x86_64-efi", "-o", written[0], "-c", EFI_LOAD_CFG, "-p", prefix,
                  "part_gpt", "part_msdos", _FS_MODULES.get(holder_fs.fstype, "ext2"), "search_fs_uuid")),
         *(Command(("cp", written[0], path)) for path in written[1:]),
     ]
     what = " and ".join(path.removeprefix(esp.mountpoint + "/") for path in written)
-    why = (f"grub's x86_64-efi core image ({tool}-mkimage; it finds {holder} by UUID {holder_fs.uuid}, prefix "
+    why = (f"grub's x86_64-efi core image ({mkimage}; it finds {holder} by UUID {holder_fs.uuid}, prefix "
            f"{prefix}) written to {what} on the ESP" + ("; the signed shim chain is left as it was" if shim else ""))
     return EfiLoader(commands=tuple(commands), written=tuple(written), load_cfg=load_cfg, why=why)

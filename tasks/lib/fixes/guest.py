@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tasks.lib.distro import family_of_system
 from tasks.lib.fixes.model import Changes, FileEdit, TreeReader
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.source.model import SystemDescription
@@ -16,7 +17,6 @@ CLOUD_CFG_DIR = "/etc/cloud/cloud.cfg.d"
 # and subiquity's 99-installer.cfg (`datasource_list: [None]`), which a
 # "90-p2v.cfg" would lose to ('-' sorts before '_' and 'i').
 CLOUD_INIT_CONFIG = f"{CLOUD_CFG_DIR}/99_p2v.cfg"
-AUTORELABEL = "/.autorelabel"
 
 
 def cloud_init_text(keep_network: bool) -> str:
@@ -67,7 +67,8 @@ def fix_selinux(tree: TreeReader, system: SystemDescription, layout: Mapping[str
     does the swap file the fix stage makes: swapon wants it labelled.
     """
     changes = Changes(tree, "selinux")
-    if system.selinux == "disabled":
+    marker = family_of_system(system).relabel_marker(system)
+    if marker is None:
         return changes
     reasons = _changed_types(layout, plan)
     new_files = [e.path for e in edits if e.text is not None and not tree.exists(e.path)]
@@ -77,7 +78,7 @@ def fix_selinux(tree: TreeReader, system: SystemDescription, layout: Mapping[str
         reasons.append("cloud-init installed from the chroot")
     if plan.swap_file is not None and not tree.exists(plan.swap_file.path):
         reasons.append(f"the new swap file {plan.swap_file.path} (swapfile_t)")
-    if reasons and not tree.exists(AUTORELABEL):
-        changes.write(AUTORELABEL, "", f"SELinux {system.selinux}: relabel at first boot ({'; '.join(reasons)})",
+    if reasons and not tree.exists(marker):
+        changes.write(marker, "", f"SELinux {system.selinux}: relabel at first boot ({'; '.join(reasons)})",
                       0o644)
     return changes

@@ -7,7 +7,8 @@ conversion host, or the physical server's controller) and leaves out virtio
 the root it sees into the image, which in the chroot is a loop device
 (dracut-ng#2519). The command-line flags win over `hostonly="yes"` in
 dracut.conf.d (RHEL's 01-dist.conf), which therefore stays. dracut 004 (EL6)
-knows neither flag and builds generic images by default.
+knows neither flag and builds generic images by default. The command lines
+are the distro family's (tasks/lib/distro): which tool, where the image goes.
 
 initramfs-tools (Debian family): the drivers are listed in
 /etc/initramfs-tools/modules (an edit, so every later `update-initramfs` on
@@ -18,10 +19,10 @@ the conversion host's.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from tasks.lib.distro import family_of_system
 from tasks.lib.fixes.model import VIRTIO_MODULES, Changes, TreeReader, describe
 from tasks.lib.fixes.text import set_shell_var, with_newline
 from tasks.lib.planning.model import DiskPlan
@@ -60,39 +61,19 @@ def _kernel(system: SystemDescription, version: str) -> Kernel:
 
 def initrd_path(system: SystemDescription, version: str) -> str:
     """Where this distribution's bootloader configuration expects the kernel's initrd."""
-    kernel = _kernel(system, version)
-    if kernel.initrd:
-        return kernel.initrd
-    if system.os.family == "rhel":
-        return f"/boot/initramfs-{version}.img"
-    return f"/boot/initrd.img-{version}"
-
-
-def _dracut_at_least(system: SystemDescription, major: int) -> bool:
-    found = re.match(r"(\d+)", system.initrd.version or "")
-    # An unknown version is taken as a modern one: every dracut since 2013 has the flags.
-    return found is None or int(found.group(1)) >= major
+    return family_of_system(system).initrd_path(_kernel(system, version))
 
 
 def initrd_commands(layout: Mapping[str, Any], kernel: str) -> list[list[str]]:
     """The command lines that rebuild `kernel`'s initrd in the chroot."""
     system = describe(layout)
-    tool = system.initrd.tool
-    path = initrd_path(system, kernel)
-    if tool == "dracut":
-        flags = ["--no-hostonly", "--no-hostonly-cmdline"] if _dracut_at_least(system, 33) else []
-        return [["dracut", "-f", *flags, "--add-drivers", " ".join(VIRTIO_MODULES), path, kernel]]
-    if tool == "initramfs-tools":
-        # -u refuses to make an initrd that does not exist yet; -c refuses to replace one.
-        return [["update-initramfs", "-u" if _kernel(system, kernel).initrd else "-c", "-k", kernel]]
-    raise P2VError(f"initrd tool {tool or 'none found'}: p2v rebuilds initrds with dracut or initramfs-tools",
-                   hint="install dracut or initramfs-tools on the server, then rerun inspect:<host>")
+    return family_of_system(system).initrd_commands(system, _kernel(system, kernel), VIRTIO_MODULES)
 
 
 def initrd_check_command(layout: Mapping[str, Any], kernel: str) -> list[str]:
     """The command that lists the rebuilt initrd's files (see `expected_initrd_drivers`)."""
     system = describe(layout)
-    lister = "lsinitrd" if system.initrd.tool == "dracut" else "lsinitramfs"
+    lister = family_of_system(system).initrd_lister(system)
     return [lister, initrd_path(system, kernel)]
 
 

@@ -20,10 +20,10 @@ On OpenStack the NIC is a virtio NIC with the Neutron port's MAC, so:
 from __future__ import annotations
 
 import re
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tasks.lib.distro import family_of_system
+from tasks.lib.distro.base import LINK_DIR, NM_CONNECTIONS, SCRIPTS
 from tasks.lib.fixes.model import Changes, TreeReader
 from tasks.lib.formats.ifcfg import drop_ifcfg_macs
 from tasks.lib.formats.ifupdown import drop_hwaddress
@@ -35,13 +35,11 @@ from tasks.lib.formats.udev import drop_udev_rules
 from tasks.lib.source.model import MacBinding, NetworkConfig, SystemDescription
 from tasks.lib.spec import FixPolicy
 
-__all__ = ["drop_hwaddress", "drop_ifcfg_macs", "drop_keyfile_macs", "drop_netplan_macs", "drop_networkd_macs",
+__all__ = ["LINK_DIR", "NM_CONNECTIONS", "SCRIPTS",
+           "drop_hwaddress", "drop_ifcfg_macs", "drop_keyfile_macs", "drop_netplan_macs", "drop_networkd_macs",
            "drop_udev_rules"]  # their old home: tests import them from here
 
 KERNEL_STYLE = re.compile(r"^eth\d+$")
-SCRIPTS = "/etc/sysconfig/network-scripts"
-NM_CONNECTIONS = "/etc/NetworkManager/system-connections"
-LINK_DIR = "/etc/systemd/network"
 
 
 @dataclass(frozen=True)
@@ -61,11 +59,10 @@ def physical_nics(network: NetworkConfig) -> tuple[str, ...]:
 
 
 def uses_systemd(tree: TreeReader, system: SystemDescription) -> bool:
+    """systemd's binary in the tree, or else the distro family's word for the release."""
     if tree.exists("/usr/lib/systemd/systemd") or tree.exists("/lib/systemd/systemd"):
         return True
-    major = system.os.major or 0
-    return (system.os.family == "rhel" and major >= 7) or (system.os.id == "debian" and major >= 8) or \
-        (system.os.id == "ubuntu" and major >= 16)
+    return family_of_system(system).systemd_by_release()
 
 
 def decide_naming(tree: TreeReader, system: SystemDescription, policy: FixPolicy) -> tuple[Naming, list[str]]:
@@ -166,58 +163,19 @@ def link_file_path(name: str) -> str:
 
 
 def dhcp_style(system: SystemDescription) -> str:
-    """The distribution's own way to configure eth0, from what the source uses."""
+    """The distribution's own way to configure eth0: what the source uses, else its family's default."""
     styles = system.network.styles
     for style in ("netplan", "NetworkManager", "ifcfg", "systemd-networkd", "ifupdown"):
         if style in styles:
             return style
-    if system.os.family == "rhel":
-        return "NetworkManager" if (system.os.major or 0) >= 9 else "ifcfg"
-    return "ifupdown"
-
-
-def _dhcp_config(style: str, host: str) -> tuple[str, str, int]:
-    """(path, text, mode) of DHCP on eth0 in `style`."""
-    if style == "netplan":
-        return ("/etc/netplan/01-p2v-dhcp.yaml",
-                "# Written by p2v: DHCP on eth0\nnetwork:\n  version: 2\n  ethernets:\n    eth0:\n"
-                "      dhcp4: true\n", 0o600)
-    if style == "NetworkManager":
-        ident = uuid.uuid5(uuid.NAMESPACE_DNS, f"{host}.p2v.eth0")
-        return (f"{NM_CONNECTIONS}/eth0.nmconnection",
-                f"[connection]\nid=eth0\nuuid={ident}\ntype=ethernet\ninterface-name=eth0\nautoconnect=true\n\n"
-                "[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n", 0o600)
-    if style == "ifcfg":
-        return (f"{SCRIPTS}/ifcfg-eth0",
-                "# Written by p2v: DHCP on eth0\nDEVICE=eth0\nTYPE=Ethernet\nBOOTPROTO=dhcp\nONBOOT=yes\n", 0o644)
-    if style == "systemd-networkd":
-        return (f"{LINK_DIR}/10-p2v-eth0.network",
-                "# Written by p2v: DHCP on eth0\n[Match]\nName=eth0\n\n[Network]\nDHCP=yes\n", 0o644)
-    return ("/etc/network/interfaces",
-            "# Written by p2v: DHCP on eth0\nsource /etc/network/interfaces.d/*\n\nauto lo\n"
-            "iface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n", 0o644)
-
-
-def _interface_configs(files: Iterable[str]) -> list[str]:
-    """The source's interface configuration files (not the loopback's, not global settings)."""
-    out = []
-    for path in files:
-        name = path.rsplit("/", 1)[-1]
-        if path.startswith(f"{SCRIPTS}/") and name != "ifcfg-lo" and name.startswith(("ifcfg-", "route-", "route6-")):
-            out.append(path)
-        elif path.startswith(f"{NM_CONNECTIONS}/") or (path.startswith("/etc/netplan/") and name.endswith(".yaml")):
-            out.append(path)
-        elif path.startswith(f"{LINK_DIR}/") and name.endswith((".network", ".netdev")):
-            out.append(path)
-        elif path == "/etc/network/interfaces" or path.startswith("/etc/network/interfaces.d/"):
-            out.append(path)
-    return out
+    return family_of_system(system).default_network_style()
 
 
 def _write_dhcp(changes: Changes, tree: TreeReader, system: SystemDescription, host: str) -> set[str]:
+    family = family_of_system(system)
     style = dhcp_style(system)
-    path, text, mode = _dhcp_config(style, host)
-    replaced = set(_interface_configs(system.network.files))
+    path, text, mode = family.dhcp_file(style, host)
+    replaced = set(family.interface_files(system.network.files))
     for old in sorted(replaced - {path}):
         if old == "/etc/network/interfaces":
             changes.write(old, "# Written by p2v: see the network configuration of "
