@@ -94,7 +94,8 @@ def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> Iterator[
     root = tmp_path_factory.mktemp("convert-batch")
     # Hard links to the cached images: the loop devices p2v attaches name them, so the leftover check
     # below sees this batch's only, whatever another test (or worker) attaches meanwhile.
-    servers = {name: own_server(build_server(name), root / "sources" / name) for name, _ in CASES}
+    names = dict.fromkeys(name for name, _ in CASES)  # plain-bookworm twice: flatten and keep
+    servers = {name: own_server(build_server(name), root / "sources" / name) for name in names}
     projects = {case: root / ("fleet" if case[1] == "flatten" else f"{case[0]}-{case[1]}") for case in CASES}
     for (name, layout), project in projects.items():
         conversion_spec(project, servers[name], layout, image_format=UPLOADED.get((name, layout)))

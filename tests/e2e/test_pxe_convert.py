@@ -47,7 +47,7 @@ from typing import Any
 import pytest
 
 from live.build import LiveImage, ensure_live
-from tasks.lib.bootcheck import clean_serial_text
+from tasks.lib.bootcheck import clean_serial_text, guest_priority
 from tasks.lib.runner import run
 from tasks.lib.site import load_site
 from tasks.lib.spec import PROJECT_DIR
@@ -220,7 +220,7 @@ def boot_server(net: PxeNetwork, name: str, disks: list[Path], serials: tuple[st
     console, then, `stop_after` seconds later, cut its power: qemu ends with no guest shutdown);
     returns its console log and when each milestone showed."""
     tap = net.add_tap(f"tap-{name}"[:15])
-    net.start(f"qemu-{name}", server_argv(disks, serials, mac, serial_log, tap))
+    net.start(f"qemu-{name}", [*guest_priority(), *server_argv(disks, serials, mac, serial_log, tap)])
     proc = net.processes[f"qemu-{name}"]
     started = time.monotonic()
     marks: dict[str, float] = {}
