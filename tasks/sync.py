@@ -6,7 +6,7 @@ The source tree is mounted read-only as inspect found it (a filesystem that
 was not shut down cleanly through a throw-away overlay with its journal
 replayed, so that the copy and its check see what the source really holds:
 tasks/lib/replay.py), the target as the disk plan says; the copy engine
-(tasks/lib/copy.py) copies each source filesystem, proves the copy with a
+(tasks/lib/copy/) copies each source filesystem, proves the copy with a
 manifest of both trees, and its receipt is the stamp. A rerun after a failure or a kill continues the copy in the same
 disk.img instead of starting over.
 
@@ -15,7 +15,7 @@ format) proves that cheaply instead of running rsync and hashing both trees
 again. Two seals in the host's state directory (.p2v/), each written only
 after a verified copy:
 
-- `sync-seal.json`, the copy engine's (tasks/lib/copy.py, SEAL_FORMAT):
+- `sync-seal.json`, the copy engine's (tasks/lib/copy/seal.py; SEAL_FORMAT in model.py):
   stat-only listings of both mounted trees, ctime included. Any source, any
   filesystem; costs one cold walk of each tree.
 - `sync-stage-seal.json`, this stage's, checked before anything is mounted:

@@ -1,7 +1,7 @@
 """Inode flags (chattr) through the copy and the fix stage's last step, on real ext4 and xfs images.
 
 The source gets its flags from the real chattr, the target is read with the real lsattr. The copy
-(tasks/lib/copy.py, as the sync stage calls it) keeps every flag the target keeps but i and a, which
+(tasks/lib/copy/, as the sync stage calls it) keeps every flag the target keeps but i and a, which
 it lists as pending; the fix stage's code that sets them (tasks/fix.py: set_deferred_flags) runs on
 the mounted target, and a resync into a target that already has them still works.
 """

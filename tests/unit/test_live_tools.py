@@ -41,8 +41,8 @@ def _mkfs_commands() -> set[str]:
 DYNAMIC: dict[str, Callable[[], set[str]]] = {
     "tasks/disk.py:make_filesystem": lambda: _mkfs_commands() | {"mkswap"},  # run([*part.filesystem.mkfs, node])
     "tasks/lib/storage.py:_lvm_report": lambda: {"pvs", "vgs", "lvs"},  # _lvm_report("pvs"|"vgs"|"lvs", ...)
-    "tasks/lib/copy.py:tool_versions": lambda: {"rsync", "tar"},  # for tool in ("rsync", "tar")
-    "tasks/lib/copy.py:_run_logged": lambda: {"tar", "rsync"},  # the tar pipeline and rsync passes
+    "tasks/lib/copy/commands.py:tool_versions": lambda: {"rsync", "tar"},  # for tool in ("rsync", "tar")
+    "tasks/lib/copy/passes.py:_run_logged": lambda: {"tar", "rsync"},  # the tar pipeline and rsync passes
     "tasks/lib/bootcheck.py:_spawn": lambda: {"qemu-system-x86_64"},  # qemu_argv / kernel_qemu_argv
     "tasks/lib/manifest.py:build_manifest_apart": set,  # sys.executable: the venv's python, not a PATH command
     # _mtools(["mdir" | "mcopy" | ..., ...]): the ESP's tools, read from esp.py's call sites

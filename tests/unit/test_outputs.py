@@ -40,7 +40,7 @@ def make_spec(workdir: Path) -> Spec:
 
 
 def copy_receipt(*, esp: bool = False) -> dict[str, Any]:
-    """The sync stage's receipt, from the copy engine's own dataclasses (tasks/lib/copy.py)."""
+    """The sync stage's receipt, from the copy engine's own dataclasses (tasks/lib/copy/model.py)."""
     flags = FlagOutcome(entries=3, kept={"d": 2, "A": 1}, pending=(("/etc/resolv.conf", "i"), ("/var/log/x", "a")),
                         dropped=(("/srv/x", "C", "Operation not supported"),))
     passes = (PassResult(mountpoint="/", tool="tar", resumed=False, seconds=1.5, bytes_transferred=1 << 20,
