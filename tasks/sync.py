@@ -65,10 +65,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from tasks.fix import CONVERSION_RECORD
 from tasks.inspect import reachable_source, source_tree
 from tasks.lib import esp, inodeflags, storage
 from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, copy_tree, target_matches_seal
+from tasks.lib.fixes.steps.record import CONVERSION_RECORD
 from tasks.lib.outputs import CopyReceipt, SyncStamp, write_sync_stamp
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun

@@ -17,8 +17,9 @@ from typing import cast
 
 import pytest
 
-from tasks.fix import FixContext, install_packages
 from tasks.lib.fixes.model import EditPlan
+from tasks.lib.fixes.steps.context import FixContext
+from tasks.lib.fixes.steps.packages import install_packages
 from tasks.lib.resources import LoopDevice, chroot_binds
 from tasks.lib.runner import CommandError, chroot_run, run
 from tasks.lib.spec import CloudInitPolicy, FixPolicy

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.fix import StepReport, host_resolver, os_prober_hidden
 from tasks.lib.debconf import CONFIG_DAT, question_value
 from tasks.lib.fixes import GRUB_PC_INSTALL_DEVICES, VIRTIO_BOOT_DISK, debconf_install_device_command
+from tasks.lib.fixes.steps.boot import os_prober_hidden
+from tasks.lib.fixes.steps.context import StepReport
+from tasks.lib.fixes.steps.packages import host_resolver
 from tasks.lib.paths import read_text_in_root
 from tasks.lib.resources import chroot_binds, loop_device, mounted
 from tasks.lib.runner import chroot_run, run

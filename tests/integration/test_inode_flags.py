@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from bench.trees import make_filesystem
-from tasks.fix import CONVERSION_RECORD, clear_deferred_flags, set_deferred_flags
 from tasks.lib.copy import CopyResult, copy_tree, verify_copy
+from tasks.lib.fixes.steps.flags import clear_deferred_flags, set_deferred_flags
+from tasks.lib.fixes.steps.record import CONVERSION_RECORD
 from tasks.lib.inodeflags import DEFERRED
 from tasks.lib.resources import loop_device, mounted
 from tasks.lib.runner import P2VError, run

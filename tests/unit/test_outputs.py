@@ -17,6 +17,8 @@ import pytest
 from tasks import fix, inspect, sync, upload, verify
 from tasks.lib import outputs
 from tasks.lib.copy import RECEIPT_FORMAT, RECEIPT_VERSION, CopyResult, FlagOutcome, PassResult
+from tasks.lib.fixes.steps.context import StepReport
+from tasks.lib.fixes.steps.flags import pending_flags
 from tasks.lib.machine import boot_machine
 from tasks.lib.pipeline import StageRun
 from tasks.lib.plan import PLAN_FORMAT, PLAN_VERSION, DiskPlan, plan_disk
@@ -74,7 +76,7 @@ def written_sync_stamp(workdir: Path, receipt: dict[str, Any]) -> Path:
 
 def fix_stamp(packages: list[str] | None = None) -> outputs.FixStamp:
     """fixed.stamp as fix_host builds it, from its StepReports."""
-    reports = [fix.StepReport(name) for name in fix.STEP_NAMES]
+    reports = [StepReport(name) for name in fix.STEP_NAMES]
     reports[0].changed("edited /etc/fstab: new UUIDs")
     reports[1].warnings.append("a warning")
     reports[2].status = "skipped"
@@ -159,7 +161,7 @@ def test_the_sync_stamp_round_trips(esp: bool, tmp_path: Path) -> None:
     path = written_sync_stamp(tmp_path, receipt)
     stamp = outputs.load_sync_stamp(make_spec(tmp_path))
     assert stamp["copy"] == receipt and stamp["host"] == HOST
-    assert fix.pending_flags(stamp) == [("/etc/resolv.conf", "i"), ("/var/log/x", "a")]
+    assert pending_flags(stamp) == [("/etc/resolv.conf", "i"), ("/var/log/x", "a")]
     assert path.read_text() == json.dumps(stamp, indent=2, sort_keys=True) + "\n"
 
 
@@ -215,7 +217,7 @@ def test_the_schemas_name_the_versions_the_stages_write() -> None:
     copy_schema = json.loads(outputs.SYNC_STAMP.schema_path.read_text())["properties"]["copy"]["properties"]
     assert (copy_schema["format"]["const"], copy_schema["version"]["const"]) == (RECEIPT_FORMAT, RECEIPT_VERSION)
     fix_steps = json.loads(outputs.FIX_STAMP.schema_path.read_text())
-    assert fix_steps["properties"]["steps"]["items"]["required"] == list(fix.StepReport("x").to_json())
+    assert fix_steps["properties"]["steps"]["items"]["required"] == list(StepReport("x").to_json())
     for output in outputs.OUTPUTS:
         jsonschema.Draft202012Validator.check_schema(json.loads(output.schema_path.read_text()))
 

@@ -1,0 +1,72 @@
+"""What every fix step gets (the mounted target, the plan, the layout) and what it reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.lib import fixes
+from tasks.lib.distro import family_of_system
+from tasks.lib.fixes import EditPlan
+from tasks.lib.outputs import StepReceipt
+from tasks.lib.packages import PackageTooling
+from tasks.lib.paths import RootTreeReader
+from tasks.lib.planning.model import DiskPlan
+from tasks.lib.runner import chroot_run
+from tasks.lib.spec import Spec
+from tasks.lib.target import MountedTarget
+
+
+@dataclass
+class StepReport:
+    name: str
+    status: str = "unchanged"  # changed | unchanged | skipped
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+    def changed(self, what: str) -> None:
+        self.status = "changed"
+        self.changes.append(what)
+
+    def to_json(self) -> StepReceipt:
+        return {"name": self.name, "status": self.status, "changes": self.changes, "warnings": self.warnings,
+                "commands": self.commands}
+
+
+@dataclass
+class FixContext:
+    spec: Spec
+    layout: Mapping[str, Any]
+    plan: DiskPlan
+    target: MountedTarget
+    edits: EditPlan
+    reports: dict[str, StepReport] = field(default_factory=dict)
+    installed_packages: list[str] = field(default_factory=list)
+    restored_flags: list[tuple[str, str]] = field(default_factory=list)  # (path, letters) set by inode-flags
+
+    @property
+    def root(self) -> Path:
+        return self.target.root
+
+    @property
+    def tree(self) -> RootTreeReader:
+        return RootTreeReader(self.root)
+
+    @property
+    def packaging(self) -> PackageTooling:
+        """The package tooling the source's distro family installs and queries with."""
+        system = fixes.describe(self.layout)
+        return family_of_system(system).packaging(system)
+
+    def report(self, step: str) -> StepReport:
+        return self.reports.setdefault(step, StepReport(step))
+
+    def chroot(self, step: str, argv: Sequence[str], *, timeout: float = 900,
+               env: Mapping[str, str] | None = None, input: str | None = None) -> str:
+        """Run a command in the target; its line goes into the step's report."""
+        self.report(step).commands.append(" ".join(argv))
+        result = chroot_run(self.root, list(argv), env=env, timeout=timeout, input=input)
+        return result.stdout
