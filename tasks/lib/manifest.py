@@ -5,6 +5,12 @@
     compare(source, target) -> list[Difference]
     manifest.digest() -> "sha256:<hex>"
 
+Over 600 lines, kept whole on purpose: it is one format (what a tree holds, and how two
+trees differ), read, written and compared by the same `Entry`; the parts would only import
+each other's private helpers. It is also the one module the scale work (streaming
+sorted walks instead of whole trees in memory) will rewrite, which will split it by what
+streams and what does not.
+
 One `Entry` per file, directory, symlink, FIFO, socket or device node under
 `root`, keyed by its path as the server sees it (`/`, `/etc/shadow`). Paths are
 bytes-safe: names that are not UTF-8 are kept as surrogate-escaped `str`
