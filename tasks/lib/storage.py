@@ -14,6 +14,7 @@ Anything else is a clear error that names what is missing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -25,13 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.resources import loop_device, set_block_device_read_only
+from tasks.lib import journal
+from tasks.lib.resources import RUN_DIR, loop_device, set_block_device_read_only
 from tasks.lib.runner import CommandError, P2VError, output, run
 from tasks.lib.spec import Source
 
 log = logging.getLogger("p2v.storage")
 
 SECTOR = 512
+# Machine-wide locks of VG names that p2v has active (vg_names_locked).
+LVM_LOCK_DIR = RUN_DIR / "lvm"
 
 
 @dataclass
@@ -254,7 +258,7 @@ def fs_features(fstype: str, node: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- LVM
 
 
-def _lvm_env(config_dir: Path) -> dict[str, str]:
+def lvm_env(config_dir: Path) -> dict[str, str]:
     return {"LVM_SYSTEM_DIR": str(config_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 
@@ -278,7 +282,7 @@ def _lvm_report(command: str, pv_nodes: Sequence[str], fields: str, config_dir: 
                 extra: Sequence[str] = ()) -> list[dict[str, str]]:
     argv = [command, "--readonly", "--reportformat", "json", "--units", "b", "--nosuffix",
             "--devices", ",".join(pv_nodes), "-o", fields, *extra]
-    report = json.loads(run(argv, env=_lvm_env(config_dir)).stdout)["report"]
+    report = json.loads(run(argv, env=lvm_env(config_dir)).stdout)["report"]
     rows: list[dict[str, str]] = []
     for block in report:
         for value in block.values():
@@ -385,6 +389,63 @@ def linear_lv_extent(lv: Mapping[str, Any], lvm: Mapping[str, Any]) -> tuple[str
     return pv["device"], offset, size
 
 
+def lv_dm_name(vg: str, lv: str) -> str:
+    """The device-mapper name LVM gives an LV (`/dev/mapper/<name>`): a `-` inside a name is doubled."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def lv_dm_uuids(lvm: Mapping[str, Any]) -> list[str]:
+    """The device-mapper uuids LVM gives the LVs (`LVM-<vg uuid><lv uuid>`, without the dashes): what
+    names exactly this source's activations, whatever else of the same VG name is active."""
+    vg_uuid = {vg["name"]: vg["uuid"].replace("-", "") for vg in lvm["vgs"]}
+    return [f"LVM-{vg_uuid[lv['vg']]}{lv['uuid'].replace('-', '')}" for lv in lvm["lvs"] if lv["vg"] in vg_uuid]
+
+
+def active_dm_uuids() -> set[str]:
+    """The uuids of every device-mapper device on the machine (sysfs)."""
+    found = set()
+    for uuid_file in Path("/sys/block").glob("dm-*/dm/uuid"):
+        with contextlib.suppress(OSError):
+            found.add(uuid_file.read_text().strip())
+    return found
+
+
+@contextlib.contextmanager
+def vg_names_locked(vg_names: Sequence[str]) -> Iterator[None]:
+    """Hold a machine-wide lock per VG name while p2v has that VG active.
+
+    LVM cannot activate two VGs of the same name at once: their LVs would
+    take the same device-mapper names (`<vg>-<lv>`), and p2v does not rename a
+    source's VG (that writes its metadata). `--devices` keeps each vgchange to
+    its own host's PVs, so two hosts never touch each other's VGs; two hosts
+    whose VGs share a name (`centos`, `vg00`), converted in parallel, take
+    turns instead of failing: the second waits here until the first releases.
+    Locks are taken in name order, so two stages never wait on each other.
+    """
+    with contextlib.ExitStack() as stack:
+        for name in sorted(vg_names):
+            path = LVM_LOCK_DIR / f"{name}.lock"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(path.open("w"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("LVM: another p2v run has a volume group named %s active; waiting for it (%s)", name, path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def refuse_taken_dm_names(lvs: Sequence[Mapping[str, Any]]) -> None:
+    """One line, before anything is activated, when a device-mapper name an LV needs is taken by
+    something other than p2v (the machine's own VG of the same name)."""
+    taken = [lv_dm_name(lv["vg"], lv["name"]) for lv in lvs
+             if os.path.lexists(f"/dev/mapper/{lv_dm_name(lv['vg'], lv['name'])}")]
+    if taken:
+        raise P2VError(f"LVM: /dev/mapper/{taken[0]} exists already: a volume group named {lvs[0]['vg']} is active "
+                       "on this machine, and LVM cannot activate a second one of the same name",
+                       hint="deactivate it (vgchange -an) or convert this server from its live system")
+
+
 @contextlib.contextmanager
 def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) -> Iterator[None]:
     """Make every LV reachable read-only; add `lv:<vg>/<lv>` to the device map.
@@ -401,10 +462,15 @@ def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) 
     with contextlib.ExitStack() as stack:
         if kernel_has_device_mapper():
             vg_names = sorted({lv["vg"] for lv in lvm["lvs"]})
+            stack.enter_context(vg_names_locked(vg_names))
+            refuse_taken_dm_names(lvm["lvs"])
             argv = ["vgchange", "--devices", ",".join(pv_nodes)]
-            stack.callback(run, [*argv, "-an", *vg_names], env=_lvm_env(config_dir))
-            run([*argv, "--config", read_only_activation_config(vg_names), "-ay", *vg_names],
-                env=_lvm_env(config_dir))
+            stack.enter_context(journal.resource(
+                "lvm",
+                lambda: run([*argv, "--config", read_only_activation_config(vg_names), "-ay", *vg_names],
+                            env=lvm_env(config_dir)),
+                lambda _: run([*argv, "-an", *vg_names], env=lvm_env(config_dir)),
+                {"vgs": vg_names, "devices": pv_nodes, "dm_uuids": lv_dm_uuids(lvm)}))
             for lv in lvm["lvs"]:
                 node = f"/dev/{lv['vg']}/{lv['name']}"
                 if not block_device_is_read_only(node):
@@ -470,17 +536,33 @@ def group_md_members(members: Mapping[str, Mapping[str, Any]]) -> list[dict[str,
     return [arrays[key] for key in sorted(arrays)]
 
 
+def md_node(tag: str, index: int) -> str:
+    """The name p2v assembles a source's array under: global on the machine, so it carries the host's tag
+    (resources.host_device_tag); at most 26 characters after /dev/md/."""
+    return f"/dev/md/p2v-{tag}-{index}"
+
+
+def _md_assembly(node: str, uuid: str, members: Sequence[str]) -> contextlib.AbstractContextManager[Any]:
+    """`mdadm --assemble --readonly` of one array, journaled, stopped on the way out."""
+    return journal.resource("md", lambda: run(["mdadm", "--assemble", "--readonly", "--run", node, *members]),
+                            lambda _: run(["mdadm", "--stop", node]),
+                            {"node": node, "uuid": uuid, "members": list(members)})
+
+
 @contextlib.contextmanager
-def assembled_md(arrays: Sequence[Mapping[str, Any]], devices: DeviceMap) -> Iterator[None]:
-    """Reach every md array read-only; add `md:<name>` to the device map."""
+def assembled_md(arrays: Sequence[Mapping[str, Any]], devices: DeviceMap, *, tag: str) -> Iterator[None]:
+    """Reach every md array read-only; add `md:<name>` to the device map.
+
+    `tag` (resources.host_device_tag) keeps the arrays of hosts converted in
+    parallel apart: `/dev/md/p2v-<tag>-<index>`.
+    """
     added: list[str] = []
     with contextlib.ExitStack() as stack:
         for index, array in enumerate(arrays):
             member_nodes = [devices.node(m) for m in array["members"]]
             if kernel_has_md():
-                node = f"/dev/md/p2v-{index}"
-                run(["mdadm", "--assemble", "--readonly", "--run", node, *member_nodes])
-                stack.callback(run, ["mdadm", "--stop", node])
+                node = md_node(tag, index)
+                stack.enter_context(_md_assembly(node, array["uuid"], member_nodes))
                 if not block_device_is_read_only(node):
                     raise P2VError(f"md array {array['name']} came up writable after `mdadm --assemble --readonly`",
                                    hint="p2v stops rather than risk a resync writing the source")
