@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lib import journal, unwind
-from tasks.lib.pipeline import Stage, run_stage
+from tasks.lib.pipeline import Stage, StageRun, run_stage
 from tasks.lib.resources import loop_device, release_stale
 from tasks.lib.runner import output, run
 from tasks.lib.spec import PROJECT_DIR, Spec, load_specs
@@ -115,8 +115,11 @@ def test_the_sweep_alone_misses_what_the_journal_names(disks: tuple[Path, Path],
     assert not journal.journal_path(spec.run_dir).exists()
 
 
-NOOP = Stage(name="noop", doc="does nothing", target="noop.stamp", inputs=(),
-             run=lambda stage_run: stage_run.partial.write_text("done\n"), config=lambda spec: {})
+def write_done(stage_run: StageRun) -> None:
+    stage_run.partial.write_text("done\n")
+
+
+NOOP = Stage(name="noop", doc="does nothing", target="noop.stamp", inputs=(), run=write_done, config=lambda spec: {})
 
 
 def test_the_next_stage_undoes_a_killed_run_first(disks: tuple[Path, Path], tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from tasks.lib import journal, unwind
 from tasks.lib.resources import host_device_tag, host_run_dir
+from tasks.lib.runner import P2VError
 from tasks.lib.storage import lv_dm_name, lv_dm_uuids, md_node
 
 LOOP = {"device": "/dev/loop7", "backing": "/srv/disk1.img", "offset": 0}
@@ -80,7 +81,7 @@ def test_a_line_cut_short_is_left_out_and_said() -> None:
 
 
 def test_without_a_journal_nothing_is_recorded(tmp_path: Path) -> None:
-    undone = []
+    undone: list[str] = []
     assert journal.current() is None
     with journal.resource("loop", lambda: "/dev/loop3", undone.append,
                           lambda path: {**LOOP, "device": path}) as made:
@@ -186,8 +187,8 @@ def test_an_undo_that_fails_stops_with_one_line_and_keeps_the_rest(tmp_path: Pat
     writer.made("loop", LOOP)
     writer.made("mount", MOUNT)
     calls: list[str] = []
-    monkeypatch.setattr(unwind, "UNDO", fake_undo(calls, {"loop": unwind.P2VError("losetup: busy"), "mount": True}))
-    with pytest.raises(unwind.P2VError) as caught:
+    monkeypatch.setattr(unwind, "UNDO", fake_undo(calls, {"loop": P2VError("losetup: busy"), "mount": True}))
+    with pytest.raises(P2VError) as caught:
         unwind.undo_journal(tmp_path)
     assert str(caught.value).startswith("cannot undo what an interrupted run left (loop /dev/loop7 on "
                                         "/srv/disk1.img): losetup: busy (hint: release it by hand")
