@@ -32,6 +32,9 @@ from tasks.lib.runner import P2VError, output, run
 
 log = logging.getLogger("p2v.unwind")
 
+# How the stage log says each undo (the sweep after it says `released what an interrupted run left: ...`).
+RELEASED = "released what an interrupted run left, from its journal: "
+
 
 def _loop_still_ours(resource: Mapping[str, Any]) -> bool:
     """The loop device still has the recorded backing file at the recorded offset."""
@@ -152,10 +155,10 @@ def undo_journal(run_dir: Path) -> list[str]:
             raise P2VError(f"cannot undo what an interrupted run left ({what}): {error.args[0]}",
                            hint=f"release it by hand, then rerun; the journal is {path}") from None
         if was_there:
-            log.warning("undone what an interrupted run left: %s", what)
+            log.warning("%s%s", RELEASED, what)
             undone.append(what)
         else:
-            log.info("already gone, left by an interrupted run: %s", what)
+            log.info("gone already, left by an interrupted run according to its journal: %s", what)
         writer.released(held.seq, "undone-by-next-run" if was_there else "gone")
     path.unlink(missing_ok=True)
     return undone

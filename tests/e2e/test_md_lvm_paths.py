@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tasks.lib import journal
+from tasks.lib import journal, unwind
 from tests.fixtures.description import BASE_PACKAGES
 from tests.fixtures.guest import GuestDisk, JobResult, run_job
 from tests.fixtures.rootfs import ensure_rootfs
@@ -146,8 +146,8 @@ def test_a_killed_inspect_left_the_array_and_the_lvs_and_the_next_run_undid_them
     lvm = next(h for h in held if h.kind == "lvm").resource
     assert (lvm["vgs"], lvm["devices"]) == ([VG], [f"/dev/md/{md_name}"])
     rerun = inspected["rerun_log"]
-    undone = [line.partition("undone what an interrupted run left: ")[2] for line in rerun.splitlines()
-              if "undone what an interrupted run left: " in line]
+    undone = [line.partition(unwind.RELEASED)[2] for line in rerun.splitlines()
+              if unwind.RELEASED in line]
     md_uuid = next(h for h in held if h.kind == "md").resource["uuid"]
     assert undone[-2:] == [f"LVM {VG} active (devices /dev/md/{md_name})",
                            f"md array /dev/md/{md_name} (uuid {md_uuid})"], rerun

@@ -127,12 +127,12 @@ def test_the_next_stage_undoes_a_killed_run_first(disks: tuple[Path, Path], tmp_
     (first, part, second), pid = kill_holder(spec, disks)
     assert run_stage(NOOP, spec) is None
     log = (spec.log_dir / "noop.log").read_text()
-    undone = [line.partition("undone what an interrupted run left: ")[2] for line in log.splitlines()
-              if "undone what an interrupted run left: " in line]
+    undone = [line.partition(unwind.RELEASED)[2] for line in log.splitlines()
+              if unwind.RELEASED in line]
     tree = spec.run_dir / "tree"
     assert undone == [f"process sleep (pid {pid})", f"loop {second} on {disks[1]}", f"mount {tree}",
                       f"loop {part} on {os.path.realpath(first + 'p1')}", f"loop {first} on {disks[0]}"], log
-    assert "released what an interrupted run left" not in log  # the sweep found nothing more
+    assert "released what an interrupted run left: " not in log  # the sweep found nothing more
     assert leftovers(spec, disks, pid) == []
     assert not journal.journal_path(spec.run_dir).exists()
     assert spec.artifact("noop.stamp").read_text() == "done\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tasks import inspect
+from tasks.lib import unwind
 from tasks.lib.pipeline import run_stage
 from tasks.lib.replay import replayed_journal
 from tasks.lib.resources import loop_device, mounted, read_only_mount_options, release_stale
@@ -410,8 +411,8 @@ def test_a_killed_replay_is_undone_from_its_journal(server: tuple[Path, Path], t
     kill_during_replay(spec, images, journaled=True)
     assert run_stage(inspect.STAGE, spec) is None
     lines = (spec.log_dir / "inspect.log").read_text().splitlines()
-    undone = [line.partition("undone what an interrupted run left: ")[2] for line in lines
-              if "undone what an interrupted run left: " in line]
+    undone = [line.partition(unwind.RELEASED)[2] for line in lines
+              if unwind.RELEASED in line]
     kinds = [item.split()[0] for item in undone]
     assert kinds.count("process") == 2 and kinds.count("FUSE") == 2, undone
     # Each replay: its view loop, then its daemon, then its export; the disks' loops last.
