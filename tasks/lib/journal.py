@@ -233,14 +233,17 @@ def journaling(run_dir: Path) -> Iterator[Journal]:
 
 @contextlib.contextmanager
 def resource(kind: str, make: Callable[[], T], undo: Callable[[T], object],
-             describe: Mapping[str, Any] | Callable[[T], Mapping[str, Any]]) -> Iterator[T]:
+             describe: Mapping[str, Any] | Callable[[T], Mapping[str, Any]], *,
+             halfway: Callable[[], object] | None = None) -> Iterator[T]:
     """Make a kernel resource, journal it, yield it; undo it on the way out and journal that.
 
     `describe` is what the next run needs to undo it after a kill: a mapping
     when that is known before the resource is made (then it is recorded first),
     or a function of what `make` returned (a loop device's name, a process's
     pid; recorded right after). The release is journaled only once `undo`
-    has succeeded: a failed undo stays held, for the next run.
+    has succeeded: a failed undo stays held, for the next run. `halfway` undoes
+    what a `make` that failed may have made in part (vgchange activates LV
+    after LV).
     """
     journal = current()
     seq = None
@@ -249,8 +252,10 @@ def resource(kind: str, make: Callable[[], T], undo: Callable[[T], object],
     try:
         thing = make()
     except BaseException:
+        if halfway is not None:
+            halfway()  # when this raises too, the record stays held, for the next run
         if journal is not None and seq is not None:
-            journal.released(seq, "never-made")
+            journal.released(seq, "never-made" if halfway is None else "undone")
         raise
     try:
         if journal is not None and callable(describe):

@@ -465,12 +465,16 @@ def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) 
             stack.enter_context(vg_names_locked(vg_names))
             refuse_taken_dm_names(lvm["lvs"])
             argv = ["vgchange", "--devices", ",".join(pv_nodes)]
+
+            def deactivate() -> None:
+                run([*argv, "-an", *vg_names], env=lvm_env(config_dir))
+
             stack.enter_context(journal.resource(
                 "lvm",
                 lambda: run([*argv, "--config", read_only_activation_config(vg_names), "-ay", *vg_names],
                             env=lvm_env(config_dir)),
-                lambda _: run([*argv, "-an", *vg_names], env=lvm_env(config_dir)),
-                {"vgs": vg_names, "devices": pv_nodes, "dm_uuids": lv_dm_uuids(lvm)}))
+                lambda _: deactivate(), {"vgs": vg_names, "devices": pv_nodes, "dm_uuids": lv_dm_uuids(lvm)},
+                halfway=deactivate))  # an activation that fails may have activated some LVs
             for lv in lvm["lvs"]:
                 node = f"/dev/{lv['vg']}/{lv['name']}"
                 if not block_device_is_read_only(node):

@@ -133,6 +133,20 @@ def test_a_resource_recorded_before_it_is_made_and_not_made_is_released(tmp_path
             ("made", None), ("released", "never-made")]
 
 
+def test_a_make_that_fails_halfway_is_undone(tmp_path: Path) -> None:
+    """vgchange -ay that fails after some LVs: the deactivation runs, as before the journal."""
+    def fail() -> None:
+        raise OSError("vgchange failed on the second LV")
+
+    undone: list[str] = []
+    with journal.journaling(tmp_path) as writer:
+        with pytest.raises(OSError), journal.resource("mount", fail, lambda _: undone.append("undo"), MOUNT,
+                                                      halfway=lambda: undone.append("halfway")):
+            pass
+        assert [(r["event"], r.get("how")) for r in records_of(writer.path)] == [("made", None), ("released", "undone")]
+    assert undone == ["halfway"]
+
+
 def test_an_undo_that_fails_stays_held(tmp_path: Path) -> None:
     def fail(_: object) -> None:
         raise OSError("device busy")
