@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.lib import journal, storage
+from tasks.lib import journal, machine_names, storage
 from tasks.lib.overlay import release_export
 from tasks.lib.resources import detach_loop, mounts_below, unmount
 from tasks.lib.runner import P2VError, output, run
@@ -65,7 +65,7 @@ def _undo_mount(resource: Mapping[str, Any]) -> bool:
 def _undo_lvm(resource: Mapping[str, Any]) -> bool:
     """vgchange -an of exactly the recorded VGs, seen through exactly the recorded --devices and p2v's own
     LVM configuration, while a device-mapper device of theirs (by its LVM uuid) is there."""
-    if not set(resource["dm_uuids"]) & storage.active_dm_uuids():
+    if not set(resource["dm_uuids"]) & machine_names.active_dm_uuids():
         return False
     with storage.lvm_config() as config_dir:
         run(["vgchange", "--devices", ",".join(resource["devices"]), "-an", *resource["vgs"]],

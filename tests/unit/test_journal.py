@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from tasks.lib import journal, unwind
+from tasks.lib.machine_names import lv_dm_name, lv_dm_uuids, md_node
 from tasks.lib.resources import host_device_tag, host_run_dir
 from tasks.lib.runner import P2VError
-from tasks.lib.storage import lv_dm_name, lv_dm_uuids, md_node
 
 LOOP = {"device": "/dev/loop7", "backing": "/srv/disk1.img", "offset": 0}
 MOUNT = {"source": "/dev/loop7p1", "target": "/run/p2v/web01-0123abcd/tree-x"}
