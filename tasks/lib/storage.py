@@ -387,6 +387,11 @@ def linear_lv_extent(lv: Mapping[str, Any], lvm: Mapping[str, Any]) -> tuple[str
     return pv["device"], offset, size
 
 
+def vgchange(pv_nodes: Sequence[str], config_dir: Path, arguments: Sequence[str]) -> None:
+    """vgchange that sees exactly these PVs, with p2v's own LVM configuration (lvm_config)."""
+    run(["vgchange", "--devices", ",".join(pv_nodes), *arguments], env=lvm_env(config_dir))
+
+
 @contextlib.contextmanager
 def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) -> Iterator[None]:
     """Make every LV reachable read-only; add `lv:<vg>/<lv>` to the device map.
@@ -405,17 +410,13 @@ def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) 
             vg_names = sorted({lv["vg"] for lv in lvm["lvs"]})
             stack.enter_context(vg_names_locked(vg_names))
             refuse_taken_dm_names(lvm["lvs"])
-            argv = ["vgchange", "--devices", ",".join(pv_nodes)]
-
-            def deactivate() -> None:
-                run([*argv, "-an", *vg_names], env=lvm_env(config_dir))
-
+            activate = ["--config", read_only_activation_config(vg_names), "-ay", *vg_names]
             stack.enter_context(journal.resource(
-                "lvm",
-                lambda: run([*argv, "--config", read_only_activation_config(vg_names), "-ay", *vg_names],
-                            env=lvm_env(config_dir)),
-                lambda _: deactivate(), {"vgs": vg_names, "devices": pv_nodes, "dm_uuids": lv_dm_uuids(lvm)},
-                halfway=deactivate))  # an activation that fails may have activated some LVs
+                "lvm", lambda: vgchange(pv_nodes, config_dir, activate),
+                lambda _: vgchange(pv_nodes, config_dir, ["-an", *vg_names]),
+                {"vgs": vg_names, "devices": pv_nodes, "dm_uuids": lv_dm_uuids(lvm)},
+                # An activation that fails may have activated some LVs.
+                halfway=lambda: vgchange(pv_nodes, config_dir, ["-an", *vg_names])))
             for lv in lvm["lvs"]:
                 node = f"/dev/{lv['vg']}/{lv['name']}"
                 if not block_device_is_read_only(node):

@@ -68,8 +68,7 @@ def _undo_lvm(resource: Mapping[str, Any]) -> bool:
     if not set(resource["dm_uuids"]) & machine_names.active_dm_uuids():
         return False
     with storage.lvm_config() as config_dir:
-        run(["vgchange", "--devices", ",".join(resource["devices"]), "-an", *resource["vgs"]],
-            env=storage.lvm_env(config_dir))
+        storage.vgchange(resource["devices"], config_dir, ["-an", *resource["vgs"]])
     return True
 
 
