@@ -98,7 +98,7 @@ class Held:
             return f"md array {r['node']} (uuid {r['uuid']})"
         if self.kind == "fuse-export":
             return f"FUSE export {r['export']}"
-        return f"process {r['command']} (pid {r['pid']})"
+        return f"process {'group ' if r.get('group') else ''}{r['command']} (pid {r['pid']})"
 
 
 @cache

@@ -28,7 +28,7 @@ from typing import Any
 from tasks.lib import journal, machine_names, storage
 from tasks.lib.overlay import release_export
 from tasks.lib.resources import detach_loop, mounts_below, unmount
-from tasks.lib.runner import P2VError, output, run
+from tasks.lib.runner import P2VError, group_members, kill_group, output, run
 
 log = logging.getLogger("p2v.unwind")
 
@@ -104,9 +104,25 @@ def _undo_export(resource: Mapping[str, Any]) -> bool:
     return True
 
 
+def _undo_group(resource: Mapping[str, Any]) -> bool:
+    """SIGKILL to a chroot command's process group (what the runner does when the command ends) while any
+    member is left. The kernel gives no new process a pid that is still a group's id, so the members are
+    the recorded group's, unless the leader's pid now has another start time (the group ended long ago)."""
+    pid = resource["pid"]
+    started = journal.process_start_time(pid)
+    if started is not None and started != resource["start_time"] and not _zombie(pid):
+        return False
+    if not group_members(pid):
+        return False
+    kill_group(pid)
+    return True
+
+
 def _undo_process(resource: Mapping[str, Any], timeout: float = 10.0) -> bool:
     """SIGTERM (qemu-storage-daemon flushes and unmounts its export), then SIGKILL; only the recorded
     process: the same pid with the same start time."""
+    if resource.get("group"):
+        return _undo_group(resource)
     pid = resource["pid"]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if journal.process_start_time(pid) != resource["start_time"] or _zombie(pid):

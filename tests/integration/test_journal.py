@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import pytest
 
 from tasks.lib import journal, unwind
 from tasks.lib.pipeline import Stage, StageRun, run_stage
-from tasks.lib.resources import loop_device, release_stale
-from tasks.lib.runner import output, run
+from tasks.lib.resources import loop_device, release_stale, remove_tree
+from tasks.lib.runner import group_members, output, run
 from tasks.lib.spec import PROJECT_DIR, Spec, load_specs
 
 MiB = 1 << 20
@@ -40,7 +41,7 @@ with journal.journaling(run_dir), contextlib.ExitStack() as stack:
     first = stack.enter_context(loop_device(disk1, read_only=True, partitions=True))
     part = stack.enter_context(loop_device(first.partition(1), read_only=True))
     point = run_dir / "tree"
-    point.mkdir()
+    point.mkdir(exist_ok=True)
     stack.enter_context(mounted(part.path, point, fstype="ext4", options=read_only_mount_options("ext4")))
     second = stack.enter_context(loop_device(disk2, read_only=True))
     sleeper = stack.enter_context(journal.resource(
@@ -113,6 +114,7 @@ def test_the_sweep_alone_misses_what_the_journal_names(disks: tuple[Path, Path],
     assert unwind.undo_journal(spec.run_dir) == [f"process sleep (pid {pid})", f"loop {second} on {disks[1]}"]
     assert leftovers(spec, disks, pid) == []
     assert not journal.journal_path(spec.run_dir).exists()
+    remove_tree(spec.run_dir)
 
 
 def write_done(stage_run: StageRun) -> None:
@@ -136,3 +138,37 @@ def test_the_next_stage_undoes_a_killed_run_first(disks: tuple[Path, Path], tmp_
     assert leftovers(spec, disks, pid) == []
     assert not journal.journal_path(spec.run_dir).exists()
     assert spec.artifact("noop.stamp").read_text() == "done\n"
+    remove_tree(spec.run_dir)
+
+
+GROUP_HOLD = """
+import sys
+from pathlib import Path
+from tasks.lib import journal
+from tasks.lib.runner import run
+with journal.journaling(Path(sys.argv[1])):
+    # A chroot command runs in a process group of its own (runner.run own_group=True), and what it
+    # starts in the background is in that group too.
+    run(["sh", "-c", "sleep 600 & echo started; sleep 600"], own_group=True, capture=False)
+"""
+
+
+def test_a_command_group_left_by_a_killed_run_is_killed_whole(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", GROUP_HOLD, str(run_dir)], cwd=PROJECT_DIR,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 10  # the record is written right after the fork: maybe after the echo
+        while not journal.held(journal.read(journal.journal_path(run_dir))[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    (held,) = journal.held(journal.read(journal.journal_path(run_dir))[0])
+    pgid = held.resource["pid"]
+    assert held.resource["group"] is True
+    assert len(group_members(pgid)) == 3  # sh and its two sleeps live on
+    assert unwind.undo_journal(run_dir) == [f"process group sh (pid {pgid})"]
+    assert group_members(pgid) == []
