@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tasks.lib import journal, unwind
+from tasks.lib import journal, machine_names, unwind
 from tasks.lib.machine_names import lv_dm_name, lv_dm_uuids, md_node
 from tasks.lib.resources import host_device_tag, host_run_dir
 from tasks.lib.runner import P2VError
@@ -239,3 +241,23 @@ def test_lvm_device_mapper_names_and_uuids() -> None:
     assert lv_dm_name("vg-a", "root-fs") == "vg--a-root--fs"
     lvm = {"vgs": [{"name": "vg00", "uuid": "AAAA-BB"}], "lvs": [{"vg": "vg00", "name": "root", "uuid": "CC-DD"}]}
     assert lv_dm_uuids(lvm) == ["LVM-AAAABBCCDD"]
+
+
+def test_hosts_whose_vgs_share_a_name_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two activations of VGs named alike would take the same device-mapper names: the second waits."""
+    monkeypatch.setattr(machine_names, "LVM_LOCK_DIR", tmp_path)
+    events: list[str] = []
+    with machine_names.vg_names_locked(["vg00", "data"]):
+        other = threading.Thread(target=lambda: _activate_and_note(["vg00"], events))
+        other.start()
+        time.sleep(0.3)
+        events.append("first released")
+    other.join(timeout=10)
+    assert events == ["first released", "second active"]
+    with machine_names.vg_names_locked(["data"]):  # a name nobody holds: at once
+        pass
+
+
+def _activate_and_note(vg_names: list[str], events: list[str]) -> None:
+    with machine_names.vg_names_locked(vg_names):
+        events.append("second active")
