@@ -81,9 +81,9 @@ def vg_names_locked(vg_names: Sequence[str]) -> Iterator[None]:
 def refuse_taken_dm_names(lvs: Sequence[Mapping[str, Any]]) -> None:
     """One line, before anything is activated, when a device-mapper name an LV needs is taken by
     something other than p2v (the machine's own VG of the same name)."""
-    taken = [lv_dm_name(lv["vg"], lv["name"]) for lv in lvs
-             if os.path.lexists(f"/dev/mapper/{lv_dm_name(lv['vg'], lv['name'])}")]
-    if taken:
-        raise P2VError(f"LVM: /dev/mapper/{taken[0]} exists already: a volume group named {lvs[0]['vg']} is active "
-                       "on this machine, and LVM cannot activate a second one of the same name",
-                       hint="deactivate it (vgchange -an) or convert this server from its live system")
+    for lv in lvs:
+        name = lv_dm_name(lv["vg"], lv["name"])
+        if os.path.lexists(f"/dev/mapper/{name}"):
+            raise P2VError(f"LVM: /dev/mapper/{name} exists already: a volume group named {lv['vg']} is active on "
+                           "this machine, and LVM cannot activate a second one of the same name",
+                           hint="deactivate it (vgchange -an) or convert this server from its live system")

@@ -261,3 +261,14 @@ def test_hosts_whose_vgs_share_a_name_take_turns(tmp_path: Path, monkeypatch: py
 def _activate_and_note(vg_names: list[str], events: list[str]) -> None:
     with machine_names.vg_names_locked(vg_names):
         events.append("second active")
+
+
+def test_a_device_mapper_name_the_machine_holds_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machine_names.os.path, "lexists", lambda path: path == "/dev/mapper/centos-root")
+    machine_names.refuse_taken_dm_names([{"vg": "vg00", "name": "root"}])
+    with pytest.raises(P2VError) as caught:
+        machine_names.refuse_taken_dm_names([{"vg": "vg00", "name": "swap"}, {"vg": "centos", "name": "root"}])
+    assert str(caught.value) == (
+        "LVM: /dev/mapper/centos-root exists already: a volume group named centos is active on this machine, and "
+        "LVM cannot activate a second one of the same name (hint: deactivate it (vgchange -an) or convert this "
+        "server from its live system)")
