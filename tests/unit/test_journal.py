@@ -264,7 +264,7 @@ def _activate_and_note(vg_names: list[str], events: list[str]) -> None:
 
 
 def test_a_device_mapper_name_the_machine_holds_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(machine_names.os.path, "lexists", lambda path: path == "/dev/mapper/centos-root")
+    monkeypatch.setattr(os.path, "lexists", lambda path: path == "/dev/mapper/centos-root")
     machine_names.refuse_taken_dm_names([{"vg": "vg00", "name": "root"}])
     with pytest.raises(P2VError) as caught:
         machine_names.refuse_taken_dm_names([{"vg": "vg00", "name": "swap"}, {"vg": "centos", "name": "root"}])
