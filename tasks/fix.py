@@ -668,8 +668,9 @@ def fix_host(run: StageRun) -> None:
     layout = read_layout(run.input(LAYOUT_FILE))
     plan = read_disk_plan(run.input(PLAN_FILE))
     image = spec.artifact("disk.img")
-    # Fatal before anything is written: no kernel that can boot on virtio.
-    kernel = fixes.choose_kernel(layout)
+    # Fatal before anything is written: no kernel that can boot on virtio, no initrd tool or
+    # bootloader p2v runs (unless the spec skips the step that needs it).
+    kernel = fixes.check_convertible(layout, spec.fix)
     log.info("kernel %s (it has virtio)", kernel)
     pending = pending_flags(load_sync_stamp(spec))
     started = time.monotonic()

@@ -27,9 +27,10 @@ from tasks.lib.fstab import FstabEntry, mount_order, parse_fstab, skip_reason, s
 from tasks.lib.outputs import write_layout
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
+from tasks.lib.planning.model import SUPPORTED_TYPES
 from tasks.lib.replay import ReplayedFilesystem, replayed_journal
 from tasks.lib.resources import host_device_tag, mounted, read_only_mount_options
-from tasks.lib.runner import P2VError
+from tasks.lib.runner import CommandError, P2VError
 from tasks.lib.source.boot import combine_bootloader, guess_boot_sector
 from tasks.lib.source.describe import describe_system
 from tasks.lib.spec import Spec
@@ -39,6 +40,12 @@ log = logging.getLogger("p2v.inspect")
 LAYOUT_FORMAT = "p2v-layout"
 LAYOUT_VERSION = 2  # 2: filesystems[].needs_recovery
 OS_RELEASE_FILES = ("etc/os-release", "usr/lib/os-release", "etc/redhat-release", "etc/debian_version")
+# What this machine's kernel mounts read-only for p2v to look into; anything else
+# (reiserfs, jfs, a ZFS pool member, ...) is recorded as found but never mounted.
+MOUNTABLE_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")
+# What p2v reads otherwise: swap, and the layers it opens itself (LVM, md); LUKS it cannot open.
+LAYER_TYPES = ("swap", "LVM2_member", "linux_raid_member", "crypto_LUKS")
+CONVERTS = "ext2, ext3, ext4, xfs and vfat"
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -102,8 +109,43 @@ def _legacy_disk_name(path: str) -> tuple[int, int] | None:
 
 
 def looks_like_root(tree: Path) -> bool:
-    has_fstab = (tree / "etc" / "fstab").is_file() or (tree / "etc" / "fstab").is_symlink()
-    return has_fstab and any(os.path.lexists(tree / name) for name in OS_RELEASE_FILES)
+    """etc/fstab and an OS release file, both looked up as the server sees them: an absolute
+    symlink (/etc -> /usr/local/etc) leads into the tree, never into this machine's /."""
+    def present(path: str) -> bool:
+        try:
+            return os.path.lexists(resolve_in_root(tree, path, follow_last=False))
+        except P2VError:  # a symlink loop on the way
+            return False
+
+    return present("/etc/fstab") and any(present(f"/{name}") for name in OS_RELEASE_FILES)
+
+
+def found_on_disks(devices: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What each disk, partition or volume holds, for a message that says why no root was found."""
+    found = []
+    for name, info in sorted(devices.items()):
+        kind = info.get("TYPE", "")
+        if not kind:
+            if ":" not in name and "p" not in name.removeprefix("disk"):
+                found.append(f"{name} holds nothing p2v recognises")
+            continue
+        if kind == "crypto_LUKS":
+            found.append(f"{name} crypto_LUKS (encrypted)")
+        elif kind not in MOUNTABLE_TYPES and kind not in LAYER_TYPES:
+            found.append(f"{name} {kind} (p2v cannot read it)")
+        else:
+            found.append(f"{name} {kind}")
+    return found
+
+
+def _no_root_hint(devices: Mapping[str, Mapping[str, Any]]) -> str:
+    types = {info.get("TYPE", "") for info in devices.values()}
+    if "crypto_LUKS" in types:
+        return ("p2v cannot read encrypted volumes: decrypt the server's disks first (cryptsetup reencrypt "
+                "--decrypt), or convert it another way")
+    if types - {""} - set(MOUNTABLE_TYPES) - set(LAYER_TYPES):
+        return f"p2v converts {CONVERTS}: a root on another filesystem must move to ext4 or xfs first"
+    return "check source.devices/source.images in the spec names the server's system disks"
 
 
 def choose_root(candidates: Sequence[str], devices: Mapping[str, Mapping[str, Any]], wanted: str | None,
@@ -118,10 +160,9 @@ def choose_root(candidates: Sequence[str], devices: Mapping[str, Mapping[str, An
         raise P2VError(f"{spec_file}: source.root: {wanted} is not one of the root candidates "
                        f"({', '.join(_describe_candidates(candidates, devices)) or 'none'})")
     if not candidates:
-        raise P2VError(
-            "no root filesystem found: no filesystem on the source disks holds etc/fstab and an OS release file",
-            hint="check source.devices/source.images in the spec names the server's system disks",
-        )
+        found = "; ".join(found_on_disks(devices)) or "nothing on the source disks"
+        raise P2VError(f"no root filesystem found: {found}; none holds etc/fstab and an OS release file",
+                       hint=_no_root_hint(devices))
     if len(candidates) > 1:
         raise P2VError(
             f"several root filesystems found: {', '.join(_describe_candidates(candidates, devices))}",
@@ -204,7 +245,10 @@ def reachable_source(spec: Spec, *, replay: Mapping[str, str] | None = None
         wanted = _filesystem_names(probes) if replay is None else sorted(set(replay) & set(_filesystem_names(probes)))
         for name in wanted:
             fstype = probes[name]["TYPE"]
-            reason = storage.unreplayed_journal(fstype, devices.node(name))
+            try:
+                reason = storage.unreplayed_journal(fstype, devices.node(name))
+            except storage.UnknownFeatures as error:
+                raise P2VError(f"{name} ({fstype}) has {error.args[0]}", hint=error.hint) from None
             if reason is None:
                 continue
             replayed = stack.enter_context(replayed_journal(
@@ -221,17 +265,32 @@ def _filesystem_names(probes: Mapping[str, Mapping[str, str]]) -> list[str]:
     return sorted(name for name, info in probes.items() if info.get("USAGE") == "filesystem")
 
 
-def measure_filesystems(
-    spec: Spec, discovery: Discovery, devices: storage.DeviceMap
-) -> tuple[dict[str, Any], list[str]]:
+@dataclass(frozen=True)
+class Measured:
+    records: dict[str, Any]  # filesystem name -> its layout.json record
+    roots: list[str]  # the filesystems that look like a root
+    unreadable: dict[str, str]  # filesystem name -> its type, one this machine does not mount
+    damaged: dict[str, str]  # filesystem name -> why it needs fsck first
+
+
+def measure_filesystems(spec: Spec, discovery: Discovery, devices: storage.DeviceMap) -> Measured:
     """Mount every filesystem read-only once: usage, features, and whether it is a root."""
     records: dict[str, Any] = {}
     roots: list[str] = []
+    unreadable: dict[str, str] = {}
+    damaged: dict[str, str] = {}
     with scratch_dir(spec.run_dir, "probe") as point:
         for name in _filesystem_names(discovery.probes):
             info = discovery.probes[name]
             fstype = info["TYPE"]
             node = devices.node(name)
+            if fstype not in MOUNTABLE_TYPES:
+                unreadable[name] = fstype
+                continue
+            if fstype in ("ext2", "ext3", "ext4"):
+                state = storage.tune2fs_fields(node).get("Filesystem state", "")
+                if "error" in state:
+                    damaged[name] = f"its {fstype} records errors (state '{state}')"
             record: dict[str, Any] = {
                 "device": name, "type": fstype, "uuid": info.get("UUID", "").lower(), "label": info.get("LABEL", ""),
                 "size": storage.block_size(node), "needs_recovery": name in discovery.replayed,
@@ -242,7 +301,7 @@ def measure_filesystems(
                 record["inodes"], record["used_inodes"] = 0, len(esp.listing(node))
                 records[name] = record
                 continue
-            with mounted(node, point, fstype=fstype, options=read_only_mount_options(fstype)):
+            with _mounted_to_measure(name, node, point, fstype):
                 usage = os.statvfs(point)
                 record["fs_size"] = usage.f_blocks * usage.f_frsize
                 record["used_bytes"] = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
@@ -251,7 +310,21 @@ def measure_filesystems(
                 if looks_like_root(point):
                     roots.append(name)
             records[name] = record
-    return records, roots
+    return Measured(records, roots, unreadable, damaged)
+
+
+@contextlib.contextmanager
+def _mounted_to_measure(name: str, node: str, point: Path, fstype: str) -> Iterator[None]:
+    """A read-only mount, or one line with the kernel's reason (mount's own message names no filesystem)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(mounted(node, point, fstype=fstype, options=read_only_mount_options(fstype)))
+        except CommandError as error:
+            reason = " ".join(error.output.split()).removeprefix(f"mount: {point}: ")
+            raise P2VError(f"{name} ({fstype}) does not mount read-only on this machine: {reason}",
+                           hint="check it with fsck on a copy of the image, or convert from the live system"
+                           ) from None
+        yield
 
 
 def _swaps(probes: Mapping[str, Mapping[str, str]], devices: storage.DeviceMap) -> list[dict[str, Any]]:
@@ -272,8 +345,15 @@ def swap_file_size(tree: Path, path: str) -> tuple[int, str | None]:
 
 
 def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
-                filesystems: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Resolve each fstab entry; return (fstab records, mounts in mount order)."""
+                filesystems: Mapping[str, Any], unreadable: Mapping[str, str] | None = None,
+                damaged: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Resolve each fstab entry; return (fstab records, mounts in mount order).
+
+    `unreadable`: filesystems of a type this machine does not mount (name -> type);
+    `damaged`: filesystems that need fsck first (name -> why). A mount of either is refused.
+    """
+    unreadable = unreadable or {}
+    damaged = damaged or {}
     disk_sources = [d["source"] for d in discovery.disks]
     records = []
     mount_by_point: dict[str, dict[str, Any]] = {}
@@ -304,11 +384,24 @@ def plan_mounts(entries: Sequence[FstabEntry], discovery: Discovery, root: str,
         record["device"] = resolution.device
         if entry.is_swap:
             record["status"] = "swap"
+        elif resolution.device in unreadable or (entry.file == "/" and resolution.device in filesystems
+                                                 and filesystems[resolution.device]["type"] not in SUPPORTED_TYPES):
+            fstype = unreadable.get(resolution.device) or filesystems[resolution.device]["type"]
+            raise P2VError(f"fstab line {entry.line}: {entry.file} is {resolution.device}, a {fstype} filesystem, "
+                           f"which p2v does not convert (it converts {CONVERTS})",
+                           hint=f"move {entry.file} to ext4 or xfs on the server first")
         elif resolution.device not in filesystems:
             raise P2VError(f"fstab line {entry.line}: {entry.spec} ({entry.file}) is {resolution.device}, "
                            "which holds no filesystem p2v can read")
+        elif resolution.device in damaged:
+            raise P2VError(f"fstab line {entry.line}: {entry.file} is {resolution.device}: "
+                           f"{damaged[resolution.device]}; a copy would carry the damage",
+                           hint="run e2fsck -f on it from a rescue system (or on a copy of the image), then "
+                                "inspect again")
         elif entry.file in mount_by_point:
-            raise P2VError(f"fstab line {entry.line}: {entry.file} is mounted twice")
+            raise P2VError(f"fstab line {entry.line}: {entry.file} is mounted twice",
+                           hint="keep one line per mount point in the server's /etc/fstab (the second mount hides "
+                                "the first)")
         else:
             record["status"] = "mounted"
             mount_by_point[entry.file] = {"mountpoint": entry.file, "device": resolution.device,
@@ -421,14 +514,19 @@ def later_work(layout: Mapping[str, Any]) -> list[str]:
 
 def build_layout(spec: Spec) -> dict[str, Any]:
     with reachable_source(spec) as (discovery, devices):
-        filesystems, roots = measure_filesystems(spec, discovery, devices)
-        root = choose_root(roots, discovery.probes, spec.source.root, spec.file)
+        measured = measure_filesystems(spec, discovery, devices)
+        filesystems = measured.records
+        root = choose_root(measured.roots, discovery.probes, spec.source.root, spec.file)
         with scratch_dir(spec.run_dir, "root") as point:
             fstype = filesystems[root]["type"]
             with mounted(devices.node(root), point, fstype=fstype, options=read_only_mount_options(fstype)):
-                fstab_text = read_text_in_root(point, "/etc/fstab") or ""
+                fstab_text = read_text_in_root(point, "/etc/fstab")
+        if fstab_text is None:
+            raise P2VError(f"the root's /etc/fstab cannot be read (root filesystem {root}): a dangling symlink or "
+                           "a symlink loop", hint="make /etc/fstab on the server a file the server itself can read")
         entries, fstab_warnings = parse_fstab(fstab_text)
-        fstab_records, mounts = plan_mounts(entries, discovery, root, filesystems)
+        fstab_records, mounts = plan_mounts(entries, discovery, root, filesystems, measured.unreadable,
+                                            measured.damaged)
         for mount in mounts:
             filesystems[mount["device"]]["mountpoint"] = mount["mountpoint"]
         with mounted_tree(spec, mounts, devices) as tree:

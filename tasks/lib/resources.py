@@ -209,7 +209,8 @@ def read_only_mount_options(fstype: str) -> list[str]:
         # the same source.
         return ["ro", "norecovery", "nouuid"]
     if fstype == "btrfs":
-        return ["ro", "nologreplay"]
+        # rescue=nologreplay (Linux 5.9 and later): newer kernels refuse the old `nologreplay`.
+        return ["ro", "rescue=nologreplay"]
     return ["ro"]
 
 

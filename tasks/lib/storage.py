@@ -14,11 +14,13 @@ Anything else is a clear error that names what is missing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import re
 import stat
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,10 @@ from tasks.lib.spec import Source
 log = logging.getLogger("p2v.storage")
 
 SECTOR = 512
+
+
+class UnknownFeatures(P2VError):
+    """A filesystem this machine's tools refuse to open: the message says why, the caller names the filesystem."""
 
 
 @dataclass
@@ -93,6 +99,8 @@ def attached_source(source: Source) -> Iterator[tuple[list[AttachedDisk], Device
     with contextlib.ExitStack() as stack:
         for index, disk_source in enumerate(source.disks, start=1):
             name = f"disk{index}"
+            if not source.live or stat.S_ISBLK(os.stat(disk_source).st_mode):
+                check_disk(name, disk_source)
             if source.live:
                 mode = os.stat(disk_source).st_mode
                 if not stat.S_ISBLK(mode):
@@ -120,7 +128,11 @@ def partition_table(node: str) -> dict[str, Any] | None:
     if result.returncode != 0:
         if "does not contain a recognized partition table" in result.stderr:
             return None
-        raise CommandError(result.argv, result.returncode, result.stdout + result.stderr)
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise P2VError(f"{node}: sfdisk cannot read the partition table: {reason}",
+                       hint="check that the disk or image is whole and readable")
+    for line in result.stderr.strip().splitlines():  # "The primary GPT table is corrupt, but the backup ..."
+        log.warning("%s: sfdisk: %s", node, line)
     table = json.loads(result.stdout)["partitiontable"]
     sector = int(table.get("sectorsize", SECTOR))
     partitions = []
@@ -142,6 +154,93 @@ def partition_table(node: str) -> dict[str, Any] | None:
         "sector_size": sector,
         "partitions": sorted(partitions, key=lambda p: p["number"]),
     }
+
+
+# msdos partition types that only hold others (the extended partition and its kin).
+_CONTAINER_TYPES = {"5", "f", "85"}
+_GPT_SIGNATURE = b"EFI PART"
+
+
+def table_problem(name: str, table: Mapping[str, Any] | None, disk_size: int,
+                  gpt_at_4096: bool = False, gpt_disk_size: int | None = None) -> P2VError | None:
+    """What makes a partition table unsafe to read, as the error to raise; None when it is sound (pure).
+
+    A protective MBR alone (type ee in an msdos table) means the GPT was not
+    readable: either a 4096-byte-sector disk read with 512-byte sectors
+    (`gpt_at_4096`: its GPT header is at byte 4096), or a GPT whose primary
+    and backup headers are both damaged. A partition past the end of the disk,
+    or two that overlap, mean a cut-short image or a broken table: which bytes
+    belong to which filesystem is then a guess. `gpt_disk_size`: the disk size
+    the primary GPT header records (its backup header's place), if there is one.
+    """
+    if gpt_disk_size is not None and gpt_disk_size > disk_size:
+        return P2VError(f"{name} is cut short: its GPT says the disk has {gpt_disk_size} bytes, but it has "
+                        f"{disk_size}", hint="the image is incomplete: copy the whole disk again")
+    if table is None:
+        return None
+    partitions = table["partitions"]
+    if table["type"] == "msdos" and any(p["type"] == "ee" for p in partitions):
+        if gpt_at_4096:
+            return P2VError(f"{name} has 4096-byte sectors (its GPT header is at byte 4096); p2v reads image files "
+                            "as disks of 512-byte sectors",
+                            hint="convert this server from its live system (source.devices), where the kernel "
+                                 "reads the disk with its own sector size")
+        return P2VError(f"{name}: its GPT is damaged: neither the primary nor the backup GPT header is valid, and "
+                        "only its protective MBR is readable",
+                        hint="repair the GPT on the server (gdisk's recovery menu), or check that the image is a "
+                             "complete copy of the disk")
+    for part in partitions:
+        end = part["start"] + part["size"]
+        if end > disk_size:
+            return P2VError(f"{name}: partition {part['number']} ends at byte {end}, past the end of the disk "
+                            f"({disk_size} bytes)",
+                            hint="the image is incomplete (cut short while copied) or the table is wrong: copy the "
+                                 "whole disk again")
+    data = sorted((p for p in partitions if p["type"] not in _CONTAINER_TYPES), key=lambda p: p["start"])
+    for first, second in itertools.pairwise(data):
+        if second["start"] < first["start"] + first["size"]:
+            low, high = sorted((first["number"], second["number"]))
+            return P2VError(f"{name}: partitions {low} and {high} overlap (bytes {second['start']} to "
+                            f"{min(first['start'] + first['size'], second['start'] + second['size'])})",
+                            hint="repair the partition table on the server: p2v does not guess which partition "
+                                 "holds the data")
+    return None
+
+
+def gpt_recorded_size(node: str) -> int | None:
+    """The disk size a primary GPT header (512-byte sectors) records: its backup header is on the last sector."""
+    with open(node, "rb") as handle:
+        handle.seek(SECTOR)
+        header = handle.read(40)
+    if header[:len(_GPT_SIGNATURE)] != _GPT_SIGNATURE:
+        return None
+    (backup_lba,) = struct.unpack_from("<Q", header, 32)
+    return int(backup_lba + 1) * SECTOR
+
+
+def gpt_header_at_4096(node: str) -> bool:
+    """Whether the GPT signature sits where a 4096-byte-sector disk has it (LBA 1)."""
+    with open(node, "rb") as handle:
+        handle.seek(4096)
+        return handle.read(len(_GPT_SIGNATURE)) == _GPT_SIGNATURE
+
+
+def check_disk(name: str, source: str) -> None:
+    """Refuse a disk whose table cannot be read safely, before the kernel is asked to read it.
+
+    Runs on the image file or device node itself (read-only), so that a
+    partition past the end never reaches partx, which would refuse it with a
+    less telling message.
+    """
+    size = os.path.getsize(source) if os.path.isfile(source) else block_size(source)
+    if size == 0:
+        raise P2VError(f"{name} ({source}) is empty (0 bytes)",
+                       hint="check source.devices/source.images in the spec names the server's system disks")
+    table = partition_table(source)
+    problem = table_problem(name, table, size, gpt_at_4096=bool(table) and gpt_header_at_4096(source),
+                            gpt_disk_size=gpt_recorded_size(source))
+    if problem is not None:
+        raise problem
 
 
 def boot_sector(node: str) -> bytes:
@@ -172,8 +271,15 @@ def lsblk_tree(nodes: Sequence[str]) -> list[dict[str, Any]]:
 
 def tune2fs_fields(node: str) -> dict[str, str]:
     """An ext2/3/4 superblock as `tune2fs -l` prints it: field name -> value."""
+    result = run(["tune2fs", "-l", node], check=False)
+    if result.returncode != 0:
+        if "unsupported feature" in result.stderr:
+            raise UnknownFeatures(
+                "features this machine does not know (tune2fs: Filesystem has unsupported feature(s))",
+                hint="convert it from a live system whose kernel and e2fsprogs are at least as new as the server's")
+        raise CommandError(result.argv, result.returncode, result.stdout + result.stderr)
     fields = {}
-    for line in output(["tune2fs", "-l", node]).splitlines():
+    for line in result.stdout.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key.strip()] = value.strip()

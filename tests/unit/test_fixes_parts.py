@@ -101,6 +101,20 @@ def test_choose_kernel_refuses_a_server_without_virtio():
     assert raised.value.hint
 
 
+def test_check_convertible_needs_an_initrd_tool_and_a_bootloader_unless_their_step_is_skipped():
+    from tasks.lib.fixes import check_convertible
+
+    lay = layout("plain-bookworm")
+    assert check_convertible(lay, FixPolicy()) == "6.1.0-50-amd64"
+    lay["system"]["initrd"]["tool"] = None
+    lay["system"]["bootloader"]["kind"] = "unknown"
+    with pytest.raises(P2VError, match="initrd tool none found"):
+        check_convertible(lay, FixPolicy())
+    with pytest.raises(P2VError, match="bootloader unknown: p2v configures grub2 and grub legacy only"):
+        check_convertible(lay, FixPolicy(skip=("initrd",)))
+    assert check_convertible(lay, FixPolicy(skip=("initrd", "bootloader-config"))) == "6.1.0-50-amd64"
+
+
 def test_service_commands_by_init_system():
     lay = layout("plain-bookworm")
     policy = FixPolicy(remove_services=("hp-health.service",))

@@ -227,3 +227,51 @@ def test_xfs_log_is_clean_only_at_a_clean_unmount_record() -> None:
 
     assert xfs_log_is_clean("log tail: 21 head: 21 state: <CLEAN>")
     assert not xfs_log_is_clean("log tail: 2 head: 11 state: <DIRTY>")
+
+
+def _table(kind: str, *parts: tuple[int, int, int, str]) -> dict[str, object]:
+    return {"type": kind, "partitions": [{"number": n, "start": start, "size": size, "type": t}
+                                         for n, start, size, t in parts]}
+
+
+def test_table_problems_are_found_before_the_kernel_reads_the_table() -> None:
+    from tasks.lib.storage import table_problem
+
+    mib = 1 << 20
+    sound = _table("msdos", (1, mib, 10 * mib, "5"), (5, 2 * mib, 4 * mib, "83"), (6, 7 * mib, 4 * mib, "83"))
+    assert table_problem("disk1", sound, 32 * mib) is None  # logical partitions inside the extended one
+    assert table_problem("disk1", None, 32 * mib) is None
+    overlap = _table("msdos", (1, mib, 10 * mib, "83"), (2, 5 * mib, 10 * mib, "83"))
+    assert "partitions 1 and 2 overlap" in str(table_problem("disk1", overlap, 32 * mib))
+    past = _table("gpt", (1, mib, 40 * mib, "0fc63daf-8483-4772-8e79-3d69d8477de4"))
+    assert "partition 1 ends at byte 42991616, past the end" in str(table_problem("disk1", past, 32 * mib))
+    protective = _table("msdos", (1, 512, 32 * mib - 512, "ee"))
+    assert "its GPT is damaged" in str(table_problem("disk1", protective, 32 * mib))
+    assert "4096-byte sectors" in str(table_problem("disk1", protective, 32 * mib, gpt_at_4096=True))
+    short = table_problem("disk1", past, 32 * mib, gpt_disk_size=48 * mib)
+    assert "is cut short: its GPT says the disk has 50331648 bytes" in str(short)
+
+
+def test_no_root_says_what_the_disks_hold_and_what_to_do() -> None:
+    probes = {"disk1": {}, "disk2p1": {"TYPE": "crypto_LUKS", "USAGE": "crypto"},
+              "disk2p2": {"TYPE": "swap", "USAGE": "other"}}
+    with pytest.raises(P2VError) as caught:
+        choose_root([], probes, None, "specs/x.yaml")
+    assert str(caught.value).startswith("no root filesystem found: disk1 holds nothing p2v recognises; "
+                                        "disk2p1 crypto_LUKS (encrypted); disk2p2 swap; none holds etc/fstab")
+    assert "decrypt the server's disks first" in str(caught.value)
+    zfs = {"disk1": {"PTTYPE": "dos"}, "disk1p1": {"TYPE": "zfs_member", "USAGE": "raid"}}
+    with pytest.raises(P2VError, match=r"disk1p1 zfs_member \(p2v cannot read it\).*must move to ext4 or xfs"):
+        choose_root([], zfs, None, "specs/x.yaml")
+
+
+def test_looks_like_root_never_follows_a_link_out_of_the_tree(tmp_path: Path) -> None:
+    from tasks.inspect import looks_like_root
+
+    (tmp_path / "usr" / "local" / "etc").mkdir(parents=True)
+    (tmp_path / "usr" / "local" / "etc" / "fstab").write_text("UUID=1 / ext4 defaults 0 1\n")
+    (tmp_path / "usr" / "local" / "etc" / "debian_version").write_text("12.5\n")
+    (tmp_path / "etc").symlink_to("/usr/local/etc")  # absolute: on this machine it names its own
+    assert looks_like_root(tmp_path)
+    (tmp_path / "usr" / "local" / "etc" / "debian_version").unlink()
+    assert not looks_like_root(tmp_path)

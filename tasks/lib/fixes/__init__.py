@@ -73,6 +73,7 @@ __all__ = [
     "apply_edit",
     "bootloader_config_commands",
     "bootloader_install_commands",
+    "check_convertible",
     "choose_kernel",
     "debconf_install_device_command",
     "describe",
@@ -84,6 +85,18 @@ __all__ = [
     "rewrite_fstab",
     "service_commands",
 ]
+
+
+def check_convertible(layout: Mapping[str, Any], policy: FixPolicy) -> str:
+    """What the fix stage needs from the source, checked before it writes anything: a kernel
+    that boots on virtio, an initrd tool and a bootloader p2v configures, unless the spec skips
+    the step that needs them. Returns the kernel; raises P2VError with a hint."""
+    kernel = choose_kernel(layout)
+    if "initrd" not in policy.skip:
+        initrd_commands(layout, kernel)
+    if "bootloader-config" not in policy.skip:
+        bootloader_config_commands(layout)
+    return kernel
 
 
 def plan_edits(tree: TreeReader, layout: Mapping[str, Any], plan: DiskPlan, policy: FixPolicy) -> EditPlan:

@@ -70,7 +70,8 @@ def bootloader_config_commands(layout: Mapping[str, Any]) -> list[list[str]]:
         return []
     if boot.kind == "grub2" and boot.config_path:
         return [[f"{_grub2_prefix(describe(layout))}-mkconfig", "-o", boot.config_path]]
-    raise P2VError(f"bootloader {boot.kind}: p2v configures grub2 and grub legacy only")
+    raise P2VError(f"bootloader {boot.kind}: p2v configures grub2 and grub legacy only",
+                   hint="install grub on the server, then rerun inspect:<host>")
 
 
 def service_commands(layout: Mapping[str, Any], policy: FixPolicy, *,
