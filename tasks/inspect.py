@@ -29,7 +29,7 @@ from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.model import SUPPORTED_TYPES
 from tasks.lib.replay import ReplayedFilesystem, replayed_journal
-from tasks.lib.resources import mounted, read_only_mount_options
+from tasks.lib.resources import host_device_tag, mounted, read_only_mount_options
 from tasks.lib.runner import CommandError, P2VError
 from tasks.lib.source.boot import combine_bootloader, guess_boot_sector
 from tasks.lib.source.describe import describe_system
@@ -232,7 +232,7 @@ def reachable_source(spec: Spec, *, replay: Mapping[str, str] | None = None
         md_members = {name: storage.md_member_info(devices.node(name))
                       for name, info in probes.items() if info.get("TYPE") == "linux_raid_member"}
         md_arrays = storage.group_md_members(md_members)
-        stack.enter_context(storage.assembled_md(md_arrays, devices))
+        stack.enter_context(storage.assembled_md(md_arrays, devices, tag=host_device_tag(spec.host, spec.workdir)))
         for array in md_arrays:
             probes[array["device"]] = storage.probe(devices.node(array["device"]))
         config_dir = stack.enter_context(storage.lvm_config())

@@ -26,6 +26,7 @@ from typing import IO, Literal
 
 import pexpect
 
+from tasks.lib import journal
 from tasks.lib.accel import TCG, Accel
 from tasks.lib.runner import P2VError, which
 
@@ -277,20 +278,31 @@ def guest_priority() -> list[str]:
 
 @contextlib.contextmanager
 def _spawn(argv: list[str], serial_log: Path) -> Iterator[_Guest]:
-    which(argv[0])
-    argv = [*guest_priority(), *argv]
+    qemu = argv[0]
+    which(qemu)
+    argv = [*guest_priority(), *argv]  # nice execs qemu: the pid is qemu's
     serial_log.parent.mkdir(parents=True, exist_ok=True)
     logfile: IO[bytes] = open(serial_log, "wb")  # closed in finally
     log.debug("+ %s", " ".join(argv))
-    child = pexpect.spawn(argv[0], argv[1:], timeout=30, maxread=65536, searchwindowsize=None)
-    child.logfile_read = logfile
     try:
-        yield _Guest(child, serial_log)
+        # Journaled (tasks/lib/journal.py): qemu runs in a session of its own (its pty), so a
+        # SIGKILL of the stage's process group leaves it running; the next run stops it.
+        with journal.resource("process", lambda: _start(argv), _stop,
+                              lambda child: journal.process_record(child.pid, qemu)) as child:
+            child.logfile_read = logfile
+            yield _Guest(child, serial_log)
     finally:
-        if child.isalive():
-            child.terminate(force=True)
-        child.close(force=True)
         logfile.close()
+
+
+def _start(argv: list[str]) -> pexpect.spawn:
+    return pexpect.spawn(argv[0], argv[1:], timeout=30, maxread=65536, searchwindowsize=None)
+
+
+def _stop(child: pexpect.spawn) -> None:
+    if child.isalive():
+        child.terminate(force=True)
+    child.close(force=True)
 
 
 def boot_check(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.lib import journal
 from tasks.lib.runner import CommandError, P2VError, run, which
 
 log = logging.getLogger("p2v.overlay")
@@ -41,7 +42,6 @@ def fuse_export(overlay: Path, export: Path, *, timeout: float = 20, pidfile: Pa
     """
     which("qemu-storage-daemon")
     size = _virtual_size(overlay)  # before the daemon holds the image's lock
-    export.touch()
     argv = [
         "qemu-storage-daemon",
         "--blockdev", f"driver=file,node-name=file0,filename={overlay}",
@@ -49,22 +49,36 @@ def fuse_export(overlay: Path, export: Path, *, timeout: float = 20, pidfile: Pa
         "--export", f"type=fuse,id=export0,node-name=disk0,mountpoint={export},writable=on",
         *(["--pidfile", str(pidfile)] if pidfile is not None else []),
     ]
-    log.debug("+ %s", " ".join(argv))
-    daemon = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    # Journaled as two resources (tasks/lib/journal.py): the export file, then the daemon, which
+    # goes first on the way out.
+    with journal.resource("fuse-export", export.touch, lambda _: release_export(export),
+                          {"export": os.path.abspath(export)}), \
+            journal.resource("process", lambda: _start_daemon(argv), _stop_daemon,
+                             lambda daemon: journal.process_record(daemon.pid, argv[0])) as daemon:
         _wait_for_export(export, overlay, size, daemon, timeout)
         yield export
-    finally:
-        # Flushes the overlay and unmounts the FUSE export on the way out.
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        _detach_fuse(export)
-        with contextlib.suppress(FileNotFoundError):
-            export.unlink()
+
+
+def _start_daemon(argv: list[str]) -> subprocess.Popen[bytes]:
+    log.debug("+ %s", " ".join(argv))
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the daemon flushes the overlay and unmounts its export on the way out."""
+    daemon.terminate()
+    try:
+        daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+
+
+def release_export(export: Path) -> None:
+    """The export's mount (a killed daemon leaves it behind) and the empty file it was mounted on."""
+    _detach_fuse(export)
+    with contextlib.suppress(FileNotFoundError):
+        export.unlink()
 
 
 def _wait_for_export(export: Path, overlay: Path, wanted: int, daemon: subprocess.Popen[bytes],

@@ -33,7 +33,7 @@ from typing import Any
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from tasks.lib import state
+from tasks.lib import journal, state, unwind
 from tasks.lib.resources import release_stale
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
@@ -195,6 +195,10 @@ def _run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
 
 def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
     partial = target.with_name(target.name + ".partial")
+    # What a killed run left: first what its resource journal names (LVs and md arrays too), newest
+    # first; then a sweep for what a journal cannot name (a loop attached in the instant before its
+    # record, a run of a p2v without journal).
+    unwind.undo_journal(spec.run_dir)
     released = release_stale(spec.run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial")],
                              scratch_dir=spec.scratch_dir)
     if released:
@@ -203,7 +207,8 @@ def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     spec.workdir.mkdir(parents=True, exist_ok=True)
-    stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
+    with journal.journaling(spec.run_dir):
+        stage.run(StageRun(spec=spec, stage=stage.name, partial=partial, log_path=log_path))
     for written in (partial, *(spec.artifact(name) for name in stage.outputs)):
         if not written.exists():
             raise P2VError(f"stage {stage.name} finished without writing {written.name}")

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.lib import journal
 from tasks.lib.runner import CommandError, P2VError, output, run
 
 log = logging.getLogger("p2v.resources")
@@ -32,8 +33,23 @@ def host_run_dir(host: str, workdir: Path) -> Path:
     """Scratch mount points of one host's runs: keyed by the workdir too, so that
     two projects converting a host of the same name never release each other's
     mounts (release_stale)."""
-    key = hashlib.sha256(os.fsencode(os.path.abspath(workdir))).hexdigest()[:8]
-    return RUN_DIR / f"{host}-{key}"
+    return RUN_DIR / f"{host}-{_workdir_key(workdir)}"
+
+
+def _workdir_key(workdir: Path) -> str:
+    return hashlib.sha256(os.fsencode(os.path.abspath(workdir))).hexdigest()[:8]
+
+
+def host_device_tag(host: str, workdir: Path) -> str:
+    """A short tag of one host's runs for names that are global on the machine (md arrays).
+
+    The host's first 11 characters and 6 hex digits of the run-dir key: at
+    most 18 characters, so that `p2v-<tag>-<index>` stays within the 32 that
+    mdadm(8) allows an md device name, and within the 28 a kernel-named array
+    (`md_<name>`, CREATE names=yes) can take. The key tells apart hosts whose
+    first characters agree, and projects converting a host of the same name.
+    """
+    return f"{host[:11].rstrip('-')}-{_workdir_key(workdir)[:6]}"
 
 
 @dataclass(frozen=True)
@@ -126,9 +142,10 @@ def loop_device(
         argv += ["--sizelimit", str(size)]
     if direct_io:
         argv.append("--direct-io=on")
-    path = output([*argv, os.fspath(backing)])
-    dev = LoopDevice(path=path, backing=os.fspath(backing), read_only=read_only)
-    try:
+    recorded = {"backing": os.path.realpath(backing), "offset": offset}
+    with journal.resource("loop", lambda: output([*argv, os.fspath(backing)]), detach_loop,
+                          lambda path: {"device": path, **recorded}) as path:
+        dev = LoopDevice(path=path, backing=os.fspath(backing), read_only=read_only)
         # losetup --read-only already makes the loop device read-only, and a
         # `blockdev --setro` on it would outlive the detach and turn the next
         # user of /dev/loopN read-only. Its partitions are set read-only below.
@@ -138,8 +155,6 @@ def loop_device(
                 for nr in _partition_numbers(path):
                     run(["blockdev", "--setro", dev.partition(nr)])
         yield dev
-    finally:
-        detach_loop(path)
 
 
 def rescan_partitions(dev: LoopDevice) -> None:
@@ -178,11 +193,10 @@ def mounted(
         argv += ["-t", fstype]
     if options:
         argv += ["-o", ",".join(options)]
-    run([*argv, source, os.fspath(target_path)])
-    try:
+    recorded = {"source": source, "target": os.path.abspath(target_path)}
+    with journal.resource("mount", lambda: run([*argv, source, os.fspath(target_path)]),
+                          lambda _: unmount(target_path), recorded):
         yield target_path
-    finally:
-        unmount(target_path)
 
 
 def read_only_mount_options(fstype: str) -> list[str]:

@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,13 +114,16 @@ def run(
             errors=None if binary_input else "replace",
             process_group=0 if own_group else None,
         ) as proc:
+            released = _journal_group(proc.pid, args[0]) if own_group else _nothing
             try:
                 raw_stdout, raw_stderr = proc.communicate(input, timeout=timeout)
             except BaseException:  # a timeout, or ^C: nothing of it may outlive us
                 _kill(proc, own_group)
+                released()
                 raise
             if own_group:
                 _kill(proc, own_group)
+                released()
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout or b""
         text = out.decode(errors="replace") if isinstance(out, bytes) else out
@@ -134,6 +137,36 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, stdout + stderr, hint=hint)
     return Result(args, proc.returncode, stdout, stderr)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _journal_group(pid: int, command: str) -> Callable[[], None]:
+    """Record a process group in the host's resource journal (tasks/lib/journal.py); returns what marks it
+    released. A chroot command's group is not the stage's: a SIGKILL of the stage leaves it running, and
+    holding the chroot's mounts, until the next run kills it."""
+    from tasks.lib import journal  # here: journal uses this module's errors
+
+    writer = journal.current()
+    if writer is None:
+        return _nothing
+    seq = writer.made("process", {**journal.process_record(pid, command), "group": True})
+    return lambda: writer.released(seq)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group and wait until it has exited."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    _wait_group_gone(pgid)
+
+
+def group_members(pgid: int) -> list[int]:
+    return _group_members(pgid)
 
 
 def _kill(proc: subprocess.Popen[Any], own_group: bool) -> None:

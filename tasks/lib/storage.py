@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import journal
+from tasks.lib.machine_names import lv_dm_uuids, md_node, refuse_taken_dm_names, vg_names_locked
 from tasks.lib.resources import loop_device, set_block_device_read_only
 from tasks.lib.runner import CommandError, P2VError, output, run
 from tasks.lib.spec import Source
@@ -360,7 +362,7 @@ def fs_features(fstype: str, node: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- LVM
 
 
-def _lvm_env(config_dir: Path) -> dict[str, str]:
+def lvm_env(config_dir: Path) -> dict[str, str]:
     return {"LVM_SYSTEM_DIR": str(config_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 
@@ -384,7 +386,7 @@ def _lvm_report(command: str, pv_nodes: Sequence[str], fields: str, config_dir: 
                 extra: Sequence[str] = ()) -> list[dict[str, str]]:
     argv = [command, "--readonly", "--reportformat", "json", "--units", "b", "--nosuffix",
             "--devices", ",".join(pv_nodes), "-o", fields, *extra]
-    report = json.loads(run(argv, env=_lvm_env(config_dir)).stdout)["report"]
+    report = json.loads(run(argv, env=lvm_env(config_dir)).stdout)["report"]
     rows: list[dict[str, str]] = []
     for block in report:
         for value in block.values():
@@ -491,6 +493,11 @@ def linear_lv_extent(lv: Mapping[str, Any], lvm: Mapping[str, Any]) -> tuple[str
     return pv["device"], offset, size
 
 
+def vgchange(pv_nodes: Sequence[str], config_dir: Path, arguments: Sequence[str]) -> None:
+    """vgchange that sees exactly these PVs, with p2v's own LVM configuration (lvm_config)."""
+    run(["vgchange", "--devices", ",".join(pv_nodes), *arguments], env=lvm_env(config_dir))
+
+
 @contextlib.contextmanager
 def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) -> Iterator[None]:
     """Make every LV reachable read-only; add `lv:<vg>/<lv>` to the device map.
@@ -507,10 +514,15 @@ def activated_lvs(lvm: Mapping[str, Any], devices: DeviceMap, config_dir: Path) 
     with contextlib.ExitStack() as stack:
         if kernel_has_device_mapper():
             vg_names = sorted({lv["vg"] for lv in lvm["lvs"]})
-            argv = ["vgchange", "--devices", ",".join(pv_nodes)]
-            stack.callback(run, [*argv, "-an", *vg_names], env=_lvm_env(config_dir))
-            run([*argv, "--config", read_only_activation_config(vg_names), "-ay", *vg_names],
-                env=_lvm_env(config_dir))
+            stack.enter_context(vg_names_locked(vg_names))
+            refuse_taken_dm_names(lvm["lvs"])
+            activate = ["--config", read_only_activation_config(vg_names), "-ay", *vg_names]
+            stack.enter_context(journal.resource(
+                "lvm", lambda: vgchange(pv_nodes, config_dir, activate),
+                lambda _: vgchange(pv_nodes, config_dir, ["-an", *vg_names]),
+                {"vgs": vg_names, "devices": pv_nodes, "dm_uuids": lv_dm_uuids(lvm)},
+                # An activation that fails may have activated some LVs.
+                halfway=lambda: vgchange(pv_nodes, config_dir, ["-an", *vg_names])))
             for lv in lvm["lvs"]:
                 node = f"/dev/{lv['vg']}/{lv['name']}"
                 if not block_device_is_read_only(node):
@@ -576,17 +588,27 @@ def group_md_members(members: Mapping[str, Mapping[str, Any]]) -> list[dict[str,
     return [arrays[key] for key in sorted(arrays)]
 
 
+def _md_assembly(node: str, uuid: str, members: Sequence[str]) -> contextlib.AbstractContextManager[Any]:
+    """`mdadm --assemble --readonly` of one array, journaled, stopped on the way out."""
+    return journal.resource("md", lambda: run(["mdadm", "--assemble", "--readonly", "--run", node, *members]),
+                            lambda _: run(["mdadm", "--stop", node]),
+                            {"node": node, "uuid": uuid, "members": list(members)})
+
+
 @contextlib.contextmanager
-def assembled_md(arrays: Sequence[Mapping[str, Any]], devices: DeviceMap) -> Iterator[None]:
-    """Reach every md array read-only; add `md:<name>` to the device map."""
+def assembled_md(arrays: Sequence[Mapping[str, Any]], devices: DeviceMap, *, tag: str) -> Iterator[None]:
+    """Reach every md array read-only; add `md:<name>` to the device map.
+
+    `tag` (resources.host_device_tag) keeps the arrays of hosts converted in
+    parallel apart: `/dev/md/p2v-<tag>-<index>`.
+    """
     added: list[str] = []
     with contextlib.ExitStack() as stack:
         for index, array in enumerate(arrays):
             member_nodes = [devices.node(m) for m in array["members"]]
             if kernel_has_md():
-                node = f"/dev/md/p2v-{index}"
-                run(["mdadm", "--assemble", "--readonly", "--run", node, *member_nodes])
-                stack.callback(run, ["mdadm", "--stop", node])
+                node = md_node(tag, index)
+                stack.enter_context(_md_assembly(node, array["uuid"], member_nodes))
                 if not block_device_is_read_only(node):
                     raise P2VError(f"md array {array['name']} came up writable after `mdadm --assemble --readonly`",
                                    hint="p2v stops rather than risk a resync writing the source")

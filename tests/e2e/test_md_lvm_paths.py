@@ -5,15 +5,25 @@ under TCG; this test needs only the live system. In one job: two small disks
 get an md RAID1 with an LVM PV, a root LV holding the start of a Debian tree
 and a swap LV; everything is stopped; the members' sha256 is taken; `doit
 inspect` runs on them (source.devices); the sha256 is taken again.
+
+Then, in the same boot, a killed run: `doit inspect` again, in a session of
+its own, SIGKILLed as a group the moment the array is assembled under its
+host-tagged name and the root LV is active; nothing of it is undone (arrays 1
+and dm > 0 right after the kill). The next `doit inspect` undoes what the
+killed one's resource journal names (tasks/lib/journal.py, unwind.py), newest
+first: the LVs by `vgchange -an` with the recorded `--devices`, then the
+array by `mdadm --stop`; arrays 0 and dm 0 afterwards, the members unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
+from tasks.lib import journal, unwind
 from tests.fixtures.description import BASE_PACKAGES
 from tests.fixtures.guest import GuestDisk, JobResult, run_job
 from tests.fixtures.rootfs import ensure_rootfs
@@ -21,6 +31,7 @@ from tests.fixtures.rootfs import ensure_rootfs
 HOST = "mdquick"
 VG = "vg_mdquick"
 SERIALS = ("mdquick-disk1", "mdquick-disk2")
+OUTPUTS = ["layout.json", "journal-after-kill.jsonl", "rerun-inspect.log"]
 
 JOB = f"""\
 set -euxo pipefail
@@ -48,6 +59,28 @@ cd "$job"
 cp work/{HOST}/layout.json layout.json
 echo "after: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
 echo "sha after: $(sha256sum $d1 $d2 | cut -d' ' -f1 | xargs)"
+rm work/{HOST}/layout.json  # so that doit runs inspect again
+cd /opt/p2v
+setsid env P2V_SPECS=$job/specs .venv/bin/python -m doit inspect:{HOST} >$job/killed.log 2>&1 &
+victim=$!
+set +x  # not every poll into the log
+for i in $(seq 6000); do
+  if compgen -G '/dev/md/p2v-{HOST}-*' >/dev/null && [ -e /dev/mapper/{VG}-root ]; then break; fi
+  sleep 0.1
+done
+set -x
+kill -KILL -- -$victim
+wait $victim || true
+cd "$job"
+echo "md names: $(ls /dev/md | xargs)"
+echo "killed: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
+cp /run/p2v/{HOST}-*/resources.journal journal-after-kill.jsonl
+cd /opt/p2v
+P2V_SPECS=$job/specs .venv/bin/python -m doit inspect:{HOST}
+cd "$job"
+cp work/{HOST}/logs/inspect.log rerun-inspect.log
+echo "after rerun: arrays $(grep -c ^md /proc/mdstat || true), dm $(dmsetup ls | grep -vc 'No devices' || true)"
+echo "sha after rerun: $(sha256sum $d1 $d2 | cut -d' ' -f1 | xargs)"
 """
 
 
@@ -62,9 +95,11 @@ def inspected(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         disks.append(GuestDisk(image, serial))
     tarball = ensure_rootfs("bookworm", [*BASE_PACKAGES, "initramfs-tools"])
     try:
-        result = run_job(JOB, work / "job", disks=disks, inputs={"rootfs.tar.zst": tarball}, outputs=["layout.json"],
+        result = run_job(JOB, work / "job", disks=disks, inputs={"rootfs.tar.zst": tarball}, outputs=OUTPUTS,
                          timeout=1800, what="md+LVM inspect in the live guest")
-        return {"result": result, "layout": json.loads(result.outputs["layout.json"].read_text())}
+        return {"result": result, "layout": json.loads(result.outputs["layout.json"].read_text()),
+                "journal": result.outputs["journal-after-kill.jsonl"].read_text(),
+                "rerun_log": result.outputs["rerun-inspect.log"].read_text()}
     finally:
         for disk in disks:
             disk.path.unlink(missing_ok=True)
@@ -95,3 +130,26 @@ def test_layout_records_lvm_on_md_raid1(inspected: dict[str, Any]) -> None:
     assert (array["level"], array["metadata"], array["members"]) == ("raid1", "1.2", ["disk1p1", "disk2p1"])
     assert [(pv["device"], pv["vg"]) for pv in layout["lvm"]["pvs"]] == [("md:0", VG)]
     assert sorted(lv["name"] for lv in layout["lvm"]["lvs"]) == ["root", "swap"]
+
+
+def test_a_killed_inspect_left_the_array_and_the_lvs_and_the_next_run_undid_them(inspected: dict[str, Any]) -> None:
+    log = inspected["result"].log
+    (md_name,) = line_after(log, "md names:").split()
+    assert re.fullmatch(rf"p2v-{HOST}-[0-9a-f]{{6}}-0", md_name), md_name  # the host's tag in a global name
+    arrays, dm = re.fullmatch(r"arrays (\d+), dm (\d+)", line_after(log, "killed:")).groups()  # type: ignore[union-attr]
+    assert (int(arrays), int(dm) > 0) == (1, True), log
+    records, problems = journal.parse(inspected["journal"], "journal-after-kill.jsonl")
+    assert problems == []
+    held = journal.held(records)
+    kinds = [h.kind for h in held]
+    assert kinds[kinds.index("lvm"):] == ["lvm", "md"], kinds  # newest first: the LVs before their array
+    lvm = next(h for h in held if h.kind == "lvm").resource
+    assert (lvm["vgs"], lvm["devices"]) == ([VG], [f"/dev/md/{md_name}"])
+    rerun = inspected["rerun_log"]
+    undone = [line.partition(unwind.RELEASED)[2] for line in rerun.splitlines()
+              if unwind.RELEASED in line]
+    md_uuid = next(h for h in held if h.kind == "md").resource["uuid"]
+    assert undone[-2:] == [f"LVM {VG} active (devices /dev/md/{md_name})",
+                           f"md array /dev/md/{md_name} (uuid {md_uuid})"], rerun
+    assert "after rerun: arrays 0, dm 0" in log
+    assert line_after(log, "sha before:") == line_after(log, "sha after rerun:")

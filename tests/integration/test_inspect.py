@@ -332,11 +332,11 @@ def test_unsupported_lvm_segment_type_names_what_is_missing(tmp_path: Path) -> N
         handle.truncate(64 << 20)
     run(["sfdisk", "--quiet", str(image)], input="label: dos\n,30M,8e\n,30M,8e\n")
     vg = f"vg_p2vstripe{os.getpid()}"
-    from tasks.lib.storage import _lvm_env, lvm_config
+    from tasks.lib.storage import lvm_config, lvm_env
 
     with loop_device(image, read_only=False, partitions=True) as loop, lvm_config() as config:
         pvs = [loop.partition(1), loop.partition(2)]
-        env = _lvm_env(config)
+        env = lvm_env(config)
         devices = ["--devices", ",".join(pvs)]
         run(["pvcreate", *devices, *pvs], env=env)
         run(["vgcreate", *devices, vg, *pvs], env=env)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tasks import inspect
+from tasks.lib import unwind
 from tasks.lib.pipeline import run_stage
 from tasks.lib.replay import replayed_journal
 from tasks.lib.resources import loop_device, mounted, read_only_mount_options, release_stale
@@ -273,11 +274,11 @@ def test_a_logical_volume_is_replayed_too(tmp_path: Path) -> None:
         handle.truncate(128 * MiB)
     run(["sfdisk", "--quiet", str(pristine)], input="label: dos\nstart=2048, type=8e\n")
     vg = f"vg_p2vcut{os.getpid()}"
-    from tasks.lib.storage import _lvm_env, discover_lvm, linear_lv_extent, lvm_config
+    from tasks.lib.storage import discover_lvm, linear_lv_extent, lvm_config, lvm_env
 
     with loop_device(pristine, read_only=False, partitions=True) as loop, lvm_config() as config:
         pv = loop.partition(1)
-        env = _lvm_env(config)
+        env = lvm_env(config)
         run(["pvcreate", "--devices", pv, pv], env=env)
         run(["vgcreate", "--devices", pv, vg, pv], env=env)
         run(["lvcreate", "--devices", pv, "--driverloaded", "n", "-an", "-Zn", "-L", "64M", "-n", "data", vg],
@@ -347,21 +348,24 @@ def test_a_journal_that_does_not_replay_stops_inspect_with_one_clear_line(tmp_pa
 
 
 HOLD = """
-import sys, time
+import contextlib, sys, time
 from pathlib import Path
 from tasks import inspect
+from tasks.lib import journal
 from tasks.lib.spec import load_specs
 (spec,) = load_specs(Path(sys.argv[1]))
-with inspect.reachable_source(spec) as (discovery, devices):
+with journal.journaling(spec.run_dir) if sys.argv[2:] == ["journaled"] else contextlib.nullcontext(), \
+        inspect.reachable_source(spec) as (discovery, devices):
     print(" ".join(sorted(discovery.replayed)), flush=True)
     time.sleep(600)
 """
 
 
-def kill_during_replay(spec: Spec, images: list[Path]) -> None:
-    """A process that reaches the source (both journals replayed) and is SIGKILLed: no cleanup at all."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(spec.path.parent)], cwd=PROJECT_DIR,
-                              stdout=subprocess.PIPE, text=True)
+def kill_during_replay(spec: Spec, images: list[Path], *, journaled: bool = False) -> None:
+    """A process that reaches the source (both journals replayed) and is SIGKILLed: no cleanup at all.
+    journaled: it journals what it makes, as a stage run by the pipeline does (tasks/lib/journal.py)."""
+    argv = [sys.executable, "-c", HOLD, str(spec.path.parent), *(["journaled"] if journaled else [])]
+    holder = subprocess.Popen(argv, cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().split() == ["disk1p1", "disk2p1"]
@@ -397,3 +401,25 @@ def test_release_stale_frees_a_killed_replay(server: tuple[Path, Path], tmp_path
         time.sleep(0.2)  # a loop released with autoclear goes when its last holder has exited
     assert leftovers(spec, images) == []
     assert sorted(path.name for path in spec.run_dir.iterdir()) == []  # no pid file, no export file
+
+
+def test_a_killed_replay_is_undone_from_its_journal(server: tuple[Path, Path], tmp_path: Path) -> None:
+    """The same kill, journaled: the next stage undoes daemons, exports and loops from the journal, newest
+    first, and the findmnt/losetup sweep after it finds no kernel resource left to release."""
+    images = list(server)
+    spec = images_spec(tmp_path, "powercut-journaled", images)
+    kill_during_replay(spec, images, journaled=True)
+    assert run_stage(inspect.STAGE, spec) is None
+    lines = (spec.log_dir / "inspect.log").read_text().splitlines()
+    undone = [line.partition(unwind.RELEASED)[2] for line in lines
+              if unwind.RELEASED in line]
+    kinds = [item.split()[0] for item in undone]
+    assert kinds.count("process") == 2 and kinds.count("FUSE") == 2, undone
+    # Each replay: its view loop, then its daemon, then its export; the disks' loops last.
+    assert kinds[:3] == ["loop", "process", "FUSE"] and kinds[-2:] == ["loop", "loop"], undone
+    # The sweep after it releases no kernel resource, only the scratch overlays (files on the work area).
+    (swept,) = [line.partition("released what an interrupted run left: ")[2] for line in lines
+                if "released what an interrupted run left: " in line]
+    assert [item.split()[0] for item in swept.split(", ")] == ["file", "file"], swept
+    assert leftovers(spec, images) == []
+    assert json.loads(spec.artifact("layout.json").read_text())["root"] == "disk1p1"
