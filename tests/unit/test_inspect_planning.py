@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.inspect import Discovery, choose_root, plan_mounts, resolve_fstab_source
+from tasks.inspect import Discovery, plan_mounts
 from tasks.lib.fstab import mount_order, parse_fstab, skip_reason
 from tasks.lib.paths import read_text_in_root, resolve_in_root
 from tasks.lib.runner import P2VError
+from tasks.lib.source.roots import choose_root, resolve_fstab_source
 from tasks.lib.storage import group_md_members, linear_lv_extent
 
 CENTOS7_FSTAB = """\
@@ -266,7 +267,7 @@ def test_no_root_says_what_the_disks_hold_and_what_to_do() -> None:
 
 
 def test_looks_like_root_never_follows_a_link_out_of_the_tree(tmp_path: Path) -> None:
-    from tasks.inspect import looks_like_root
+    from tasks.lib.source.roots import looks_like_root
 
     (tmp_path / "usr" / "local" / "etc").mkdir(parents=True)
     (tmp_path / "usr" / "local" / "etc" / "fstab").write_text("UUID=1 / ext4 defaults 0 1\n")
