@@ -122,6 +122,10 @@ def _qemu_head(machine: Machine, accel: Accel, cpus: int, memory_mib: int) -> li
         *accel.qemu_args(),
         "-smp", str(cpus),
         "-m", str(memory_mib),
+        # The guest's RAM is allocated before the guest runs. A guest's first touch of a page is a
+        # page fault on the host, and beside a batch writing images the host's reclaim made it take
+        # minutes: modprobe stuck in clear_page (soft lockups), then systemd's mount timeouts.
+        "-mem-prealloc",
         "-display", "none",
         "-monitor", "none",
         "-no-reboot",

@@ -178,7 +178,7 @@ def allocated_bytes(overlay: Path) -> int:
 def server_argv(disks: list[Path], serials: tuple[str, ...], mac: str, serial_log: Path, tap: str) -> list[str]:
     """The qemu "physical server": SATA disks with serial numbers, an e1000 that boots by iPXE."""
     argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "1",
-            "-m", str(MEMORY_MIB), "-display", "none", "-monitor", "none", "-no-reboot",
+            "-m", str(MEMORY_MIB), "-mem-prealloc", "-display", "none", "-monitor", "none", "-no-reboot",
             "-chardev", f"file,id=serial0,path={serial_log}", "-serial", "chardev:serial0",
             "-device", "ahci,id=ahci"]
     for index, (disk, serial) in enumerate(zip(disks, serials, strict=True)):
