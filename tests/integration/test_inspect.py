@@ -21,7 +21,7 @@ import pytest
 
 from tasks import inspect
 from tasks.lib.pipeline import run_stage
-from tasks.lib.resources import RUN_DIR, host_run_dir, loop_device, mounted
+from tasks.lib.resources import host_run_dir, loop_device, mounted
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.lib.storage import kernel_has_device_mapper
@@ -36,21 +36,21 @@ def _base_device(device: str) -> str:
     return re.sub(r"(/dev/loop\d+)p\d+$", r"\1", device)
 
 
-def leftovers(images: Sequence[Path], run_dirs: Sequence[Path] | None = None) -> list[str]:
+def leftovers(images: Sequence[Path], run_dirs: Sequence[Path]) -> list[str]:
     """Loop devices over `images` (and the loops on those: an LV's offset loops) or
     over files in `run_dirs` (FUSE exports), and mounts in `run_dirs` or of those
-    loops, right now. run_dirs None: mounts anywhere in /run/p2v, any host's.
+    loops, right now. Only the caller's: another test (or worker) may hold others.
     """
     table = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"]).stdout
     attached = {name: backing.strip().removesuffix(" (deleted)")
                 for name, _, backing in (line.strip().partition(" ") for line in table.splitlines()) if backing}
     names = {str(image) for image in images}
-    exports = tuple(f"{directory}/" for directory in run_dirs or ())
+    exports = tuple(f"{directory}/" for directory in run_dirs)
     ours = {name for name, backing in attached.items() if backing in names or backing.startswith(exports)}
     while grown := {name for name, backing in attached.items() if _base_device(backing) in ours} - ours:
         ours |= grown
     found = sorted(f"loop {name} on {attached[name]}" for name in ours)
-    directories = [str(directory) for directory in run_dirs] if run_dirs is not None else [str(RUN_DIR)]
+    directories = [str(directory) for directory in run_dirs]
     prefixes = tuple(f"{directory}/" for directory in directories)
     for line in run(["findmnt", "-rn", "-o", "SOURCE,TARGET"]).stdout.splitlines():
         source, _, target = line.partition(" ")
