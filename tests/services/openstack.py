@@ -9,7 +9,8 @@ What runs, and why so:
 
 - One venv for both services, built once per content of `requirements-openstack.txt` in
   `${P2V_CACHE:-/var/cache/p2v}/openstack-venv-<hash12>`, under a lock (concurrent test runs wait
-  for each other), completed by a marker file written last: a build killed halfway is redone.
+  for each other), completed by a marker file written last that records the venv's path: a build
+  killed halfway, or a cache moved to another path (scripts carry absolute shebangs), is redone.
 - Keystone (sqlite, fernet tokens) and Glance (sqlite, file store) each under gunicorn with the
   gthread worker, on free ports picked at first start. Glance's paste pipeline is the `keystone`
   flavor: keystonemiddleware's auth_token validates every token against the Keystone, so a client
@@ -94,21 +95,35 @@ def ensure_venv(path: Path = REQUIREMENTS, log: Any = None) -> Path:
     """The services' venv, built once per requirements content; waits for a concurrent builder."""
     venv = venv_dir(path)
     marker = venv / ".p2v-complete"
-    if marker.is_file():
+    if _built_here(marker, venv):
         return venv
     with file_lock(venv.with_name(venv.name + ".lock")):
-        if marker.is_file():
+        if _built_here(marker, venv):
             return venv
         if venv.exists():
-            shutil.rmtree(venv)  # an interrupted build
+            shutil.rmtree(venv)  # an interrupted build, or one made at another path
         started = time.monotonic()
         _say(log, f"building the OpenStack venv {venv} (keystone, glance; about a minute)")
         _check_call([SYSTEM_PYTHON, "-m", "venv", str(venv)], venv.with_name(venv.name + ".build.log"))
         _check_call([str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "--quiet",
                      "-r", str(path)], venv.with_name(venv.name + ".build.log"))
-        marker.write_text(f"{time.monotonic() - started:.1f}\n")
+        marker.write_text(json.dumps({"path": str(venv), "seconds": round(time.monotonic() - started, 1)}) + "\n")
         _say(log, f"OpenStack venv built in {time.monotonic() - started:.0f} s")
     return venv
+
+
+def _built_here(marker: Path, venv: Path) -> bool:
+    """True when the venv was completed at this very path.
+
+    A venv is not relocatable: pip writes the interpreter's absolute path into the shebang of every
+    script, so a cache directory moved or copied elsewhere keeps a marker whose scripts fail to
+    start with ENOENT (their interpreter is gone). Such a venv counts as not built.
+    """
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("path") == str(venv)
 
 
 def _say(log: Any, text: str) -> None:
