@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -93,10 +94,30 @@ def _sync_partition_nodes(loop: str) -> None:
         deadline = time.monotonic() + 5
         while not sysdev.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if not os.path.exists(node) and sysdev.exists():
-            major, minor = sysdev.read_text().strip().split(":")
-            os.mknod(node, 0o660 | 0o060000, os.makedev(int(major), int(minor)))
+        if sysdev.exists():
+            _make_node(node, sysdev)
     _wait_for([f"{loop}p{nr}" for nr in numbers])
+
+
+def _make_node(node: str, sysdev: Path) -> None:
+    """Make /dev/loopNpM for the partition sysfs describes, replacing a stale node of that name.
+
+    Loop partitions get their minor numbers from the shared extended range (major 259) in the order
+    they appear, so a node left from an earlier attach of /dev/loopN can carry a number the kernel
+    has since given to a partition of another loop device: blkid would then read someone else's
+    partition (seen with two conversions side by side: "no root filesystem found").
+    """
+    major, minor = (int(n) for n in sysdev.read_text().strip().split(":"))
+    wanted = os.makedev(major, minor)
+    try:
+        present = os.stat(node)
+    except FileNotFoundError:
+        present = None
+    if present is not None:
+        if stat.S_ISBLK(present.st_mode) and present.st_rdev == wanted:
+            return
+        os.unlink(node)
+    os.mknod(node, 0o660 | stat.S_IFBLK, wanted)
 
 
 def _drop_partition_nodes(loop: str) -> None:
@@ -110,16 +131,40 @@ def _drop_partition_nodes(loop: str) -> None:
 
 
 def detach_loop(path: str) -> None:
+    backing = _backing_file(path)
     _drop_partition_nodes(path)
     for attempt in range(20):
         try:
             run(["losetup", "-d", path])
-            return
+            break
         except CommandError:
             # EBUSY right after umount is common; the kernel lets go shortly.
             if attempt == 19:
                 raise
             time.sleep(0.1 * (attempt + 1))
+    _wait_until_detached(path, backing)
+
+
+def _backing_file(path: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{os.path.basename(path)}/loop/backing_file").read_text()
+    except OSError:
+        return None
+
+
+def _wait_until_detached(path: str, backing: str | None, timeout: float = 15.0) -> None:
+    """`losetup -d` on a device someone still has open only marks it autoclear and succeeds.
+
+    The kernel detaches it at the last close (a blkid or partx probe of another process,
+    typically). Wait for that, so that the caller's next step, or a leftover check, sees the
+    device free; past the timeout the autoclear flag still detaches it at that last close.
+    """
+    # Another process may attach its own file to the freed device at once: only ours counts.
+    deadline = time.monotonic() + timeout
+    while backing is not None and _backing_file(path) == backing and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if backing is not None and _backing_file(path) == backing:
+        log.warning("%s is still open elsewhere; the kernel detaches it at its last close", path)
 
 
 @contextlib.contextmanager

@@ -502,8 +502,10 @@ class OpenStackServices:
         state: dict[str, Any] = {
             "venv": str(venv),
             "ports": {"keystone": free_port(), "glance": free_port()},
-            "passwords": {user: secrets.token_urlsafe(18) for user, _, _ in USERS.values()} | {
-                "glance": secrets.token_urlsafe(18)},
+            # Hex, not token_urlsafe: one password in 64 began with "-", and keystone-manage's
+            # argparse took it for an option ("--bootstrap-password: expected one argument").
+            "passwords": {user: secrets.token_hex(16) for user, _, _ in USERS.values()} | {
+                "glance": secrets.token_hex(16)},
             "bootstrapped": False,
         }
         while state["ports"]["glance"] == state["ports"]["keystone"]:
@@ -628,7 +630,7 @@ disable_by_file_path = {s}/glance/healthcheck_disable
         self._manage(venv, "keystone-manage", "db_sync")
         for keys in ("fernet_setup", "credential_setup"):
             self._manage(venv, "keystone-manage", keys, "--keystone-user", "root", "--keystone-group", "root")
-        self._manage(venv, "keystone-manage", "bootstrap", "--bootstrap-password", password,
+        self._manage(venv, "keystone-manage", "bootstrap", f"--bootstrap-password={password}",
                      "--bootstrap-username", "admin", "--bootstrap-project-name", "admin",
                      "--bootstrap-role-name", "admin", "--bootstrap-service-name", "keystone",
                      "--bootstrap-region-id", REGION,
