@@ -37,6 +37,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
+from tasks.lib.paths import fsync_directory
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, Spec, SpecError, validate
@@ -303,6 +304,7 @@ def write_json_atomically(path: Path, data: Any) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 def load_sync_stamp(spec: Spec) -> SyncStamp:

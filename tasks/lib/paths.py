@@ -113,7 +113,7 @@ def write_text_in_root(root: Path, path: str, text: str, mode: int | None = None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync_directory(real.parent)
+    fsync_directory(real.parent)
     return real
 
 
@@ -130,11 +130,12 @@ def remove_in_root(root: Path, path: str) -> bool:
     if stat.S_ISDIR(mode):
         raise P2VError(f"{path} is a directory in the target tree; p2v deletes files only")
     real.unlink()
-    _fsync_directory(real.parent)
+    fsync_directory(real.parent)
     return True
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or an unlink in `directory` durable (the file's own fsync does not)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

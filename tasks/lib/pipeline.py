@@ -34,6 +34,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from tasks.lib import journal, state, unwind
+from tasks.lib.paths import fsync_directory
 from tasks.lib.resources import release_stale
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import Spec
@@ -213,6 +214,9 @@ def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
         if not written.exists():
             raise P2VError(f"stage {stage.name} finished without writing {written.name}")
     os.replace(partial, target)
+    # The stamp is what tells a rerun (and the live runner's power-off) that the stage is done:
+    # its rename must reach the disk, or the NFS server, before anything acts on it.
+    fsync_directory(target.parent)
 
 
 def stage_tasks(stage: Stage, specs: Sequence[Spec], after: Stage | None = None) -> Iterator[dict[str, Any]]:

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.paths import fsync_directory
+
 STATE_FILE_NAME = "doit-state.json"
 # The key doit's Dependency.save_success sets last for a task that succeeded.
 TASK_DONE_KEY = "deps:"
@@ -37,6 +39,7 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
+    fsync_directory(path.parent)
 
 
 class _StateFile:

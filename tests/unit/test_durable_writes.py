@@ -1,0 +1,46 @@
+"""A rename that marks something done is fsync'ed in its directory, after the rename.
+
+A file's own fsync does not make its new name durable: after a power cut (a live server switched
+off, an NFS server's crash) the old name could come back, and a rerun would redo an upload.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tasks.lib import outputs, state
+
+
+def _recording_fsync(monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, str]]) -> None:
+    real_fsync: Callable[[int], None] = os.fsync
+    real_replace = os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        events.append(("rename", os.fspath(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("write", [
+    lambda path: outputs.write_json_atomically(path, {"done": True}),
+    lambda path: state._write_atomically(path, "{}\n"),
+], ids=["stage outputs", "doit state"])
+def test_the_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    write: Callable[[Path], None]) -> None:
+    events: list[tuple[str, str]] = []
+    _recording_fsync(monkeypatch, events)
+    target = tmp_path / "uploaded.stamp"
+    write(target)
+    assert target.exists()
+    renamed = events.index(("rename", str(target)))
+    assert ("fsync", str(tmp_path)) in events[renamed + 1:]
