@@ -429,7 +429,9 @@ def _config(spec: Spec) -> dict[str, object]:
     g = spec.glance
     return {"stamp_version": STAMP_VERSION, "format": spec.target.format, "compress": spec.target.compress,
             "cloud": g.cloud, "image_name": g.image_name, "visibility": g.visibility,
-            "properties": [list(p) for p in g.properties], "tags": list(g.tags)}
+            "properties": [list(p) for p in g.properties], "tags": list(g.tags),
+            # The receipt says what happens to the server afterwards (shutdown_decision).
+            "shutdown": spec.shutdown}
 
 
 STAGE = Stage(
