@@ -70,7 +70,8 @@ def fixture_tree(name: str, directory: Path | None = None) -> Iterator[Tree]:
         else:
             images = [_own_link(disk, directory / "images" / str(index)) for index, disk in enumerate(server.disks)]
             links = [image for image in images if image.is_relative_to(directory)]  # never a cached image
-            stack.callback(lambda: [link.unlink(missing_ok=True) for link in links])
+            for link in links:
+                stack.callback(link.unlink, missing_ok=True)
         spec_dir = directory / "specs"
         spec_dir.mkdir(parents=True, exist_ok=True)
         listed = "".join(f"    - {image}\n" for image in images)

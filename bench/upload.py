@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tasks.lib import glance
 from tasks.lib.copy import human
-from tasks.upload import HashingReader, UploadProgress
+from tasks.lib.progress import Progress
+from tasks.upload import HashingReader
 from tests.services.openstack import OpenStackServices
 
 TARGET = 0.90
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"file: {path} ({human(size)}), {args.repeat} run(s), median")
     print(f"{'read':<8} {read_s:7.2f} s  {human(read_rate)}/s")
     print(f"{'hash':<8} {hash_s:7.2f} s  {human(size / hash_s)}/s")
-    print(f"{'upload':<8} {upload_s:7.2f} s  {human(upload_rate)}/s   ({UploadProgress(size, size, upload_s).line()})")
+    done = Progress("upload", size, size, upload_s, final=True).line()
+    print(f"{'upload':<8} {upload_s:7.2f} s  {human(upload_rate)}/s   ({done})")
     verdict = "ok" if ratio >= TARGET else "below target"
     print(f"upload / read: {ratio:.2f} (target >= {TARGET:.2f}: {verdict})")
     if args.json:
