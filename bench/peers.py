@@ -234,6 +234,23 @@ class ToolFigures:
         return median(values) if values else float("nan")
 
 
+@dataclass
+class Collected:
+    """The runs of one part as they finish: what an interrupted bench can still print."""
+
+    what: dict[str, str]  # tool -> what it runs, in table order
+    runs: dict[str, list[ToolRun]] = field(default_factory=dict)
+    boots: dict[str, BootVerdict] = field(default_factory=dict)
+
+    def add(self, tool: str, run_: ToolRun) -> None:
+        self.runs.setdefault(tool, []).append(run_)
+
+    def figures(self) -> list[ToolFigures]:
+        """The tools with at least one finished run."""
+        return [ToolFigures(tool, what, tuple(self.runs[tool]), self.boots.get(tool))
+                for tool, what in self.what.items() if self.runs.get(tool)]
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
@@ -272,13 +289,14 @@ class Machine:
                 f"{load(self.load_after)} after")
 
 
-def convert_table(figures: Sequence[ToolFigures], source: str, repeat: int) -> str:
-    lines = [f"convert {source}: median of {repeat} run(s), page cache dropped before each",
-             f"{'tool':<10} {'wall':>10} {'allocated':>11} {'apparent':>11}  boots on virtio (our boot checker)"]
+def convert_table(figures: Sequence[ToolFigures], source: str) -> str:
+    lines = [f"convert {source}: medians, page cache dropped before each run",
+             f"{'tool':<10} {'runs':>4} {'wall':>10} {'allocated':>11} {'apparent':>11}  "
+             "boots on virtio (our boot checker)"]
     for fig in figures:
         boot = "not checked" if fig.boot is None else f"{'yes' if fig.boot.boots else 'NO'}: {fig.boot.detail}"
-        lines.append(f"{fig.tool:<10} {fig.seconds:>8.1f} s {human(fig.median_size('allocated')):>11} "
-                     f"{human(fig.median_size('apparent')):>11}  {boot}")
+        lines.append(f"{fig.tool:<10} {len(fig.runs):>4} {fig.seconds:>8.1f} s "
+                     f"{human(fig.median_size('allocated')):>11} {human(fig.median_size('apparent')):>11}  {boot}")
     by_tool = {fig.tool: fig for fig in figures}
     if "p2v" in by_tool and "virt-v2v" in by_tool:
         ratio = time_ratio(by_tool["p2v"].seconds, by_tool["virt-v2v"].seconds)
@@ -293,13 +311,13 @@ def convert_table(figures: Sequence[ToolFigures], source: str, repeat: int) -> s
     return "\n".join(lines)
 
 
-def upload_table(figures: Sequence[ToolFigures], size: int, repeat: int) -> str:
-    lines = [f"upload of {human(size)} of random data into the local Glance: median of {repeat} run(s), "
-             "page cache dropped before each",
-             f"{'client':<10} {'wall':>10} {'throughput':>12}  what"]
+def upload_table(figures: Sequence[ToolFigures], size: int) -> str:
+    lines = [f"upload of {human(size)} of random data into the local Glance: medians, page cache dropped "
+             "before each run",
+             f"{'client':<10} {'runs':>4} {'wall':>10} {'throughput':>12}  what"]
     for fig in figures:
         rate = size / fig.seconds if fig.seconds > 0 else float("nan")
-        lines.append(f"{fig.tool:<10} {fig.seconds:>8.1f} s {human(rate) + '/s':>12}  {fig.what}")
+        lines.append(f"{fig.tool:<10} {len(fig.runs):>4} {fig.seconds:>8.1f} s {human(rate) + '/s':>12}  {fig.what}")
     by_tool = {fig.tool: fig for fig in figures}
     if "p2v" in by_tool:
         for peer in (fig for fig in figures if fig.tool != "p2v"):
@@ -365,9 +383,9 @@ def timed(action: Callable[[], object]) -> float:
 def machine_now(load_before: tuple[float, float, float]) -> Machine:
     source = output(["findmnt", "-no", "SOURCE,FSTYPE,SIZE", "--target", str(BENCH_DIR)], check=False)
     device = source.split()[0] if source else "?"
-    rota = output(["lsblk", "-dno", "ROTA,MODEL", device], check=False).strip() if device.startswith("/dev/") else ""
-    kind = {"0": "non-rotational", "1": "rotational"}.get(rota.split()[0] if rota else "", "")
-    disk = " ".join(part for part in (source.strip(), kind, f"(under {BENCH_DIR})") if part)
+    # As the kernel reports it: a virtual disk often says rotational whatever is under it.
+    rota = output(["lsblk", "-dno", "ROTA", device], check=False).strip() if device.startswith("/dev/") else ""
+    disk = " ".join(part for part in (source.strip(), f"rota={rota}" if rota else "", f"(under {BENCH_DIR})") if part)
     return Machine(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), nproc=os.cpu_count() or 0, disk=disk,
                    load_before=load_before, load_after=os.getloadavg())
 
@@ -598,14 +616,16 @@ def check_boot(disks: Sequence[Path], checks: Sequence[Check], server: FixtureSe
 # ---------------------------------------------------------------- convert: side by side
 
 
-def bench_convert(fixture: str, repeat: int, scratch: Path) -> list[ToolFigures]:
+def convert_tools(host: str) -> dict[str, str]:
+    return {"p2v": f"doit report:{host} (inspect, disk, sync, fix with cloud-init, verify, report; no upload)",
+            "virt-v2v": "virt-v2v -i libvirtxml -o local -of raw -oa sparse (LIBGUESTFS_BACKEND=direct, force_tcg)"}
+
+
+def bench_convert(fixture: str, repeat: int, scratch: Path, collected: Collected) -> None:
     server = build_server(fixture)
     packages = ensure_package_dir(suite_of(fixture))
     host = f"bench-{fixture}"
     mountpoints = [fs["mountpoint"] for fs in server.facts["filesystems"] if fs.get("mountpoint")]
-    p2v_runs: list[ToolRun] = []
-    v2v_runs: list[ToolRun] = []
-    boots: dict[str, BootVerdict] = {}
     with read_only_view(server.directory, scratch / "source") as source:
         disks = [source / disk.name for disk in server.disks]
         seconds = warm_appliance(scratch / "appliance")
@@ -616,29 +636,20 @@ def bench_convert(fixture: str, repeat: int, scratch: Path) -> list[ToolFigures]
             with v2v_workspace(scratch / f"virt-v2v-{index}") as work:
                 log.info("run %d/%d: virt-v2v", index + 1, repeat)
                 v2v_run, v2v_disks = run_virt_v2v(server, disks, work, host)
-                v2v_runs.append(v2v_run)
+                collected.add("virt-v2v", v2v_run)
                 log.info("  virt-v2v %.1f s", v2v_run.seconds)
                 with p2v_project(scratch / f"p2v-{index}", host, disks, packages) as spec:
                     log.info("run %d/%d: p2v (doit report:%s)", index + 1, repeat, host)
                     p2v_run = run_p2v(spec)
-                    p2v_runs.append(p2v_run)
+                    collected.add("p2v", p2v_run)
                     log.info("  p2v %.1f s", p2v_run.seconds)
                     if last:  # the outputs of the last run are booted (untimed), one guest at a time
                         checks = boot_checks(spec, mountpoints)
-                        log.info("boot check: p2v's disk.img")
-                        boots["p2v"] = check_boot([spec.artifact("disk.img")], checks, server,
-                                                  scratch / "boot" / "p2v.serial.log")
-                        log.info("  %s", boots["p2v"].detail)
-                        log.info("boot check: virt-v2v's disks")
-                        boots["virt-v2v"] = check_boot(v2v_disks, checks, server,
-                                                       scratch / "boot" / "virt-v2v.serial.log")
-                        log.info("  %s", boots["virt-v2v"].detail)
-    return [
-        ToolFigures("p2v", f"doit report:{host} (inspect, disk, sync, fix with cloud-init, verify, report; "
-                           "no upload)", tuple(p2v_runs), boots.get("p2v")),
-        ToolFigures("virt-v2v", "virt-v2v -i libvirtxml -o local -of raw -oa sparse (LIBGUESTFS_BACKEND=direct, "
-                                "force_tcg)", tuple(v2v_runs), boots.get("virt-v2v")),
-    ]
+                        for tool, booted, serial in (("p2v", [spec.artifact("disk.img")], "p2v.serial.log"),
+                                                     ("virt-v2v", v2v_disks, "virt-v2v.serial.log")):
+                            log.info("boot check: %s's output", tool)
+                            collected.boots[tool] = check_boot(booted, checks, server, scratch / "boot" / serial)
+                            log.info("  %s", collected.boots[tool].detail)
 
 
 # ---------------------------------------------------------------- upload
@@ -706,11 +717,10 @@ UPLOADERS = {
 }
 
 
-def bench_upload(size_mib: int, repeat: int, scratch: Path) -> tuple[list[ToolFigures], int]:
+def bench_upload(size_mib: int, repeat: int, scratch: Path, collected: Collected) -> None:
     path = random_file(scratch / "upload" / f"random-{size_mib}M.bin", size_mib)
     state = scratch / "openstack"
     state.mkdir()
-    runs: dict[str, list[ToolRun]] = {tool: [] for tool in UPLOADERS}
     with OpenStackServices(state, log=lambda text: log.info("%s", text)) as services:
         uploads = Uploads(services, path)
         for index in range(repeat):
@@ -720,10 +730,9 @@ def bench_upload(size_mib: int, repeat: int, scratch: Path) -> tuple[list[ToolFi
                 action = getattr(uploads, tool)
                 seconds = timed(lambda: action(name))  # noqa: B023 (called at once)
                 uploads.stored_and_deleted(name)
-                runs[tool].append(ToolRun(seconds=seconds))
+                collected.add(tool, ToolRun(seconds=seconds))
                 log.info("upload run %d/%d: %-9s %6.1f s", index + 1, repeat, tool, seconds)
     path.unlink()
-    return [ToolFigures(tool, what, tuple(runs[tool])) for tool, what in UPLOADERS.items()], uploads.size
 
 
 # ---------------------------------------------------------------- main
@@ -742,13 +751,6 @@ def scratch_area(path: Path) -> Iterator[Path]:
         remove_tree(path)
 
 
-@dataclass
-class Results:
-    convert: list[ToolFigures] = field(default_factory=list)
-    upload: list[ToolFigures] = field(default_factory=list)
-    upload_size: int = 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     if os.geteuid() != 0:
@@ -757,31 +759,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)  # unwind like ^C: every context manager lets go
+    # Started in the background by a script, a process inherits SIGINT ignored: `kill -INT` must work too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     load_before = os.getloadavg()
-    results = Results()
+    convert = Collected(convert_tools(f"bench-{options.fixture}"))
+    upload = Collected(dict(UPLOADERS))
+    upload_size = options.size_mib * MiB
+    status = 0
     try:
         check_tools(options.parts)
         with scratch_area(BENCH_DIR / f"peers-{os.getpid()}") as scratch:
             if "convert" in options.parts:
-                results.convert = bench_convert(options.fixture, options.repeat, scratch)
+                bench_convert(options.fixture, options.repeat, scratch, convert)
             if "upload" in options.parts:
-                results.upload, results.upload_size = bench_upload(options.size_mib, options.repeat, scratch)
+                bench_upload(options.size_mib, options.repeat, scratch, upload)
     except KeyboardInterrupt:
         print("bench.peers: interrupted; nothing left attached, mounted or running", file=sys.stderr)
-        return 130
+        status = 130
     except P2VError as error:
         print(f"bench.peers: {error}", file=sys.stderr)
-        return 1
+        status = 1
     machine = machine_now(load_before)
+    convert_figures, upload_figures = convert.figures(), upload.figures()
+    if not convert_figures and not upload_figures:
+        return status
+    if status:
+        print("(stopped early: only the runs that finished, and no boot check unless it says so)")
     print(f"machine: {machine.line()}")
-    if results.convert:
-        print(convert_table(results.convert, f"{options.fixture} (fixture server)", options.repeat))
-    if results.upload:
-        print(upload_table(results.upload, results.upload_size, options.repeat))
+    if convert_figures:
+        print(convert_table(convert_figures, f"{options.fixture} (fixture server)"))
+    if upload_figures:
+        print(upload_table(upload_figures, upload_size))
     if options.json:
-        options.json.write_text(json.dumps(figures_json(machine, results.convert, results.upload,
-                                                        results.upload_size, options.fixture), indent=1) + "\n")
-    return 0
+        options.json.write_text(json.dumps({**figures_json(machine, convert_figures, upload_figures, upload_size,
+                                                           options.fixture), "complete": status == 0},
+                                           indent=1) + "\n")
+    return status
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 
 from bench.peers import (
     BootVerdict,
+    Collected,
     Machine,
     Phase,
     Sizes,
@@ -163,11 +164,11 @@ def _convert_figures() -> list[ToolFigures]:
 
 
 def test_convert_table_medians_ratio_and_boots() -> None:
-    text = convert_table(_convert_figures(), "plain-bookworm (fixture server)", 3)
+    text = convert_table(_convert_figures(), "plain-bookworm (fixture server)")
     lines = text.splitlines()
-    assert lines[0].startswith("convert plain-bookworm (fixture server): median of 3 run(s)")
+    assert lines[0].startswith("convert plain-bookworm (fixture server): medians")
     p2v_line = next(line for line in lines if line.startswith("p2v "))
-    assert "110.0 s" in p2v_line and "yes: login after 60 s" in p2v_line
+    assert p2v_line.split()[1] == "3" and "110.0 s" in p2v_line and "yes: login after 60 s" in p2v_line
     v2v_line = next(line for line in lines if line.startswith("virt-v2v "))
     assert "440.0 s" in v2v_line and "NO: timed out" in v2v_line
     assert "p2v / virt-v2v (wall time) = 0.25 (target <= 0.25: ok)" in lines
@@ -180,7 +181,7 @@ def test_upload_table_states_the_ratio_as_throughput() -> None:
     figures = [ToolFigures("p2v", "stage", (ToolRun(10.0), ToolRun(11.0), ToolRun(12.0))),
                ToolFigures("openstack", "openstack image create", (ToolRun(11.0),)),
                ToolFigures("glance", "glance image-create", (ToolRun(9.0),))]
-    text = upload_table(figures, GiB, 3)
+    text = upload_table(figures, GiB)
     assert "1.0 GiB" in text.splitlines()[0]
     assert "p2v / openstack (throughput; = openstack s / p2v s) = 1.00 (target >= 1.00: ok)" in text
     assert "p2v / glance (throughput; = glance s / p2v s) = 0.82 (target >= 1.00: MISSED)" in text
@@ -231,3 +232,18 @@ def test_bad_arguments_stop_with_usage(argv: list[str], capsys: pytest.CaptureFi
         parse_args(argv)
     assert stopped.value.code == 2
     assert "usage: python -m bench.peers" in capsys.readouterr().err
+
+
+def test_an_interrupted_bench_prints_what_finished_and_no_ratio_without_both() -> None:
+    collected = Collected({"p2v": "doit", "virt-v2v": "virt-v2v"})
+    assert collected.figures() == []
+    collected.add("virt-v2v", ToolRun(1555.8, Sizes(GiB, 4 * GiB), (Phase("Copying disk 1/2", 2.2),)))
+    (only,) = collected.figures()
+    assert only.tool == "virt-v2v" and only.boot is None
+    text = convert_table([only], "plain-bookworm (fixture server)")
+    assert "1555.8 s" in text and "not checked" in text and "p2v / virt-v2v" not in text
+    assert "  virt-v2v (last run): Copying disk 1/2 2 s" in text
+    collected.add("p2v", ToolRun(100.0))
+    collected.boots["p2v"] = BootVerdict(True, "ok")
+    assert [f.tool for f in collected.figures()] == ["p2v", "virt-v2v"]  # the table's order, not the runs'
+    assert collected.figures()[0].boot == BootVerdict(True, "ok")
