@@ -201,7 +201,7 @@ def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
     # record, a run of a p2v without journal).
     unwind.undo_journal(spec.run_dir)
     released = release_stale(spec.run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial")],
-                             scratch_dir=spec.scratch_dir)
+                             scratch_dir=spec.scratch_dir, source_images=spec.source.images)
     if released:
         log.warning("released what an interrupted run left: %s", ", ".join(released))
     for stale in (target, *(spec.artifact(name) for name in stage.outputs)):

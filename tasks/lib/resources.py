@@ -424,20 +424,84 @@ def _stop_daemon(daemon: StaleDaemon, timeout: float = 10.0) -> None:
     raise P2VError(f"qemu-storage-daemon (pid {daemon.pid}) of an interrupted run does not exit")
 
 
-def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path | None = None) -> list[str]:
+def _processes_below(run_dir: Path) -> list[tuple[int, str]]:
+    """Live processes chrooted or working below a host's run directory: (pid, name).
+
+    The fix stage's chroot commands (apt, update-initramfs, grub-install) run in
+    a process group of their own, so that their daemons end with them; a SIGKILL
+    of doit's group does not reach them, and they go on writing into the target
+    and keep its mounts busy.
+    """
+    prefix = str(run_dir).rstrip("/") + "/"
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid() or _process_gone(pid):
+            continue
+        places = []
+        for link in ("root", "cwd"):
+            with contextlib.suppress(OSError):
+                places.append(os.readlink(entry / link))
+        if any(place.startswith(prefix) for place in places):
+            with contextlib.suppress(OSError):
+                found.append((pid, (entry / "comm").read_text().strip()))
+    return found
+
+
+def _kill_processes(processes: Sequence[tuple[int, str]], timeout: float = 10.0) -> None:
+    for pid, _ in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_process_gone(pid) for pid, _ in processes):
+        if time.monotonic() > deadline:
+            left = ", ".join(f"{name} ({pid})" for pid, name in processes if not _process_gone(pid))
+            raise P2VError(f"processes of an interrupted run do not exit: {left}")
+        time.sleep(0.05)
+
+
+def _idle_source_loops(images: Sequence[Path]) -> list[str]:
+    """Loops on a host's source images, and loops stacked on them (an LV's offset loop), that nothing
+    mounts or holds: what a run killed between attaching a disk and mounting it left. A loop another
+    program uses on the same file (mounted, held by device-mapper, under a loop in use) is left alone."""
+    table = output(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False)
+    backing = {name: rest.strip().removesuffix(" (deleted)")
+               for name, _, rest in (line.strip().partition(" ") for line in table.splitlines())}
+    names = {os.fspath(image) for image in images}
+    base = [name for name, file in backing.items() if file in names]
+    stacked = [name for name, file in backing.items() if _loop_of(file) in base]
+    mounted = {_loop_of(source) for source in output(["findmnt", "-rn", "-o", "SOURCE"], check=False).split()}
+    idle: list[str] = []
+    for loop in [*stacked, *base]:  # stacked first: a base loop is idle once they are
+        node = Path("/sys/block") / loop.removeprefix("/dev/")
+        holders = [*node.glob("holders/*"), *node.glob(f"{node.name}p*/holders/*")]
+        users = [name for name, file in backing.items() if _loop_of(file) == loop and name not in idle]
+        if loop not in mounted and not holders and not users:
+            idle.append(loop)
+    return idle
+
+
+def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path | None = None,
+                  source_images: Sequence[Path] = ()) -> list[str]:
     """Undo what a killed run of this host left behind; return what was released.
 
     A SIGKILLed stage cannot clean up after itself, so the next stage of the
     same host does, before it attaches anything (the same image mounted
-    read-write twice would be corrupted). Released: every mount below the
-    host's run directory, the loop devices under those mounts (and the loops
+    read-write twice would be corrupted). Released: first the processes still
+    chrooted or working below the host's run directory (a killed fix's chroot
+    commands), then every mount below it, the loop devices under those mounts (and the loops
     they sit on), loops over the host's own images (disk.img) and over files
     in the run directory (FUSE exports), the qemu-storage-daemons that wrote a
     pid file there with the source loops they held (a journal replay's
-    overlay sits on one), and last the throw-away files in `scratch_dir`
-    (the replay overlays). Loops of other hosts and of other programs are
-    never touched.
+    overlay sits on one), the throw-away files in `scratch_dir` (the replay
+    overlays), and last the loops on `source_images` that nothing uses (a run
+    killed between attaching a source disk and mounting it). Loops of other
+    hosts and of other programs are never touched.
     """
+    released: list[str] = []
+    orphans = _processes_below(run_dir)
+    _kill_processes(orphans)
+    released += [f"process {name} ({pid})" for pid, name in orphans]
     table = output(["findmnt", "--raw", "--noheadings", "--output", "FSTYPE,SOURCE,TARGET"], check=False)
     prefix = str(run_dir).rstrip("/") + "/"
     stale_mounts: list[tuple[str, str]] = []
@@ -461,7 +525,6 @@ def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path |
     for backing in backings:
         loops += [loop for loop in loops_backed_by(backing) if loop not in loops]
     loops += [loop for loop in _loops_backed_under(run_dir) if loop not in loops]
-    released: list[str] = []
     for _, target in sorted(stale_mounts, key=lambda item: item[1].count("/"), reverse=True):
         unmount(target)
         released.append(f"mount {target}")
@@ -488,4 +551,7 @@ def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path |
         for leftover in sorted(p for p in scratch_dir.iterdir() if p.is_file()):
             leftover.unlink(missing_ok=True)
             released.append(f"file {leftover}")
+    for loop in _idle_source_loops(source_images):
+        detach_loop(loop)
+        released.append(f"loop {loop}")
     return released
