@@ -34,7 +34,11 @@ redoes a command whose output is the same (see `_initrd_is_current`). A
 second run first clears the i and a flags the first one set (the paths are in
 the image's conversion record and in the sync receipt), and sets them again
 at its end.
-The receipt (the stamp) lists what each step changed, and its warnings.
+The receipt (the stamp) lists what each step changed, and its warnings. A
+run that finishes a fix that was killed or failed half-way reports, for a
+step the unfinished run had done, what that run did, and installs the
+packages that were missing before it (tasks/lib/fixjournal.py): the receipt
+is the one an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -47,8 +51,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tasks.lib import fixes
-from tasks.lib.fixes.steps.boot import esp_working_copies, install_bootloader, regenerate_initrd
-from tasks.lib.fixes.steps.context import FixContext
+from tasks.lib.fixes.steps.boot import (
+    esp_working_copies,
+    install_bootloader,
+    regenerate_initrd,
+    remove_stale_device_map,
+)
+from tasks.lib.fixes.steps.context import FixContext, StepReport
 from tasks.lib.fixes.steps.flags import (
     applied_flag_paths,
     clear_deferred_flags,
@@ -56,9 +65,15 @@ from tasks.lib.fixes.steps.flags import (
     restore_deferred_flags,
     target_devices,
 )
-from tasks.lib.fixes.steps.packages import clean_cloud_init, disable_services, install_packages
+from tasks.lib.fixes.steps.packages import (
+    clean_cloud_init,
+    disable_services,
+    install_packages,
+    remove_stale_policy,
+)
 from tasks.lib.fixes.steps.record import _read_record, _write_record
 from tasks.lib.fixes.steps.swapfile import make_swap_file
+from tasks.lib.fixjournal import JOURNAL_FILE, FixJournal, discard
 from tasks.lib.outputs import FixStamp, load_sync_stamp, write_fix_stamp
 from tasks.lib.paths import RootTreeReader
 from tasks.lib.pipeline import Stage, StageRun
@@ -105,16 +120,21 @@ def _steps() -> list[tuple[str, Callable[[FixContext], None]]]:
             ("services", disable_services), ("initrd", regenerate_initrd), ("bootloader-install", install_bootloader)]
 
 
-def fix_tree(spec: Spec, layout: Mapping[str, Any], plan: DiskPlan, target: MountedTarget) -> FixContext:
+def fix_tree(spec: Spec, layout: Mapping[str, Any], plan: DiskPlan, target: MountedTarget,
+             journal: FixJournal | None = None) -> FixContext:
     """Run every step but inode-flags on a mounted target (binds in place); return what each did."""
     edits = fixes.plan_edits(RootTreeReader(target.root), layout, plan, spec.fix)
-    ctx = FixContext(spec=spec, layout=layout, plan=plan, target=target, edits=edits)
+    ctx = FixContext(spec=spec, layout=layout, plan=plan, target=target, edits=edits, journal=journal)
     for finding in edits.findings:
         ctx.report(finding.step).warnings.append(finding.message)
     unknown = sorted(set(spec.fix.skip) - set(STEP_NAMES))
     if unknown:
         raise P2VError(f"{spec.file}: fix.skip: unknown step(s) {', '.join(unknown)}",
                        hint=f"steps are: {', '.join(STEP_NAMES)}")
+    # What a killed fix left in the image that no step would take for p2v's (a step that is skipped now
+    # would not even look).
+    remove_stale_policy(ctx)
+    remove_stale_device_map(ctx)
     for name, step in _steps():
         report = ctx.report(name)
         if name in spec.fix.skip:
@@ -134,6 +154,13 @@ def _run_step(ctx: FixContext, name: str, step: Callable[[FixContext], None]) ->
     report = ctx.report(name)
     started = time.monotonic()
     step(ctx)
+    if ctx.journal is not None:
+        earlier = ctx.journal.earlier(name)
+        if earlier is not None and report.status == "unchanged":
+            # Nothing left to do because an unfinished run of this copy did it: its receipt, not "unchanged".
+            report = ctx.reports[name] = StepReport(name, earlier["status"], list(earlier["changes"]),
+                                                    list(earlier["warnings"]), list(earlier["commands"]))
+        ctx.journal.finished(report.to_json())
     log.info("fix %-18s %-9s %4.1f s%s", name, report.status, time.monotonic() - started,
              "".join(f"\n    {change}" for change in report.changes))
     for warning in report.warnings:
@@ -162,6 +189,8 @@ def fix_host(run: StageRun) -> None:
     kernel = fixes.check_convertible(layout, spec.fix)
     log.info("kernel %s (it has virtio)", kernel)
     pending = pending_flags(load_sync_stamp(spec))
+    copy = hashlib.sha256(run.input(SYNC_STAMP).read_bytes()).hexdigest()
+    journal = FixJournal.open(spec.state_dir / JOURNAL_FILE, copy)
     started = time.monotonic()
     with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=loop_direct_io(image.parent)) as target:
         devices = target_devices(target, plan)
@@ -170,7 +199,7 @@ def fix_host(run: StageRun) -> None:
         if cleared:
             log.info("cleared i/a on %d entries an earlier fix set; set again at the end", cleared)
         with esp_working_copies(plan, target, spec.run_dir), chroot_binds(target.root):
-            ctx = fix_tree(spec, layout, plan, target)
+            ctx = fix_tree(spec, layout, plan, target, journal)
         finish_flags(ctx, pending, devices)
     stamp: FixStamp = {
         "format": STAMP_FORMAT,
@@ -183,7 +212,7 @@ def fix_host(run: StageRun) -> None:
         "inode_flags": {"restored": [{"path": path, "flags": flags} for path, flags in ctx.restored_flags]},
         "steps": [ctx.report(name).to_json() for name in STEP_NAMES],
         "warnings": [f"{r.name}: {w}" for name in STEP_NAMES for r in [ctx.report(name)] for w in r.warnings],
-        "sync_receipt_sha256": hashlib.sha256(run.input(SYNC_STAMP).read_bytes()).hexdigest(),
+        "sync_receipt_sha256": copy,
     }
     write_fix_stamp(run.partial, stamp)
 
@@ -202,4 +231,5 @@ STAGE = Stage(
     inputs=(SYNC_STAMP, LAYOUT_FILE, PLAN_FILE),
     run=fix_host,
     config=_config,
+    committed=lambda spec: discard(spec.state_dir / JOURNAL_FILE),
 )

@@ -121,6 +121,9 @@ class AptTooling:
         files = {f"{APT_SCRATCH}/sources.list": sources} if sources else {}
         commands = (
             ("mkdir", "-p", f"{APT_SCRATCH}/lists/partial", f"{APT_SCRATCH}/archives/partial"),
+            # What a killed run's dpkg left half-done is finished first (apt-get refuses to run
+            # until it is); on a server in order it does nothing.
+            ("dpkg", "--configure", "-a"),
             ("apt-get", *options, "update"),
             ("apt-get", *options, "install", "-y", "--no-install-recommends",
              "-o", "Dpkg::Options::=--force-confold", *wanted),

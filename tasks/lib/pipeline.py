@@ -68,6 +68,9 @@ class Stage:
     # itself, before the target is renamed into place), so that later stages
     # can depend on them.
     outputs: tuple[str, ...] = ()
+    # What the stage does once its target is in place, and only then: a kill before the rename leaves
+    # the stage unfinished, and what it keeps for the run that finishes it must still be there.
+    committed: Callable[[Spec], None] | None = None
 
 
 def _stage_logger(log_path: Path) -> logging.Handler:
@@ -217,6 +220,9 @@ def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
     # The stamp is what tells a rerun (and the live runner's power-off) that the stage is done:
     # its rename must reach the disk, or the NFS server, before anything acts on it.
     fsync_directory(target.parent)
+    # Only once the rename is durable: what the stage keeps for a rerun must outlive a power cut too.
+    if stage.committed is not None:
+        stage.committed(spec)
 
 
 def stage_tasks(stage: Stage, specs: Sequence[Spec], after: Stage | None = None) -> Iterator[dict[str, Any]]:

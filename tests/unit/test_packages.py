@@ -27,8 +27,9 @@ def test_apt_from_a_directory_uses_a_flat_repository_of_its_own_and_no_network()
     assert plan.manager == "apt" and plan.packages == ("cloud-init", "qemu-guest-agent")
     assert not plan.needs_network
     assert plan.files == {f"{APT_SCRATCH}/sources.list": f"deb [trusted=yes] file:{REPO_MOUNT} ./\n"}
-    mkdir, update, install = plan.commands
+    mkdir, configure, update, install = plan.commands
     assert mkdir[:2] == ("mkdir", "-p")
+    assert configure == ("dpkg", "--configure", "-a")  # what a killed run left half-installed, finished first
     # Lists, archives and sources all under the chroot's /run: nothing of it stays in the image.
     for option in (f"Dir::Etc::SourceList={APT_SCRATCH}/sources.list", "Dir::Etc::SourceParts=-",
                    f"Dir::State::Lists={APT_SCRATCH}/lists", f"Dir::Cache::Archives={APT_SCRATCH}/archives"):
@@ -49,7 +50,7 @@ def test_apt_from_a_mirror_names_the_release() -> None:
 def test_apt_from_the_servers_own_repositories_keeps_its_sources_but_not_its_lists() -> None:
     plan = plan_install(system("apt"), PackageSource("distro", ""), ["cloud-init"])
     assert plan.files == {} and plan.needs_network
-    update = plan.commands[1]
+    update = plan.commands[2]
     assert not any("SourceList" in item or "SourceParts" in item for item in update)
     assert f"Dir::State::Lists={APT_SCRATCH}/lists" in update
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from tasks.lib.planning.model import DiskPlan
 from tasks.lib.resources import mounted
 from tasks.lib.runner import P2VError, chroot_run
 from tasks.lib.target import MountedTarget
+
+log = logging.getLogger("p2v.fix")
 
 VIRTIO_DRIVERS = ("virtio_blk", "virtio_scsi", "virtio_pci", "virtio_net")
 
@@ -151,16 +154,33 @@ def esp_working_copies(plan: DiskPlan, target: MountedTarget, scratch: Path) -> 
         yield
 
 
-@contextlib.contextmanager
-def _grub2_device_map(ctx: FixContext, disk: str) -> Iterator[None]:
-    """grub2's probes then write hd0 hints, not loop ones; the map is ours and goes away again."""
+def _device_map_path(ctx: FixContext) -> str | None:
+    """Where grub2 reads its device.map, or None for another bootloader."""
     bootloader = ctx.layout["system"]["bootloader"]
     config_path = bootloader.get("config_path")
     if bootloader.get("kind") != "grub2" or not config_path:
-        yield
-        return
-    device_map = f"{os.path.dirname(config_path)}/device.map"
-    if ctx.tree.exists(device_map):
+        return None
+    return f"{os.path.dirname(config_path)}/device.map"
+
+
+# The map _grub2_device_map writes: a server's own never names a loop device of the conversion host.
+_OWN_DEVICE_MAP = re.compile(r"\(hd0\) /dev/loop\d+\n")
+
+
+def remove_stale_device_map(ctx: FixContext) -> None:
+    """p2v's own device.map, left in the image by a run killed during grub-install: grub would go on
+    mapping hd0 to a loop device of the conversion host."""
+    device_map = _device_map_path(ctx)
+    if device_map is not None and _OWN_DEVICE_MAP.fullmatch(read_text_in_root(ctx.root, device_map) or ""):
+        remove_in_root(ctx.root, device_map)
+        log.warning("removed %s, left by an interrupted fix", device_map)
+
+
+@contextlib.contextmanager
+def _grub2_device_map(ctx: FixContext, disk: str) -> Iterator[None]:
+    """grub2's probes then write hd0 hints, not loop ones; the map is ours and goes away again."""
+    device_map = _device_map_path(ctx)
+    if device_map is None or ctx.tree.exists(device_map):  # the server's own map stays as it is
         yield
         return
     write_text_in_root(ctx.root, device_map, f"(hd0) {disk}\n")

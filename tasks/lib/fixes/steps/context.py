@@ -10,13 +10,17 @@ from typing import Any
 from tasks.lib import fixes
 from tasks.lib.distro import family_of_system
 from tasks.lib.fixes import EditPlan
+from tasks.lib.fixjournal import FixJournal
 from tasks.lib.outputs import StepReceipt
 from tasks.lib.packages import PackageTooling
-from tasks.lib.paths import RootTreeReader
+from tasks.lib.paths import RootTreeReader, resolve_in_root
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import chroot_run
 from tasks.lib.spec import Spec
 from tasks.lib.target import MountedTarget
+
+# Temporary files of the commands fix runs in the target: on the chroot's /run (a tmpfs of the run).
+CHROOT_TMP = "/run/p2v-tmp"
 
 
 @dataclass
@@ -46,6 +50,7 @@ class FixContext:
     reports: dict[str, StepReport] = field(default_factory=dict)
     installed_packages: list[str] = field(default_factory=list)
     restored_flags: list[tuple[str, str]] = field(default_factory=list)  # (path, letters) set by inode-flags
+    journal: FixJournal | None = None  # what an unfinished earlier fix of this copy did
 
     @property
     def root(self) -> Path:
@@ -66,7 +71,14 @@ class FixContext:
 
     def chroot(self, step: str, argv: Sequence[str], *, timeout: float = 900,
                env: Mapping[str, str] | None = None, input: str | None = None) -> str:
-        """Run a command in the target; its line goes into the step's report."""
+        """Run a command in the target; its line goes into the step's report.
+
+        Its temporary files (apt's unpacked debs, mkinitramfs' tree) go to the chroot's /run, p2v's
+        tmpfs: a killed run leaves none of them in the image's /tmp or /var/tmp."""
         self.report(step).commands.append(" ".join(argv))
-        result = chroot_run(self.root, list(argv), env=env, timeout=timeout, input=input)
+        scratch = resolve_in_root(self.root, CHROOT_TMP)
+        scratch.mkdir(exist_ok=True)
+        scratch.chmod(0o1777)  # as /tmp: a package script may write it as another user
+        result = chroot_run(self.root, list(argv), env={"TMPDIR": CHROOT_TMP, **(env or {})}, timeout=timeout,
+                            input=input)
         return result.stdout

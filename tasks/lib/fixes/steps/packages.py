@@ -19,6 +19,10 @@ from tasks.lib.runner import P2VError, chroot_run
 
 log = logging.getLogger("p2v.fix")
 
+# Written for the package step only: package scripts must not start daemons in the chroot.
+POLICY_RC_D_PATH = "/usr/sbin/policy-rc.d"
+POLICY_RC_D = "#!/bin/sh\n# p2v: no daemons while installing in a chroot\nexit 101\n"
+
 
 @contextlib.contextmanager
 def package_repository(ctx: FixContext, source: PackageSource) -> Iterator[None]:
@@ -90,17 +94,22 @@ def services_held_back(ctx: FixContext) -> Iterator[None]:
     if not ctx.packaging.holds_services:
         yield
         return
-    policy = "/usr/sbin/policy-rc.d"
-    existing = read_text_in_root(ctx.root, policy)
-    if existing is not None:
+    if read_text_in_root(ctx.root, POLICY_RC_D_PATH) is not None:  # the server's own stays as it is
         yield
         return
-    write_text_in_root(ctx.root, policy, "#!/bin/sh\n# p2v: no daemons while installing in a chroot\nexit 101\n",
-                       mode=0o755)
+    write_text_in_root(ctx.root, POLICY_RC_D_PATH, POLICY_RC_D, mode=0o755)
     try:
         yield
     finally:
-        remove_in_root(ctx.root, policy)
+        remove_in_root(ctx.root, POLICY_RC_D_PATH)
+
+
+def remove_stale_policy(ctx: FixContext) -> None:
+    """p2v's own policy-rc.d, left in the image by a run killed while it installed packages: the
+    server would start no service on a package upgrade ever after."""
+    if read_text_in_root(ctx.root, POLICY_RC_D_PATH) == POLICY_RC_D:
+        remove_in_root(ctx.root, POLICY_RC_D_PATH)
+        log.warning("removed %s, left by an interrupted fix", POLICY_RC_D_PATH)
 
 
 def install_packages(ctx: FixContext) -> None:
@@ -112,6 +121,12 @@ def install_packages(ctx: FixContext) -> None:
         report.changes.append("nothing to install (fix.cloud_init.install is false and no packages are listed)")
         return
     missing = [name for name in wanted if not _is_installed(ctx, name)]
+    if ctx.journal is not None and ctx.journal.earlier("packages") is None:
+        # What the server lacked before an unfinished run installed part of it: installed (again) and
+        # reported as a whole, as an uninterrupted run would. Of the packages the spec still wants:
+        # its list may have changed since.
+        lacked = ctx.journal.plan_once("packages", "missing", missing)
+        missing = [name for name in wanted if name in lacked or name in missing]
     if not missing:
         ctx.installed_packages = wanted
         return
