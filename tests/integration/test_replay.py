@@ -40,6 +40,7 @@ from tests.fixtures.powercut import (
     source_node,
     write_synced,
 )
+from tests.killpoints import Gate, KillPoint, doit_command, kill_at, stray_processes
 
 MiB = 1 << 20
 LAST_WORDS = "fsync'ed just before the power cut\n"
@@ -423,3 +424,32 @@ def test_a_killed_replay_is_undone_from_its_journal(server: tuple[Path, Path], t
     assert [item.split()[0] for item in swept.split(", ")] == ["file", "file"], swept
     assert leftovers(spec, images) == []
     assert json.loads(spec.artifact("layout.json").read_text())["root"] == "disk1p1"
+
+
+def test_doit_killed_while_the_replay_overlays_are_up(server: tuple[Path, Path], tmp_path: Path) -> None:
+    """The kill matrix's journal-replay point, on a real `doit inspect:` SIGKILLed with its whole process
+    group while the second filesystem's journal replays (the first one's overlay up, its own daemon
+    started): the rerun releases both exports, the loops on them and the overlays, and inspects as usual."""
+    images = list(server)
+    before = {image: sha256(image) for image in images}
+    spec = images_spec(tmp_path, "powercut-doit", images)
+    # xfs's replay mount: `ro,nouuid` without norecovery (every other xfs mount of a source has it).
+    point = KillPoint("journal-replay", "inspect", gates=(Gate("mount", "-t xfs -o ro,nouuid *replay-*"),))
+    argv, env = doit_command(spec.path.parent, "inspect:powercut-doit")
+    kill_at(point, argv, env, workdir=spec.workdir, run_dir=spec.run_dir, scratch=tmp_path)
+    left = leftovers(spec, images)
+    # Both overlays (the daemons died with the group: their exports are dead FUSE mounts).
+    assert sum(line.startswith("file ") and line.endswith(".qcow2") for line in left) == 2, left
+    assert not spec.artifact("layout.json").exists()
+    rerun = subprocess.run(argv, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    lines = (spec.log_dir / "inspect.log").read_text().splitlines()
+    # The exports (and the loops on them) from the run's resource journal, the overlays by the sweep.
+    undone = [line.partition(unwind.RELEASED)[2] for line in lines if unwind.RELEASED in line]
+    assert sum(item.startswith("FUSE export ") for item in undone) == 2, undone
+    (swept,) = [line.partition("released what an interrupted run left: ")[2] for line in lines
+                if "released what an interrupted run left: " in line]
+    assert swept.count(".qcow2") == 2, swept
+    assert json.loads(spec.artifact("layout.json").read_text())["root"] == "disk1p1"
+    assert leftovers(spec, images) == [] and stray_processes(spec.run_dir, spec.workdir) == []
+    assert {image: sha256(image) for image in images} == before

@@ -36,6 +36,7 @@ from tasks.lib.progress import human
 from tasks.lib.runner import run
 from tasks.lib.spec import PROJECT_DIR, Source, Spec, parse_spec
 from tasks.plan import write_json_atomically
+from tests.killpoints import KillPoint, kill_at, stray_processes
 from tests.services.openstack import OpenStackServices
 from tests.unit.layouts import LAYOUTS
 
@@ -244,6 +245,32 @@ def test_killed_right_after_the_upload_reuses_the_image(openstack: OpenStackServ
     receipt = stamp(spec)
     assert receipt["reused"] is True and receipt["image"]["id"] == active["id"]
     assert [i["id"] for i in images_of(openstack, "up-after")] == [active["id"]]
+
+
+def test_killed_during_the_qcow2_conversion(openstack: OpenStackServices, tmp_path: Path) -> None:
+    """The kill matrix's qcow2 point: the stage's process group SIGKILLed while qemu-img converts.
+    No image in Glance, no disk.qcow2 that looks made; the rerun converts again and uploads one image."""
+    spec = make_host(tmp_path, "up-qcow2-kill", fmt="qcow2", compress=True)
+    with spec.artifact("disk.img").open("r+b") as handle:  # data that takes qemu-img seconds to compress
+        handle.truncate(512 * MiB)
+        handle.seek(128 * MiB)
+        for _ in range(256):
+            handle.write(os.urandom(MiB))
+    point = KillPoint("qcow2-conversion", "upload", log_line=r"\+ qemu-img convert ", settle=0.5,
+                      step=r"^qemu-img convert ")
+    argv = [sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)]
+    kill = kill_at(point, argv, {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}, workdir=spec.workdir,
+                   run_dir=spec.run_dir, scratch=tmp_path)
+    assert kill.running, "qemu-img was not converting at the kill"
+    assert not spec.artifact("uploaded.stamp").exists() and not spec.artifact("disk.qcow2").exists()
+    assert images_of(openstack, "up-qcow2-kill") == []
+    assert run_stage(upload.STAGE, spec) is None
+    qcow2 = spec.artifact("disk.qcow2")
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(spec.artifact("disk.img")), str(qcow2)])
+    images = images_of(openstack, "up-qcow2-kill")
+    assert [i["status"] for i in images] == ["active"] and images[0]["os_hash_value"] == sha512(qcow2)
+    assert not list(spec.workdir.glob("*.partial"))
+    assert stray_processes(spec.run_dir, spec.workdir) == []
 
 
 def test_a_glance_hashing_with_sha256_is_checked_with_sha256(openstack: OpenStackServices, tmp_path: Path) -> None:
