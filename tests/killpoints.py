@@ -82,6 +82,7 @@ def stray_processes(run_dir: Path, workdir: Path) -> list[str]:
     qemu, qemu-storage-daemon). Zombies hold nothing and are left out."""
     found = []
     marks = (str(run_dir), str(workdir))
+    below = (f"{run_dir}/", f"{workdir}/")  # another host's run directory may begin with this one's name
     for entry in Path("/proc").glob("[0-9]*"):
         pid = entry.name
         if int(pid) == os.getpid() or _state_and_group(pid)[0] == "Z":
@@ -91,7 +92,7 @@ def stray_processes(run_dir: Path, workdir: Path) -> list[str]:
             with contextlib.suppress(OSError):
                 places.append(os.readlink(entry / link))
         cmdline = _proc_text(pid, "cmdline")
-        if any(place.startswith(str(run_dir)) for place in places) or any(mark in cmdline for mark in marks):
+        if any(place.startswith(below) for place in places) or any(mark in cmdline for mark in marks):
             found.append(f"process {pid}: {cmdline[:160]}")
     return found
 
@@ -135,7 +136,7 @@ def _matching(pattern: str, group: int, run_dir: Path) -> list[str]:
         with contextlib.suppress(OSError):
             root = os.readlink(entry / "root")
         cmdline = _proc_text(entry.name, "cmdline")
-        ours = pgid == group or root.startswith(str(run_dir)) or str(run_dir) in cmdline
+        ours = pgid == group or root.startswith(f"{run_dir}/") or str(run_dir) in cmdline
         if ours and re.search(pattern, cmdline):
             found.append(f"{entry.name}: {cmdline[:120]}")
     return found

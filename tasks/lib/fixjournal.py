@@ -55,6 +55,7 @@ class FixJournal:
         return journal
 
     def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # doit's state directory: not there without doit
         write_json_atomically(self.path, {"copy": self.copy, "done": self.done, "planned": self.planned})
 
     def earlier(self, step: str) -> StepReceipt | None:

@@ -68,6 +68,13 @@ def _apt_options(own_sources: bool) -> tuple[str, ...]:
     )
 
 
+def packages_to_install(wanted: Sequence[str], missing: Sequence[str], lacked: Sequence[str]) -> list[str]:
+    """What the package step installs, in the spec's order: what is `missing` now, and what the server
+    `lacked` before an unfinished fix of the same copy installed part of it (installed again, so that the
+    receipt names the whole), of what the spec still wants (its list may have changed since)."""
+    return [name for name in dict.fromkeys(wanted) if name in missing or name in lacked]
+
+
 def plan_install(layout: Mapping[str, Any], source: PackageSource, packages: Sequence[str]) -> InstallPlan:
     """The commands that install `packages` into the target, for the server's package manager."""
     system = layout["system"]

@@ -200,8 +200,8 @@ def _run_stage(stage: Stage, spec: Spec) -> TaskFailed | None:
 def _run_locked(stage: Stage, spec: Spec, target: Path, log_path: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     # What a killed run left: first what its resource journal names (LVs and md arrays too), newest
-    # first; then a sweep for what a journal cannot name (a loop attached in the instant before its
-    # record, a run of a p2v without journal).
+    # first; then a sweep for what a journal cannot name (a loop or a chroot command's group made in
+    # the instant before its record, a run of a p2v without journal).
     unwind.undo_journal(spec.run_dir)
     released = release_stale(spec.run_dir, [spec.artifact("disk.img"), spec.artifact("disk.img.partial")],
                              scratch_dir=spec.scratch_dir, source_images=spec.source.images)

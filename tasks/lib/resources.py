@@ -424,13 +424,22 @@ def _stop_daemon(daemon: StaleDaemon, timeout: float = 10.0) -> None:
     raise P2VError(f"qemu-storage-daemon (pid {daemon.pid}) of an interrupted run does not exit")
 
 
-def _processes_below(run_dir: Path) -> list[tuple[int, str]]:
-    """Live processes chrooted or working below a host's run directory: (pid, name).
+@dataclass(frozen=True)
+class StaleProcess:
+    pid: int
+    name: str  # and the pid: "apt-get (4711)"
+    chrooted: bool  # its root is below the run directory: a chroot command of p2v's
+
+
+def _processes_below(run_dir: Path) -> list[StaleProcess]:
+    """Live processes chrooted, or working, below a host's run directory.
 
     The fix stage's chroot commands (apt, update-initramfs, grub-install) run in
     a process group of their own, so that their daemons end with them; a SIGKILL
     of doit's group does not reach them, and they go on writing into the target
-    and keep its mounts busy.
+    and keep its mounts busy. The resource journal names each group; this finds
+    one started in the instant before its record, and what a package script
+    started in a group or session of its own.
     """
     prefix = str(run_dir).rstrip("/") + "/"
     found = []
@@ -438,32 +447,63 @@ def _processes_below(run_dir: Path) -> list[tuple[int, str]]:
         pid = int(entry.name)
         if pid == os.getpid() or _process_gone(pid):
             continue
-        places = []
+        places = {}
         for link in ("root", "cwd"):
             with contextlib.suppress(OSError):
-                places.append(os.readlink(entry / link))
-        if any(place.startswith(prefix) for place in places):
+                places[link] = os.readlink(entry / link)
+        if any(place.startswith(prefix) for place in places.values()):
             with contextlib.suppress(OSError):
-                found.append((pid, (entry / "comm").read_text().strip()))
+                found.append(StaleProcess(pid, f"{(entry / 'comm').read_text().strip()} ({pid})",
+                                          chrooted=places.get("root", "").startswith(prefix)))
     return found
 
 
-def _kill_processes(processes: Sequence[tuple[int, str]], timeout: float = 10.0) -> None:
-    for pid, _ in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _end_processes(processes: Sequence[StaleProcess], timeout: float = 10.0) -> None:
+    """SIGKILL to the chrooted ones (only p2v chroots into its target); the others (a killed run's tar
+    may still be exiting) get time to end, and are not p2v's to kill (an operator's shell, say)."""
+    for process in processes:
+        if process.chrooted:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while not all(_process_gone(pid) for pid, _ in processes):
+    while left := [process for process in processes if not _process_gone(process.pid)]:
         if time.monotonic() > deadline:
-            left = ", ".join(f"{name} ({pid})" for pid, name in processes if not _process_gone(pid))
-            raise P2VError(f"processes of an interrupted run do not exit: {left}")
+            names = ", ".join(process.name for process in left)
+            if any(process.chrooted for process in left):
+                raise P2VError(f"processes of an interrupted run do not exit: {names}")
+            raise P2VError(f"processes work in this host's run directory and keep its mounts busy: {names}",
+                           hint="end them (or leave the directory), then rerun")
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def source_in_use(image: str | os.PathLike[str]) -> Iterator[None]:
+    """While a stage reads a source image: a shared lock on the file, so that another host's
+    release_stale leaves the loops on it alone (released by the kernel if the stage dies)."""
+    with open(image, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
+
+
+@contextlib.contextmanager
+def _unused_images(images: Sequence[Path]) -> Iterator[list[Path]]:
+    """The images no live stage reads (no source_in_use lock), held so until the block ends."""
+    with contextlib.ExitStack() as stack:
+        free = []
+        for image in images:
+            try:
+                handle = stack.enter_context(open(image, "rb"))
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: another host's stage reads it; or it is gone
+                continue
+            free.append(image)
+        yield free
+
+
 def _idle_source_loops(images: Sequence[Path]) -> list[str]:
-    """Loops on a host's source images, and loops stacked on them (an LV's offset loop), that nothing
-    mounts or holds: what a run killed between attaching a disk and mounting it left. A loop another
-    program uses on the same file (mounted, held by device-mapper, under a loop in use) is left alone."""
+    """Loops on a host's source images (that no live stage reads: _unused_images), and loops stacked on
+    them (an LV's offset loop), that nothing mounts or holds: what a run killed between attaching a
+    disk and journaling it left. A loop in use (mounted, held by device-mapper, under one) stays."""
     table = output(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False)
     backing = {name: rest.strip().removesuffix(" (deleted)")
                for name, _, rest in (line.strip().partition(" ") for line in table.splitlines())}
@@ -488,20 +528,22 @@ def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path |
     A SIGKILLed stage cannot clean up after itself, so the next stage of the
     same host does, before it attaches anything (the same image mounted
     read-write twice would be corrupted). Released: first the processes still
-    chrooted or working below the host's run directory (a killed fix's chroot
-    commands), then every mount below it, the loop devices under those mounts (and the loops
-    they sit on), loops over the host's own images (disk.img) and over files
-    in the run directory (FUSE exports), the qemu-storage-daemons that wrote a
-    pid file there with the source loops they held (a journal replay's
-    overlay sits on one), the throw-away files in `scratch_dir` (the replay
-    overlays), and last the loops on `source_images` that nothing uses (a run
-    killed between attaching a source disk and mounting it). Loops of other
-    hosts and of other programs are never touched.
+    chrooted below the host's run directory (a killed fix's chroot commands;
+    any other process working there stops the stage), then every mount below
+    it, the loop devices under those mounts (and the loops they sit on), loops
+    over the host's own images (disk.img) and over files in the run directory
+    (FUSE exports), the qemu-storage-daemons that wrote a pid file there with
+    the source loops they held (a journal replay's overlay sits on one), the
+    throw-away files in `scratch_dir` (the replay overlays), and last the loops
+    on `source_images` that nothing uses while no live stage of another host
+    reads the image (a run killed between attaching a source disk and
+    journaling it). Loops of other hosts and of other programs are never
+    touched.
     """
     released: list[str] = []
-    orphans = _processes_below(run_dir)
-    _kill_processes(orphans)
-    released += [f"process {name} ({pid})" for pid, name in orphans]
+    processes = _processes_below(run_dir)
+    _end_processes(processes)
+    released += [f"process {process.name}" for process in processes if process.chrooted]
     table = output(["findmnt", "--raw", "--noheadings", "--output", "FSTYPE,SOURCE,TARGET"], check=False)
     prefix = str(run_dir).rstrip("/") + "/"
     stale_mounts: list[tuple[str, str]] = []
@@ -551,7 +593,8 @@ def release_stale(run_dir: Path, own_images: Sequence[Path], scratch_dir: Path |
         for leftover in sorted(p for p in scratch_dir.iterdir() if p.is_file()):
             leftover.unlink(missing_ok=True)
             released.append(f"file {leftover}")
-    for loop in _idle_source_loops(source_images):
-        detach_loop(loop)
-        released.append(f"loop {loop}")
+    with _unused_images(source_images) as unused:
+        for loop in _idle_source_loops(unused):
+            detach_loop(loop)
+            released.append(f"loop {loop}")
     return released

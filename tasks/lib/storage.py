@@ -40,7 +40,7 @@ from tasks.lib.fsfacts import xfs_features as xfs_features
 from tasks.lib.fsfacts import xfs_log_is_clean as xfs_log_is_clean
 from tasks.lib.fsfacts import xfs_log_state as xfs_log_state
 from tasks.lib.machine_names import lv_dm_uuids, md_node, refuse_taken_dm_names, vg_names_locked
-from tasks.lib.resources import loop_device, set_block_device_read_only
+from tasks.lib.resources import loop_device, set_block_device_read_only, source_in_use
 from tasks.lib.runner import CommandError, P2VError, output, run
 from tasks.lib.spec import Source
 
@@ -117,6 +117,7 @@ def attached_source(source: Source) -> Iterator[tuple[list[AttachedDisk], Device
                 for partition_node in _partition_nodes(node).values():
                     set_block_device_read_only(partition_node)
             else:
+                stack.enter_context(source_in_use(disk_source))
                 loop = stack.enter_context(loop_device(disk_source, read_only=True, partitions=True))
                 node = loop.path
             devices.nodes[name] = node

@@ -259,18 +259,22 @@ def test_killed_during_the_qcow2_conversion(openstack: OpenStackServices, tmp_pa
     point = KillPoint("qcow2-conversion", "upload", log_line=r"\+ qemu-img convert ", settle=0.5,
                       step=r"^qemu-img convert ")
     argv = [sys.executable, "-c", CHILD, str(spec.path), str(tmp_path)]
-    kill = kill_at(point, argv, {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}, workdir=spec.workdir,
-                   run_dir=spec.run_dir, scratch=tmp_path)
-    assert kill.running, "qemu-img was not converting at the kill"
-    assert not spec.artifact("uploaded.stamp").exists() and not spec.artifact("disk.qcow2").exists()
-    assert images_of(openstack, "up-qcow2-kill") == []
-    assert run_stage(upload.STAGE, spec) is None
-    qcow2 = spec.artifact("disk.qcow2")
-    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(spec.artifact("disk.img")), str(qcow2)])
-    images = images_of(openstack, "up-qcow2-kill")
-    assert [i["status"] for i in images] == ["active"] and images[0]["os_hash_value"] == sha512(qcow2)
-    assert not list(spec.workdir.glob("*.partial"))
-    assert stray_processes(spec.run_dir, spec.workdir) == []
+    try:
+        kill = kill_at(point, argv, {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}, workdir=spec.workdir,
+                       run_dir=spec.run_dir, scratch=tmp_path)
+        assert kill.running, "qemu-img was not converting at the kill"
+        assert not spec.artifact("uploaded.stamp").exists() and not spec.artifact("disk.qcow2").exists()
+        assert images_of(openstack, "up-qcow2-kill") == []
+        assert run_stage(upload.STAGE, spec) is None
+        qcow2 = spec.artifact("disk.qcow2")
+        run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(spec.artifact("disk.img")), str(qcow2)])
+        images = images_of(openstack, "up-qcow2-kill")
+        assert [i["status"] for i in images] == ["active"] and images[0]["os_hash_value"] == sha512(qcow2)
+        assert not list(spec.workdir.glob("*.partial"))
+        assert stray_processes(spec.run_dir, spec.workdir) == []
+    finally:
+        for image in spec.workdir.glob("disk.*"):  # 256 MiB of random data, twice
+            image.unlink()
 
 
 def test_a_glance_hashing_with_sha256_is_checked_with_sha256(openstack: OpenStackServices, tmp_path: Path) -> None:

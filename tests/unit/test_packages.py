@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, plan_install
+from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, packages_to_install, plan_install
 from tasks.lib.runner import P2VError
 from tests.unit.layouts import layout
 
@@ -71,3 +71,13 @@ def test_yum_and_dnf() -> None:
 def test_unknown_package_manager_is_a_clear_error() -> None:
     with pytest.raises(P2VError, match="no package manager known"):
         plan_install(system("pacman"), PackageSource("distro", ""), ["cloud-init"])
+
+
+def test_after_an_unfinished_fix_what_the_server_lacked_is_installed_of_what_the_spec_still_wants() -> None:
+    wanted = ["cloud-init", "qemu-guest-agent"]
+    # The killed run installed cloud-init: installed again, so that the receipt names both.
+    assert packages_to_install(wanted, ["qemu-guest-agent"], ["cloud-init", "qemu-guest-agent"]) == wanted
+    # The spec changed since: a package it no longer wants is not installed, a new one is.
+    assert packages_to_install(["qemu-guest-agent", "jq"], ["jq"], ["cloud-init", "qemu-guest-agent"]) == [
+        "qemu-guest-agent", "jq"]
+    assert packages_to_install(wanted, [], []) == []

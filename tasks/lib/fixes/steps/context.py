@@ -21,6 +21,11 @@ from tasks.lib.target import MountedTarget
 
 # Temporary files of the commands fix runs in the target: on the chroot's /run (a tmpfs of the run).
 CHROOT_TMP = "/run/p2v-tmp"
+# What the commands fix runs in the target get besides their own environment. PYTHONHASHSEED: the
+# bytecode a package script compiles (py3compile) is the same from run to run, as SOURCE_DATE_EPOCH
+# makes the initrd; Python before 3.11 writes a frozenset constant in string-hash order, which is
+# random per process otherwise.
+CHROOT_STEP_ENV = {"TMPDIR": CHROOT_TMP, "PYTHONHASHSEED": "0"}
 
 
 @dataclass
@@ -74,11 +79,11 @@ class FixContext:
         """Run a command in the target; its line goes into the step's report.
 
         Its temporary files (apt's unpacked debs, mkinitramfs' tree) go to the chroot's /run, p2v's
-        tmpfs: a killed run leaves none of them in the image's /tmp or /var/tmp."""
+        tmpfs: a killed run leaves none of them in the image's /tmp or /var/tmp (CHROOT_STEP_ENV)."""
         self.report(step).commands.append(" ".join(argv))
         scratch = resolve_in_root(self.root, CHROOT_TMP)
         scratch.mkdir(exist_ok=True)
         scratch.chmod(0o1777)  # as /tmp: a package script may write it as another user
-        result = chroot_run(self.root, list(argv), env={"TMPDIR": CHROOT_TMP, **(env or {})}, timeout=timeout,
+        result = chroot_run(self.root, list(argv), env={**CHROOT_STEP_ENV, **(env or {})}, timeout=timeout,
                             input=input)
         return result.stdout

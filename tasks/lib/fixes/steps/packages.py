@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tasks.lib import fixes
 from tasks.lib.fixes.steps.context import FixContext
-from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, write_apt_index
+from tasks.lib.packages import APT_SCRATCH, REPO_MOUNT, PackageSource, packages_to_install, write_apt_index
 from tasks.lib.paths import read_text_in_root, remove_in_root, resolve_in_root, write_text_in_root
 from tasks.lib.resources import mounted
 from tasks.lib.runner import P2VError, chroot_run
@@ -122,11 +122,8 @@ def install_packages(ctx: FixContext) -> None:
         return
     missing = [name for name in wanted if not _is_installed(ctx, name)]
     if ctx.journal is not None and ctx.journal.earlier("packages") is None:
-        # What the server lacked before an unfinished run installed part of it: installed (again) and
-        # reported as a whole, as an uninterrupted run would. Of the packages the spec still wants:
-        # its list may have changed since.
-        lacked = ctx.journal.plan_once("packages", "missing", missing)
-        missing = [name for name in wanted if name in lacked or name in missing]
+        # As an uninterrupted run would: what the server lacked before an unfinished run of this copy.
+        missing = packages_to_install(wanted, missing, ctx.journal.plan_once("packages", "missing", missing))
     if not missing:
         ctx.installed_packages = wanted
         return
