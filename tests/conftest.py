@@ -56,9 +56,9 @@ LONGEST_FIRST = (
     "e2e/test_convert_uefi.py",
     "e2e/test_live_boot.py",
     "e2e/test_convert_initrd.py",
-    "integration/test_kill_matrix.py",  # two conversions to fix, one of them killed eight times
     "integration/test_sync.py",
     "integration/test_inspect.py",
+    "integration/test_kill_matrix.py",  # two conversions to fix, one of them killed eight times (~3.5)
     "integration/test_copy.py",
     "integration/test_fixtures.py",
     "integration/test_upload.py",
