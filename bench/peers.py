@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -55,6 +55,7 @@ from typing import Any
 
 import yaml
 
+from bench.cold import timed
 from tasks.lib import glance, unwind
 from tasks.lib.bootcheck import BootCheckError, boot_check
 from tasks.lib.image_format import UploadFile, digest_of
@@ -366,20 +367,6 @@ def cli_env(auth: Mapping[str, Any], region: str | None, interface: str | None =
 # ---------------------------------------------------------------- doing
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed(action: Callable[[], object]) -> float:
-    """Cold: the page cache dropped before; what the action wrote synced inside the time."""
-    drop_caches()
-    started = time.monotonic()
-    action()
-    os.sync()
-    return time.monotonic() - started
-
-
 def machine_now(load_before: tuple[float, float, float]) -> Machine:
     source = output(["findmnt", "-no", "SOURCE,FSTYPE,SIZE", "--target", str(BENCH_DIR)], check=False)
     device = source.split()[0] if source else "?"
@@ -536,15 +523,6 @@ def warm_appliance(work: Path) -> float:
     return time.monotonic() - started
 
 
-@contextlib.contextmanager
-def v2v_workspace(work: Path) -> Iterator[Path]:
-    work.mkdir(parents=True)
-    try:
-        yield work
-    finally:
-        remove_tree(work)
-
-
 def run_virt_v2v(server: FixtureServer, disks: Sequence[Path], work: Path, name: str) -> tuple[ToolRun, list[Path]]:
     xml = work / "domain.xml"
     xml.write_text(domain_xml(name, disks, bus=server.disk_bus, mac=server.mac,
@@ -633,7 +611,7 @@ def bench_convert(fixture: str, repeat: int, scratch: Path, collected: Collected
         for index in range(repeat):
             last = index == repeat - 1
             # Interleaved, virt-v2v first then p2v, so that a change in the machine's load meets both.
-            with v2v_workspace(scratch / f"virt-v2v-{index}") as work:
+            with scratch_area(scratch / f"virt-v2v-{index}") as work:
                 log.info("run %d/%d: virt-v2v", index + 1, repeat)
                 v2v_run, v2v_disks = run_virt_v2v(server, disks, work, host)
                 collected.add("virt-v2v", v2v_run)

@@ -46,12 +46,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cold import timed
 from bench.trees import BENCH_DIR, Tree, fixture_tree, scratch_target, synthetic_tree
 from tasks import sync as sync_stage
 from tasks.lib import copy
@@ -68,19 +68,6 @@ RESYNC_TARGET = 0.05  # no-change resync / first sync
 ALLOCATED_TARGET = 1.05  # disk.img allocated / (used bytes + filesystem metadata)
 
 log = logging.getLogger("p2v.bench")
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed(action: Callable[[], object]) -> float:
-    drop_caches()
-    started = time.monotonic()
-    action()
-    os.sync()
-    return time.monotonic() - started
 
 
 TEXTBOOK_TAR = ("--xattrs", "--xattrs-include=*", "--acls", "--selinux", "--numeric-owner")

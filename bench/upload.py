@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cold import drop_caches
 from tasks.lib import glance
 from tasks.lib.copy import human
 from tasks.lib.progress import Progress
@@ -34,11 +35,6 @@ from tests.services.openstack import OpenStackServices
 TARGET = 0.90
 BENCH_DIR = Path(os.environ.get("P2V_BENCH_DIR", "/var/tmp/p2v-bench"))
 MiB = 1 << 20
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def data_file(size_mib: int) -> Path:
