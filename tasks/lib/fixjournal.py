@@ -75,7 +75,6 @@ class FixJournal:
         return planned[name]
 
 
-
 def discard(path: Path) -> None:
     """The fix is complete (its stamp in place): nothing to resume."""
     path.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
-from tasks.lib.paths import fsync_directory
+from tasks.lib.paths import write_file_atomically
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.runner import P2VError
 from tasks.lib.spec import PROJECT_DIR, Spec, SpecError, validate
@@ -293,18 +293,8 @@ def write_disk_plan(path: Path, plan: DiskPlan) -> None:
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
-    """Write `<path>.partial`, fsync, rename: readers see the old file or the new one."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "w") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """`data` as canonical JSON, written atomically and durably (paths.write_file_atomically)."""
+    write_file_atomically(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def load_sync_stamp(spec: Spec) -> SyncStamp:

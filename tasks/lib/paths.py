@@ -134,6 +134,23 @@ def remove_in_root(root: Path, path: str) -> bool:
     return True
 
 
+def write_file_atomically(path: Path, text: str) -> None:
+    """Write `<path>.partial`, fsync, rename, fsync the directory: readers see the old file or the
+    new one, and after a power cut the new name stays (a stamp or doit's state says a stage is done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename or an unlink in `directory` durable (the file's own fsync does not)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

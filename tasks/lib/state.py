@@ -13,11 +13,10 @@ go to the global dep_file. Each file is written atomically.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.paths import fsync_directory
+from tasks.lib.paths import write_file_atomically
 
 STATE_FILE_NAME = "doit-state.json"
 # The key doit's Dependency.save_success sets last for a task that succeeded.
@@ -29,17 +28,6 @@ _HOST_STATE_DIRS: dict[str, Path] = {}
 
 def register_host(host: str, state_dir: Path) -> None:
     _HOST_STATE_DIRS[host] = state_dir
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    fsync_directory(path.parent)
 
 
 class _StateFile:
@@ -58,7 +46,7 @@ class _StateFile:
 
     def dump(self) -> None:
         if self.dirty:
-            _write_atomically(self.path, self.codec.encode(self.data))
+            write_file_atomically(self.path, self.codec.encode(self.data))
             self.dirty = False
 
 

@@ -6,6 +6,7 @@ off, an NFS server's crash) the old name could come back, and a rerun would redo
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +32,25 @@ def _recording_fsync(monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, st
     monkeypatch.setattr(os, "replace", replace)
 
 
+def _dump_state(path: Path) -> None:
+    """doit's state for one host, as HostStateDB writes it at the end of a run."""
+    file = state._StateFile(path, _JsonCodec())
+    file.data = {"fix:web01": {"deps:": ""}}
+    file.dirty = True
+    file.dump()
+
+
+class _JsonCodec:
+    def encode(self, data: object) -> str:
+        return json.dumps(data)
+
+    def decode(self, text: str) -> object:
+        return json.loads(text)
+
+
 @pytest.mark.parametrize("write", [
     lambda path: outputs.write_json_atomically(path, {"done": True}),
-    lambda path: state._write_atomically(path, "{}\n"),
+    lambda path: _dump_state(path),
 ], ids=["stage outputs", "doit state"])
 def test_the_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     write: Callable[[Path], None]) -> None:
