@@ -179,7 +179,7 @@ def _config(spec: Spec) -> dict[str, object]:
     target = spec.target
     return {
         "target": [target.layout, target.root_fs, target.label, target.swap, target.size, target.headroom_percent,
-                   target.min_headroom, target.keep_uuids],
+                   target.min_headroom, target.keep_uuids, target.copy],
         "plan_version": PLAN_VERSION,
     }
 

@@ -128,11 +128,24 @@ def _copy_lines(sync: Mapping[str, Any]) -> tuple[str, ...]:
         *(f"journal replayed: {fs['device']} ({fs['mountpoint']}, {fs['fstype']}) was not shut down cleanly; it "
           "was copied and verified from a throw-away overlay in which the kernel replayed its journal (the source "
           "was not written)" for fs in copy.get("journal_replayed", [])),
+        *(_method_line(row) for row in copy.get("methods", [])),
         f"inode flags: {_copied_flags(copy)}",
         *(f"ESP {point}: {receipt.get('files')} files, {receipt.get('bytes')} bytes, copied by mtools; "
           f"{receipt.get('verified_by')} (digest `{str(receipt.get('digest', ''))[:16]}`)"
           for point, receipt in sorted((copy.get("esp") or {}).items())),
     )
+
+
+def _method_line(row: Mapping[str, Any]) -> str:
+    """How one source filesystem was copied, from the sync receipt (what was done, not what was planned)."""
+    if row["method"] != "blocks":
+        return f"{row['mountpoint']}: copied by files ({row['why']})"
+    resized = "grown to its partition" if row.get("resize") == "grow" else "shrunk to its partition in a scratch copy"
+    earlier = " in an earlier run, brought up to date by rsync in the last" if "earlier run" in row["why"] else ""
+    return (f"{row['mountpoint']}: copied by blocks{earlier}: {row.get('tool')} wrote "
+            f"{_mib(int(row.get('bytes_written', 0)))} of used blocks, {resized}; "
+            f"{row.get('removed_after', 0)} entries a file copy leaves behind removed (excluded contents, swap files, "
+            "what lay under other filesystems' mount points)")
 
 
 def _verify_section(verify: Mapping[str, Any]) -> VerifySection:

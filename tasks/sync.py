@@ -67,7 +67,8 @@ from typing import Any, cast
 
 from tasks.inspect import reachable_source, source_tree
 from tasks.lib import esp, inodeflags, storage
-from tasks.lib.copy import SETTLE_COARSE, SETTLE_FINE, copy_tree, target_matches_seal
+from tasks.lib.copy import ALWAYS_EXCLUDED, SETTLE_COARSE, SETTLE_FINE, copy_tree, target_matches_seal
+from tasks.lib.copy.blocks import BlockOutcome, planned_block_copies
 from tasks.lib.fixes.steps.record import CONVERSION_RECORD
 from tasks.lib.outputs import CopyReceipt, SyncStamp, write_sync_stamp
 from tasks.lib.paths import read_text_in_root, resolve_in_root
@@ -75,6 +76,7 @@ from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.progress import console_reporter
 from tasks.lib.replay import ReplayedFilesystem
+from tasks.lib.resources import loop_device
 from tasks.lib.runner import CommandError, P2VError, run
 from tasks.lib.spec import Spec
 from tasks.lib.target import MountedTarget, loop_direct_io, mounted_target
@@ -126,11 +128,19 @@ def check_work_area(image: Path, plan: DiskPlan) -> None:
     free = usage.f_bavail * usage.f_frsize
     data = sum(fs.used_bytes for fs in plan.filesystems)
     already = image.stat().st_blocks * 512  # what a resumed copy has written so far
-    needed = max(0, data - already)
+    last = max(p.end for p in plan.partitions)
+    # A block copy shrunk in a scratch copy (not the last partition: tasks/lib/copy/blocks.py) holds its
+    # source's used blocks a second time, for a while.
+    scratch = sum(source.used_bytes for copy in plan.block_copies if copy.resize == "shrink"
+                  and plan.partition_of(copy.target_mountpoint).end < last
+                  for source in plan.filesystem(copy.target_mountpoint).sources
+                  if source.mountpoint == copy.source_mountpoint)
+    needed = max(0, data - already) + scratch
     if free < needed:
         raise P2VError(
             f"the work area {image.parent} has {free >> 20} MiB free, and the copy needs about {needed >> 20} MiB "
-            f"more in {image.name} ({data >> 20} MiB of data, {already >> 20} MiB already written)",
+            f"more in {image.name} ({data >> 20} MiB of data, {already >> 20} MiB already written"
+            + (f", {scratch >> 20} MiB for a block copy's scratch copy)" if scratch else ")"),
             hint="free space on the work area or move the workdir, then rerun; the copy resumes",
         )
 
@@ -315,36 +325,78 @@ def sync_host(run_: StageRun) -> None:
     before = source_fingerprints(spec, layout)
     vouched = False
     nodes: dict[str, str] = {}
-    with source_tree(spec, layout, esp_views=False, devices_out=nodes) as source, \
-            mounted_target(image, plan, run_dir=spec.run_dir, direct_io=loop_direct_io(image.parent)) as target:
+    direct_io = loop_direct_io(image.parent)
+    with source_tree(spec, layout, esp_views=False, devices_out=nodes) as source:
         replayed = journal_replayed(layout, source.replayed)
         omitted = left_out(layout, plan, source.root)
-        result = copy_tree(
-            source.root, target.root, mountpoints,
-            log_file=spec.log_dir / "sync-copy.log",
-            exclude_contents=contents_to_leave_behind(layout),
-            swap_files=omitted,
-            progress=console_reporter(),
-            seal=seal_path(spec),
-            defer_flags=inodeflags.DEFERRED,
-            unlock=flags_set_by_fix(target.root),
-        )
-        esp_receipts = {}
-        for mountpoint in esp_mounts:
-            log.info("copying the ESP %s by mtools", mountpoint)
-            target_node = target.loop.partition(plan.partition_of(mountpoint).number)
-            esp_receipts[mountpoint] = esp.copy_esp(nodes[mountpoint], target_node, spec.run_dir)
-            log.info("ESP %s: %d files, %d bytes, verified against the source ESP (%d entries changed)", mountpoint,
-                     esp_receipts[mountpoint]["files"], esp_receipts[mountpoint]["bytes"],
-                     esp_receipts[mountpoint]["changed_entries"])
-        if before is not None and result.verified and not esp_mounts:
-            vouched = sealed_target(target, plan, spec, layout, omitted)
-    receipt = {**result.receipt(), "journal_replayed": replayed}
+        by_blocks = fill_planned_blocks(spec, plan, layout, image, nodes, omitted, inputs, direct_io)
+        with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=direct_io) as target:
+            result = copy_tree(
+                source.root, target.root, mountpoints,
+                log_file=spec.log_dir / "sync-copy.log",
+                exclude_contents=contents_to_leave_behind(layout),
+                swap_files=omitted,
+                progress=console_reporter(),
+                seal=seal_path(spec),
+                defer_flags=inodeflags.DEFERRED,
+                unlock=flags_set_by_fix(target.root),
+                prefilled={mp: outcome.pass_result() for mp, outcome in by_blocks.items()
+                           if not outcome.fallback and not outcome.earlier},
+            )
+            esp_receipts = {}
+            for mountpoint in esp_mounts:
+                log.info("copying the ESP %s by mtools", mountpoint)
+                target_node = target.loop.partition(plan.partition_of(mountpoint).number)
+                esp_receipts[mountpoint] = esp.copy_esp(nodes[mountpoint], target_node, spec.run_dir)
+                log.info("ESP %s: %d files, %d bytes, verified against the source ESP (%d entries changed)",
+                         mountpoint, esp_receipts[mountpoint]["files"], esp_receipts[mountpoint]["bytes"],
+                         esp_receipts[mountpoint]["changed_entries"])
+            if before is not None and result.verified and not esp_mounts:
+                vouched = sealed_target(target, plan, spec, layout, omitted)
+    receipt = {**result.receipt(), "journal_replayed": replayed,
+               "methods": copy_methods(plan, by_blocks)}
     if esp_receipts:
         receipt["esp"] = esp_receipts
     if vouched and before is not None and not replayed and source_fingerprints(spec, layout) == before:
         write_stage_seal(spec, inputs, before, image, receipt)
     write_stamp(run_, receipt, started)
+
+
+def blocks_record_path(spec: Spec) -> Path:
+    return spec.state_dir / "sync-blocks.json"
+
+
+def fill_planned_blocks(spec: Spec, plan: DiskPlan, layout: Mapping[str, Any], image: Path, nodes: Mapping[str, str],
+                        omitted: Sequence[str], inputs: str, direct_io: bool) -> dict[str, BlockOutcome]:
+    """The plan's block copies (tasks/lib/copy/blocks.py), into disk.img attached but not mounted."""
+    if not plan.block_copies:
+        blocks_record_path(spec).unlink(missing_ok=True)
+        return {}
+    info = image.stat()
+    with loop_device(image, read_only=False, partitions=True, direct_io=direct_io) as loop:
+        return planned_block_copies(
+            plan, image, loop.partition, nodes, excluded=[*ALWAYS_EXCLUDED, *contents_to_leave_behind(layout)],
+            omitted=omitted, record=blocks_record_path(spec),
+            identity={"inputs": inputs, "image": [info.st_dev, info.st_ino]},
+            scratch=spec.scratch_dir, run_dir=spec.run_dir, log_file=spec.log_dir / "sync-copy.log",
+            progress=console_reporter())
+
+
+def copy_methods(plan: DiskPlan, by_blocks: Mapping[str, BlockOutcome]) -> list[dict[str, Any]]:
+    """The receipt's row per source filesystem: how it was copied, and why (the plan's reason, or the fallback's)."""
+    rows = []
+    for copy in plan.copies:
+        outcome = by_blocks.get(copy.source_mountpoint)
+        if outcome is not None and outcome.fallback is None:
+            why = copy.why + ("; in an earlier run into this disk.img, brought up to date by rsync in this one"
+                              if outcome.earlier else "")
+            rows.append({"mountpoint": copy.source_mountpoint, "method": "blocks", "tool": outcome.tool,
+                         "resize": outcome.resize, "why": why, "seconds": outcome.seconds,
+                         "bytes_written": outcome.bytes_written, "removed_after": outcome.removed})
+        else:
+            why = f"planned by blocks; {outcome.fallback}" if outcome is not None and outcome.fallback else copy.why
+            rows.append({"mountpoint": copy.source_mountpoint, "method": "files", "why": why})
+    return rows
 
 
 def journal_replayed(layout: Mapping[str, Any], replayed: Sequence[ReplayedFilesystem]) -> list[dict[str, str]]:

@@ -95,6 +95,7 @@ class TargetPolicy:
     headroom_percent: int = 20
     min_headroom: str = "1G"
     keep_uuids: bool = False
+    copy: str = "auto"  # how sync fills each target filesystem: tasks/lib/planning/copy_method.py
     format: str = "raw"
     compress: bool = False
 

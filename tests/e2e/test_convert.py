@@ -48,7 +48,12 @@ CASES = [
     ("plain-bullseye", "flatten"),
     ("plain-trixie", "flatten"),
     ("dracut-bookworm", "flatten"),
+    ("plain-bullseye", "files"),
 ]
+# A case's second word: the target layout, or "files": flatten with target.copy: files. The same fixture
+# goes by blocks (target.copy: blocks) in the fleet: both must boot, and their trees are the same.
+VARIANTS = {"flatten": ("flatten", "auto"), "keep": ("keep", "auto"), "files": ("flatten", "files")}
+FORCED_COPY = {("plain-bullseye", "flatten"): "blocks", ("plain-bullseye", "files"): "files"}
 
 
 def doit(spec_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -71,13 +76,17 @@ def own_server(server: FixtureServer, directory: Path) -> FixtureServer:
 
 
 def conversion_spec(project: Path, server: FixtureServer, layout: str, extra_fix: str = "",
-                    image_format: str | None = None) -> Path:
+                    image_format: str | None = None, copy: str = "auto") -> Path:
+    """A spec for `server` in `project`; `layout` a target layout or a VARIANTS key."""
     packages = ensure_package_dir(suite_of(server.name))
     host = host_of(server.name, layout)
+    layout, variant_copy = VARIANTS.get(layout, (layout, "auto"))
+    copy = copy if copy != "auto" else variant_copy
     glance = (f"glance:\n  cloud: p2v-test\n  image_name: p2v-e2e-{host}\n  tags: [p2v, e2e]\n"
               f"  properties:\n    owner_team: e2e\n" if image_format else "")
     return make_spec(project, host, list(server.disks), extra=(
-        f"target:\n  layout: {layout}\n" + (f"  format: {image_format}\n" if image_format else "") + glance +
+        f"target:\n  layout: {layout}\n" + (f"  format: {image_format}\n" if image_format else "") +
+        (f"  copy: {copy}\n" if copy != "auto" else "") + glance +
         "fix:\n"
         "  network: keep\n"
         f"  cloud_init:\n    install: true\n    source: {packages}\n    packages: [qemu-guest-agent]\n"
@@ -94,11 +103,12 @@ def batch(tmp_path_factory: pytest.TempPathFactory, openstack: Any) -> Iterator[
     root = tmp_path_factory.mktemp("convert-batch")
     # Hard links to the cached images: the loop devices p2v attaches name them, so the leftover check
     # below sees this batch's only, whatever another test (or worker) attaches meanwhile.
-    names = dict.fromkeys(name for name, _ in CASES)  # plain-bookworm twice: flatten and keep
+    names = dict.fromkeys(name for name, _ in CASES)  # plain-bookworm twice (flatten, keep), plain-bullseye too
     servers = {name: own_server(build_server(name), root / "sources" / name) for name in names}
     projects = {case: root / ("fleet" if case[1] == "flatten" else f"{case[0]}-{case[1]}") for case in CASES}
     for (name, layout), project in projects.items():
-        conversion_spec(project, servers[name], layout, image_format=UPLOADED.get((name, layout)))
+        conversion_spec(project, servers[name], layout, image_format=UPLOADED.get((name, layout)),
+                        copy=FORCED_COPY.get((name, layout), "auto"))
     disks = sorted({disk for server in servers.values() for disk in server.disks})
     before = {disk: sha256(disk) for disk in disks}
     env = {"OS_CLIENT_CONFIG_FILE": str(openstack.clouds_yaml)}
@@ -210,6 +220,43 @@ def test_grub_config_names_no_loop_device_and_the_new_root(converted: dict[str, 
     assert f"root=UUID={plan.filesystem('/').uuid}" in grub_cfg
     for fs in plan.filesystems:
         assert (fs.uuid and fs.uuid in fstab) or f"LABEL={fs.label}" in fstab
+
+
+def test_copy_methods_are_what_the_plan_said_and_the_report_says(converted: dict[str, Any]) -> None:
+    """Each source filesystem went the way the plan chose (the receipt's methods), and the report says how."""
+    workdir = converted["workdir"]
+    plan = DiskPlan.from_json(json.loads((workdir / "disk-plan.json").read_text()))
+    copy = read_stamp(workdir, "rootfs-synced.stamp")["copy"]
+    done = {row["mountpoint"]: row for row in copy["methods"]}
+    report = (workdir / "report.md").read_text()
+    for planned in plan.copies:
+        row = done[planned.source_mountpoint]
+        assert row["method"] == planned.method, (planned, row)  # no fallback for any fixture
+        said = report.partition("## Copy")[2]
+        if row["method"] == "blocks":
+            assert f"- {planned.source_mountpoint}: copied by blocks: {row['tool']} wrote " in said
+        else:
+            assert f"- {planned.source_mountpoint}: copied by files ({planned.why})" in said
+    passes = {p["mountpoint"]: p["tool"] for p in copy["filesystems"]}
+    assert {mp for mp, tool in passes.items() if tool in ("e2image", "xfs_copy")} == \
+        {c.source_mountpoint for c in plan.block_copies}
+
+
+def test_blocks_and_files_give_the_same_tree_and_both_boot(batch: dict[str, Any]) -> None:
+    """plain-bullseye forced by blocks (in the fleet) and forced by files: the same manifest, both verified."""
+    stamps = {}
+    for variant, method in (("flatten", "blocks"), ("files", "files")):
+        host = host_of("plain-bullseye", variant)
+        workdir = batch["projects"][("plain-bullseye", variant)] / "work" / host
+        assert (workdir / "verified.stamp").exists(), f"{host} did not boot"
+        stamp = read_stamp(workdir, "rootfs-synced.stamp")
+        stamps[method] = {**stamp["copy"], "stage_seconds": stamp["seconds"]}
+        assert {row["mountpoint"]: row["method"] for row in stamps[method]["methods"]}["/"] == method
+    assert stamps["blocks"]["verified_by"] == stamps["files"]["verified_by"] == "manifests"
+    assert stamps["blocks"]["manifest_digest"] == stamps["files"]["manifest_digest"]
+    print(f"\nplain-bullseye: sync with / by blocks {stamps['blocks']['stage_seconds']} s, by files "
+          f"{stamps['files']['stage_seconds']} s (a batch: other conversions ran beside them); the same manifest "
+          f"{stamps['files']['manifest_digest'][:23]}")
 
 
 def test_sources_untouched_and_nothing_left(batch: dict[str, Any]) -> None:

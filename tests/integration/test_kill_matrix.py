@@ -122,7 +122,9 @@ TIMING_KEYS = {"seconds", "sync_receipt_sha256"}
 def kill_spec(project: Path, server: FixtureServer) -> Path:
     packages = ensure_package_dir(suite_of(server.name))
     return make_spec(project, HOST, own_images(server.disks, project), extra=(
-        "target:\n  keep_uuids: true\n"
+        # copy: files: the sync points below are inside tar and rsync; the block copy's own kill is in
+        # tests/integration/test_blocks.py.
+        "target:\n  keep_uuids: true\n  copy: files\n"
         "fix:\n"
         "  network: keep\n"
         f"  cloud_init:\n    install: true\n    source: {packages}\n    packages: [qemu-guest-agent]\n"))

@@ -125,6 +125,15 @@ def test_stamp_is_a_receipt_of_a_verified_copy(synced: dict[str, Any]) -> None:
     assert receipt["manifest_digest"].startswith("sha256:")
     assert receipt["files"] > 10000
     assert "rsync" in json.dumps(receipt["tools"])
+    # target.copy: auto. Every fixture's / keeps its type and features: it went by blocks (shrunk in place,
+    # or grown), everything merged into it by files; the manifest above covers both.
+    methods = {row["mountpoint"]: row for row in receipt["methods"]}
+    plan: DiskPlan = synced["plan"]
+    for copy in plan.copies:
+        assert methods[copy.source_mountpoint]["method"] == copy.method, methods
+    assert methods["/"]["method"] == "blocks" or plan.filesystem("/").fstype == "xfs", methods
+    blocks = [p for p in receipt["filesystems"] if p["tool"] in ("e2image", "xfs_copy")]
+    assert [p["mountpoint"] for p in blocks] == [c.source_mountpoint for c in plan.block_copies]
 
 
 def test_source_untouched_and_nothing_left(synced: dict[str, Any]) -> None:
@@ -161,9 +170,10 @@ def test_keep_policy_one_partition_per_source_mount(tmp_path: Path) -> None:
 
 def sync_in_background(tmp_path: Path, host: str, output: int
                        ) -> tuple[FixtureServer, Path, Path, subprocess.Popen[str]]:
-    """plain-bookworm's disk stage done, then `doit sync:<host>` started in a session of its own."""
+    """plain-bookworm's disk stage done (copy by files), then `doit sync:<host>` started in a session of its own."""
     server = build_server("plain-bookworm")
-    spec_dir = make_spec(tmp_path, host, own_images(server.disks, tmp_path))
+    # copy: files: these tests stop tar and rsync; a block copy's kill is in tests/integration/test_blocks.py.
+    spec_dir = make_spec(tmp_path, host, own_images(server.disks, tmp_path), extra="target:\n  copy: files\n")
     assert doit(spec_dir, f"disk:{host}").returncode == 0
     env = {**os.environ, "P2V_SPECS": str(spec_dir)}
     victim = subprocess.Popen([sys.executable, "-m", "doit", f"sync:{host}"], cwd=PROJECT_DIR, env=env,

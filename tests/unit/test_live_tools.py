@@ -49,6 +49,8 @@ DYNAMIC: dict[str, Callable[[], set[str]]] = {
     "tasks/lib/manifest.py:build_manifest_apart": set,  # sys.executable: the venv's python, not a PATH command
     # _mtools(["mdir" | "mcopy" | ..., ...]): the ESP's tools, read from esp.py's call sites
     "tasks/lib/esp.py:_mtools": lambda: _literal_first_words(TASKS / "lib" / "esp.py", "_mtools"),
+    # logged.run([...]): the block copy's tools, each written into the copy log
+    "tasks/lib/copy/blocks.py:run": lambda: _literal_first_words(TASKS / "lib" / "copy" / "blocks.py", "run"),
 }
 
 
@@ -56,7 +58,9 @@ def _literal_first_words(path: Path, function: str) -> set[str]:
     """The first word of every `function([...])` call with a literal list in a module."""
     words = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function \
+        name = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else \
+            node.func.attr if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+        if isinstance(node, ast.Call) and name == function \
                 and node.args and isinstance(node.args[0], ast.List) and node.args[0].elts \
                 and isinstance(node.args[0].elts[0], ast.Constant):
             words.add(str(node.args[0].elts[0].value))

@@ -402,9 +402,12 @@ def test_render_plan_table() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("demo: flatten, msdos, ")
     header = next(line for line in lines if line.strip().startswith("SOURCE"))
-    assert re.findall(r"[A-Z]+", header) == ["SOURCE", "DEVICE", "TYPE", "USED", "TARGET", "PART", "TYPE", "SIZE"]
-    assert re.search(r"^  /boot +disk1p1 +ext4 +58 MiB +-> +/boot +p1 +ext4 +\d+ MiB$", text, re.M)
-    assert re.search(r"^  /var/log +disk2p1 +ext4 +1 MiB +-> +\(into /\) +p3$", text, re.M)
+    assert re.findall(r"[A-Z]+", header) == ["SOURCE", "DEVICE", "TYPE", "USED", "TARGET", "PART", "TYPE", "SIZE",
+                                             "COPY"]
+    assert re.search(r"^  /boot +disk1p1 +ext4 +58 MiB +-> +/boot +p1 +ext4 +\d+ MiB +blocks$", text, re.M)
+    assert re.search(r"^  /var/log +disk2p1 +ext4 +1 MiB +-> +\(into /\) +p3 +files$", text, re.M)
+    assert "    / by files: xfs goes by blocks only with its UUID kept (target.keep_uuids: true)" in text
+    assert "    /boot by blocks: e2image, then resize2fs grows it to the partition" in text
     assert re.search(r"^  swap +lv:vg_lvmbookworm/swap +swap +-> +swap +p2 +swap +508 MiB$", text, re.M)
     assert re.search(r"^  p3 .* xfs / new UUID$", text, re.M)
     assert "crc=1,finobt=1,rmapbt=0,reflink=1,inobtcount=1,bigtime=1,sparse=1,nrext64=0,ftype=1" in text

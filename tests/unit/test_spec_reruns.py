@@ -71,6 +71,7 @@ CHANGES: dict[str, Change] = {
     "target.headroom_percent": _target(headroom_percent=35),
     "target.min_headroom": _target(min_headroom="4G"),
     "target.keep_uuids": _target(keep_uuids=True),
+    "target.copy": _target(copy="files"),
     "target.format": _target(format="qcow2"),
     "target.compress": _target(compress=True),
     "fix.network": _fix(network="dhcp"),

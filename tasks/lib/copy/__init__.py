@@ -92,7 +92,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -161,6 +161,7 @@ def copy_tree(
     seal: Path | None = None,
     defer_flags: int = 0,
     unlock: Sequence[str] = (),
+    prefilled: Mapping[str, PassResult] | None = None,
 ) -> CopyResult:
     """Copy every filesystem of `source` (mounted as the server mounts them) into `target`.
 
@@ -178,7 +179,9 @@ def copy_tree(
     `defer_flags`: inode flags (inodeflags bits) left off the target and
     listed as pending in the result, for a later step to set. `unlock`: paths
     on which a later step of an earlier run set them; they are cleared before
-    anything is copied (see the module doc).
+    anything is copied (see the module doc). `prefilled`: filesystems already
+    made from their source's blocks (tasks/lib/copy/blocks.py), whose own pass
+    is skipped; the verification covers them like every other.
     """
     if method not in METHODS:
         raise P2VError(f"unknown copy method {method!r} (known: {', '.join(METHODS)})")
@@ -202,7 +205,7 @@ def copy_tree(
                     return _sealed_result(unchanged, scope, method, started_at, time.monotonic() - started,
                                           unchanged.get("tools") or tool_versions(), excluded, swaps)
             return _full_copy(source, target, scope, method, excluded, swaps, verify, progress, seal, log_,
-                              Path(scratch), started_at, tool_versions(), defer_flags, unlock)
+                              Path(scratch), started_at, tool_versions(), defer_flags, unlock, prefilled or {})
     finally:
         log_.close()
 
@@ -210,13 +213,13 @@ def copy_tree(
 def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, excluded: Sequence[str],
                swaps: Sequence[str], verify: bool, progress: Callable[[Progress], None] | None, seal: Path | None,
                log_: _Log, scratch: Path, started_at: str, tools: dict[str, str], defer: int,
-               unlock: Sequence[str]) -> CopyResult:
+               unlock: Sequence[str], prefilled: Mapping[str, PassResult]) -> CopyResult:
     points = scope.points
     if seal is not None:
         seal.unlink(missing_ok=True)  # from here on the target changes: no old seal may vouch for it
     sizes = {mp: _used(source / mp.lstrip("/")) for mp in points}
-    watch = _Watch(total_bytes=sum(s[0] for s in sizes.values()), total_files=sum(s[1] for s in sizes.values()),
-                   callback=progress)
+    to_copy = [size for mp, size in sizes.items() if mp not in prefilled]  # what this run's passes copy
+    watch = _Watch(total_bytes=sum(s[0] for s in to_copy), total_files=sum(s[1] for s in to_copy), callback=progress)
     log_.write(f"copy {source} -> {target} by {method}: filesystems {' '.join(points)}; "
                f"contents excluded: {' '.join(excluded)}; swap files left out: {' '.join(swaps) or 'none'}; "
                f"{tools['rsync']}; {tools['tar']}")
@@ -228,7 +231,8 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
         if holds_data(target):
             _unlock(target, [*(p for p, bits in scan.result().items() if bits & inodeflags.DEFERRED), *unlock],
                     log_)
-        passes = [_copy_filesystem(source, target, mp, method, scope.excluded[mp], scope.omitted[mp], sizes[mp],
+        passes = [prefilled[mp] if mp in prefilled else
+                  _copy_filesystem(source, target, mp, method, scope.excluded[mp], scope.omitted[mp], sizes[mp],
                                    log_, watch, scratch) for mp in points]
         source_flags = scan.result()
     refused = _restore_flags(target, source_flags, defer, log_)

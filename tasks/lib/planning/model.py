@@ -144,6 +144,11 @@ class CopyPlan:
     source_mountpoint: str
     source_device: str
     target_mountpoint: str  # the target filesystem that receives it (same path in the tree)
+    # "blocks": the target filesystem is this source filesystem's used blocks, resized (tasks/lib/copy/blocks.py);
+    # "files": copied file by file into it. Chosen by tasks/lib/planning/copy_method.py.
+    method: Literal["blocks", "files"] = "files"
+    why: str = ""
+    resize: Literal["grow", "shrink", "none"] = "none"  # blocks: to the partition's size, shrink in a scratch copy
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,7 @@ class PlanPolicy:
     headroom_percent: int
     min_headroom: int
     keep_uuids: bool
+    copy: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,14 @@ class DiskPlan:
     @property
     def filesystems(self) -> tuple[FilesystemPlan, ...]:
         return tuple(p.filesystem for p in self.partitions if p.filesystem is not None)
+
+    def copy_of(self, mountpoint: str) -> CopyPlan:
+        """The copy of the source filesystem mounted at `mountpoint`."""
+        return next(c for c in self.copies if c.source_mountpoint == mountpoint)
+
+    @property
+    def block_copies(self) -> tuple[CopyPlan, ...]:
+        return tuple(c for c in self.copies if c.method == "blocks")
 
     def filesystem(self, mountpoint: str) -> FilesystemPlan:
         for fs in self.filesystems:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from tasks.lib.planning.context import PlanContext, receiver
+from tasks.lib.planning.copy_method import choose_copy_methods
 from tasks.lib.planning.fstab_map import fstab_change, swap_carriers
 from tasks.lib.planning.layout import groups, lay_out, partition_slots, table_label
 from tasks.lib.planning.model import (
@@ -62,14 +63,14 @@ def _plan(ctx: PlanContext) -> DiskPlan:
     if ctx.layout.get("md"):
         ctx.notes.append("md RAID on the source is not recreated: the target has plain partitions")
     fs_by_mount = {p.filesystem.mountpoint: p for p in partitions if p.filesystem is not None}
-    copies = tuple(CopyPlan(m.mountpoint, m.device, receiver(m.mountpoint, fs_by_mount))
-                   for m in ctx.mounts)
+    copies = choose_copy_methods(ctx, [CopyPlan(m.mountpoint, m.device, receiver(m.mountpoint, fs_by_mount))
+                                       for m in ctx.mounts], partitions)
     plan = DiskPlan(
         host=ctx.host,
         policy=PlanPolicy(layout=ctx.policy.layout, root_fs=ctx.policy.root_fs, label=label,
                           swap=ctx.policy.swap, size=ctx.policy.size,
                           headroom_percent=ctx.policy.headroom_percent, min_headroom=ctx.min_headroom,
-                          keep_uuids=ctx.policy.keep_uuids),
+                          keep_uuids=ctx.policy.keep_uuids, copy=ctx.policy.copy),
         label=typing.cast(Literal["msdos", "gpt"], label),
         size=disk_size,
         bootloader=ctx.bootloader,

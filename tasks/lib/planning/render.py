@@ -57,7 +57,7 @@ def render_plan(plan: DiskPlan) -> str:
         f"{plan.bootloader} on {plan.firmware}; features for kernel {plan.kernel or 'unknown'}",
         "",
     ]
-    header = ("SOURCE", "DEVICE", "TYPE", "USED", "", "TARGET", "PART", "TYPE", "SIZE")
+    header = ("SOURCE", "DEVICE", "TYPE", "USED", "", "TARGET", "PART", "TYPE", "SIZE", "COPY")
     rows: list[tuple[str, ...]] = []
     for copy in plan.copies:
         fs = plan.filesystem(copy.target_mountpoint)
@@ -67,18 +67,21 @@ def render_plan(plan: DiskPlan) -> str:
             target = (copy.target_mountpoint, f"p{part.number}", fs.fstype, _size(part.size))
         else:
             target = (f"(into {copy.target_mountpoint})", f"p{part.number}", "", "")
-        rows.append((copy.source_mountpoint, source.device, source.fstype, _size(source.used_bytes), "->", *target))
+        rows.append((copy.source_mountpoint, source.device, source.fstype, _size(source.used_bytes), "->", *target,
+                     copy.method))
     for part in plan.partitions:
         if part.swap is not None:
             sources = ", ".join(part.swap.sources) or "-"
-            rows.append(("swap", sources, "swap", "", "->", "swap", f"p{part.number}", "swap", _size(part.size)))
+            rows.append(("swap", sources, "swap", "", "->", "swap", f"p{part.number}", "swap", _size(part.size), ""))
     if plan.swap_file is not None:
         rows.append(("swap", ", ".join(plan.swap_file.sources) or "-", "swap", "", "->", plan.swap_file.path,
-                     f"(file in {plan.swap_file.filesystem})", "swap", _size(plan.swap_file.size)))
+                     f"(file in {plan.swap_file.filesystem})", "swap", _size(plan.swap_file.size), ""))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
+    lines += ["", f"  copy (target.copy: {policy.copy}):"]
+    lines += [f"    {copy.source_mountpoint} by {copy.method}: {copy.why}" for copy in plan.copies]
     lines += ["", f"  swap: {swap_summary(plan)}"]
     lines += ["", "  partitions:"]
     for part in plan.partitions:
