@@ -52,18 +52,23 @@ from pathlib import Path
 from typing import Any
 
 from bench.cold import timed
-from bench.trees import BENCH_DIR, Tree, fixture_tree, scratch_target, synthetic_tree
+from bench.trees import BENCH_DIR, Tree, block_plan, fixture_tree, scratch_target, synthetic_tree
 from tasks import sync as sync_stage
-from tasks.lib import copy
+from tasks.lib import copy, storage
 from tasks.lib.copy import copy_tree, human
+from tasks.lib.copy.blocks import BlockJob, fill_by_blocks
+from tasks.lib.copy.model import PassResult
 from tasks.lib.pipeline import StageRun
 from tasks.lib.plan import DiskPlan
+from tasks.lib.planning.model import PartitionPlan
+from tasks.lib.resources import loop_device
 from tasks.lib.runner import P2VError, output, run
 from tasks.lib.spec import PROJECT_DIR, load_specs
 from tasks.lib.target import mounted_target
 from tests.fixtures.build import build_server
 
 FIRST_COPY_TARGET = 1.10  # first copy / tar pipe
+READ_TARGETS = {"fixture": 1.5, "synthetic": 2.0}  # first copy / a sequential read of the used bytes (dd)
 RESYNC_TARGET = 0.05  # no-change resync / first sync
 ALLOCATED_TARGET = 1.05  # disk.img allocated / (used bytes + filesystem metadata)
 
@@ -143,13 +148,13 @@ class StageBench:
     plan: DiskPlan
 
     @classmethod
-    def prepare(cls, fixture: str) -> StageBench:
+    def prepare(cls, fixture: str, method: str) -> StageBench:
         server = build_server(fixture)
-        project = BENCH_DIR / f"project-{fixture}"
+        project = BENCH_DIR / f"project-{fixture}-{method}"
         specs = project / "specs"
         specs.mkdir(parents=True, exist_ok=True)
         images = "".join(f"    - {disk}\n" for disk in server.disks)
-        (specs / f"{fixture}.yaml").write_text(f"source:\n  images:\n{images}")
+        (specs / f"{fixture}.yaml").write_text(f"source:\n  images:\n{images}target:\n  copy: {method}\n")
         (spec,) = load_specs(specs)
         image, pristine = spec.artifact("disk.img"), spec.artifact("disk.pristine.img")
         if not pristine.exists():
@@ -168,10 +173,12 @@ class StageBench:
     def describe(self) -> str:
         filesystems = ", ".join(f"{fs.fstype} for {' '.join(s.mountpoint for s in fs.sources)}"
                                 for fs in self.plan.filesystems)
-        return f"disk.img from the disk stage ({self.plan.policy.layout}: {filesystems})"
+        methods = ", ".join(f"{c.source_mountpoint} by {c.method}" for c in self.plan.copies)
+        return f"disk.img from the disk stage ({self.plan.policy.layout}: {filesystems}; {methods})"
 
     def fresh(self) -> None:
-        for seal in (sync_stage.seal_path(self.run.spec), sync_stage.stage_seal_path(self.run.spec)):
+        for seal in (sync_stage.seal_path(self.run.spec), sync_stage.stage_seal_path(self.run.spec),
+                     sync_stage.blocks_record_path(self.run.spec)):
             seal.unlink(missing_ok=True)
         self.image.unlink(missing_ok=True)
         run(["cp", "--sparse=always", str(self.pristine), str(self.image)])
@@ -187,15 +194,22 @@ class StageBench:
             yield target.root
 
 
-def bench_fixture(name: str, repeat: int) -> Figures:
-    stage = StageBench.prepare(name)
-    figures = Figures(tree=name, target=stage.describe())
+def copy_part(receipt: dict[str, Any]) -> float:
+    """The stage's own copy, from its receipt: the block copies and copy_tree's passes (no verification)."""
+    blocks = sum(row.get("seconds", 0.0) for row in receipt.get("methods", []) if row["method"] == "blocks")
+    return float(blocks + receipt["copy_seconds"])
+
+
+def bench_fixture(name: str, repeat: int, method: str) -> Figures:
+    stage = StageBench.prepare(name, method)
+    figures = Figures(tree=f"{name} by {method}", target=stage.describe())
     try:
         for _ in range(repeat):
             stage.fresh()
             figures.size("metadata", allocated(stage.image))
             seconds, receipt = stage.sync()
             figures.add("stage", seconds)
+            figures.add("copy", copy_part(receipt))
             figures.add("verify", receipt["verify_seconds"])
             figures.size("allocated", allocated(stage.image))
             seconds, receipt = stage.sync()
@@ -213,12 +227,9 @@ def bench_fixture(name: str, repeat: int) -> Figures:
             with fixture_tree(name) as tree:
                 used = [copy._used(tree.root / mp.lstrip("/")) for mp in tree.mountpoints]
                 figures.used_bytes, figures.files = sum(u[0] for u in used), sum(u[1] for u in used)
-                for column, action in (("copy", lambda target: copy_tree(
-                        tree.root, target, tree.mountpoints, verify=False, log_file=BENCH_DIR / "logs" / "copy.log")),
-                                       ("tar pipe", lambda target: tar_pipe(tree, target))):
-                    stage.fresh()
-                    with stage.target() as target:
-                        figures.add(column, timed(lambda: action(target)))  # noqa: B023
+                stage.fresh()
+                with stage.target() as target:
+                    figures.add("tar pipe", timed(lambda: tar_pipe(tree, target)))
                 figures.add("dd", timed(lambda: read_devices(tree)))
     finally:
         stage.image.unlink(missing_ok=True)  # the pristine copy stays for the next bench run
@@ -228,15 +239,18 @@ def bench_fixture(name: str, repeat: int) -> Figures:
 # ---------------------------------------------------------------- the synthetic tree: the copy engine
 
 
-def bench_synthetic(files: int, repeat: int) -> Figures:
+def bench_synthetic(files: int, repeat: int, method: str) -> Figures:
     work = BENCH_DIR / "runs" / "synthetic"
     work.mkdir(parents=True, exist_ok=True)
     image, seal, logs = work / "target.img", work / "seal.json", work / "logs"
     with synthetic_tree(files) as tree:
         used = [copy._used(tree.root / mp.lstrip("/")) for mp in tree.mountpoints]
-        figures = Figures(tree=tree.name, target="one mkfs.ext4 image as big as the source (copy_tree timed)",
+        how = "fill_by_blocks, then copy_tree" if method == "blocks" else "copy_tree"
+        figures = Figures(tree=f"{tree.name} by {method}",
+                          target=f"one ext4 image as big as the source ({how} timed)",
                           used_bytes=sum(u[0] for u in used), files=sum(u[1] for u in used))
         filesystems = [(mp, "ext4", size) for mp, _fstype, size in tree.filesystems]
+        source_node = output(["findmnt", "-no", "SOURCE", "--mountpoint", str(tree.root)])
 
         def target() -> contextlib.AbstractContextManager[Path]:
             return scratch_target(work, filesystems, images=[image], keep=True)
@@ -247,19 +261,38 @@ def bench_synthetic(files: int, repeat: int) -> Figures:
             with target():  # mkfs
                 pass
 
-        def sync(name: str, with_seal: bool = True) -> tuple[float, dict[str, Any]]:
-            with target() as root:
-                results: list[copy.CopyResult] = []
-                seconds = timed(lambda: results.append(copy_tree(
-                    tree.root, root, tree.mountpoints, log_file=logs / f"{name}.log",
-                    seal=seal if with_seal else None)))
+        def blocks(name: str) -> dict[str, PassResult]:
+            """The block copy the sync stage would make of this tree's one filesystem (it grows: no resize)."""
+            if method != "blocks":
+                return {}
+            with loop_device(image, read_only=False, direct_io=True) as loop:
+                whole = PartitionPlan(number=1, start=0, size=image.stat().st_size, role="filesystem",
+                                      kind="primary", type_id="83", flags=())
+                part, plan = block_plan(whole, source_node, "ext4", storage.probe(loop.path)["UUID"])
+                outcome = fill_by_blocks(BlockJob(
+                    copy=plan, partition=part, source_node=source_node, target_node=loop.path,
+                    scratch=work / "scratch", run_dir=work / "run", image=image, in_place=False,
+                    disk_size=image.stat().st_size, table="msdos", excluded=copy.ALWAYS_EXCLUDED, omitted=(),
+                    hidden=()), logs / f"{name}-blocks.log")
+            return {"/": outcome.pass_result()}
+
+        def sync(name: str, with_seal: bool = True, first: bool = False, verify: bool = True
+                 ) -> tuple[float, dict[str, Any]]:
+            results: list[copy.CopyResult] = []
+
+            def run_it() -> None:
+                prefilled = blocks(name) if first else {}
+                with target() as root:
+                    results.append(copy_tree(tree.root, root, tree.mountpoints, log_file=logs / f"{name}.log",
+                                             seal=seal if with_seal else None, verify=verify, prefilled=prefilled))
+            seconds = timed(run_it)
             return seconds, results[0].receipt()
 
         try:
             for _ in range(repeat):
                 fresh()
                 figures.size("metadata", allocated(image))
-                seconds, receipt = sync("stage")
+                seconds, receipt = sync("stage", first=True)
                 figures.add("stage", seconds)
                 figures.add("verify", receipt["verify_seconds"])
                 figures.size("allocated", allocated(image))
@@ -270,9 +303,7 @@ def bench_synthetic(files: int, repeat: int) -> Figures:
                 figures.add("resync full", seconds)
                 figures.expect(receipt, "manifests", "resync full")
                 fresh()
-                with target() as root:
-                    figures.add("copy", timed(lambda: copy_tree(tree.root, root, tree.mountpoints, verify=False,
-                                                                log_file=logs / "copy.log")))
+                figures.add("copy", sync("copy", with_seal=False, first=True, verify=False)[0])
                 fresh()
                 with target() as root:
                     figures.add("tar pipe", timed(lambda: tar_pipe(tree, root)))
@@ -300,6 +331,8 @@ def table(all_figures: Sequence[Figures]) -> str:
         return f"(target <= {limit:.2f}: {'ok' if value <= limit else 'MISSED'})"
 
     for fig in all_figures:
+        read_limit = READ_TARGETS["synthetic" if fig.tree.startswith("synthetic") else "fixture"]
+        by_read = fig.get("copy") / fig.get("dd")
         first = fig.get("copy") / fig.get("tar pipe")
         resync = fig.get("resync") / fig.get("stage")
         space = fig.bytes("allocated") / (fig.used_bytes + fig.bytes("metadata"))
@@ -307,7 +340,7 @@ def table(all_figures: Sequence[Figures]) -> str:
             f"{fig.tree} -> {fig.target}:",
             f"  first copy / tar pipe    = {first:.2f} {verdict(first, FIRST_COPY_TARGET)}; the whole stage "
             f"(copy + verification) / tar pipe = {fig.get('stage') / fig.get('tar pipe'):.2f}; "
-            f"copy / dd = {fig.get('copy') / fig.get('dd'):.2f}",
+            f"copy / dd = {by_read:.2f} {verdict(by_read, read_limit)}",
             f"  no-change resync / stage = {resync:.3f} {verdict(resync, RESYNC_TARGET)}; / copy alone "
             f"{fig.get('resync') / fig.get('copy'):.3f}"
             + (f"; by listings {fig.get('resync list') / fig.get('stage'):.3f}" if "resync list" in fig.times else "")
@@ -327,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trees", default="fixture,synthetic", help="comma-separated: fixture, synthetic")
     parser.add_argument("--fixture", default="plain-bookworm", help="fixture server to copy (partitions only)")
     parser.add_argument("--files", type=int, default=200_000, help="files in the synthetic tree")
+    parser.add_argument("--copy", default="blocks,files", help="comma-separated target.copy methods to time")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (the median is shown)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -337,10 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     try:
         for name in args.trees.split(","):
-            if name == "fixture":
-                results.append(bench_fixture(args.fixture, args.repeat))
-            else:
-                results.append(bench_synthetic(args.files, args.repeat))
+            for method in args.copy.split(","):
+                if name == "fixture":
+                    results.append(bench_fixture(args.fixture, args.repeat, method))
+                else:
+                    results.append(bench_synthetic(args.files, args.repeat, method))
     except KeyboardInterrupt:  # every context manager above has let go by now
         print("interrupted: nothing left attached or mounted", file=sys.stderr)
         return 130

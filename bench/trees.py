@@ -13,6 +13,7 @@ Each is a context manager that leaves nothing attached or mounted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -20,11 +21,14 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tasks import inspect
 from tasks.lib import storage
+from tasks.lib.fsfacts import fs_features
 from tasks.lib.fstab import mount_order
+from tasks.lib.planning.features import XFS_FLAGS, ext_feature_set, xfs_flags
+from tasks.lib.planning.model import CopyPlan, FilesystemPlan, PartitionPlan, SourceMount
 from tasks.lib.resources import loop_device, mounted, read_only_mount_options
 from tasks.lib.runner import P2VError, run
 from tasks.lib.spec import load_specs
@@ -191,3 +195,25 @@ def synthetic_tree(files: int = 200_000) -> Iterator[Tree]:
 def remove_cached() -> None:
     if BENCH_DIR.exists():
         shutil.rmtree(BENCH_DIR)
+
+
+def block_plan(part: PartitionPlan, source_node: str, fstype: str, uuid: str, *, keep_uuid: bool = False,
+               resize: Literal["grow", "shrink"] = "grow") -> tuple[PartitionPlan, CopyPlan]:
+    """The plan the planner makes for a block copy of a source's / into `part`: the source's features, `uuid`.
+    For the bench and the tests, which copy filesystems with no server (no layout.json) around them."""
+    found = fs_features(fstype, source_node)
+    if fstype == "xfs":
+        flags = xfs_flags(found["features"])
+        features = tuple(f"{k}={flags[k]}" for k in XFS_FLAGS)
+        block, inode = int(found["features"]["data.bsize"]), int(found["features"]["isize"])
+    else:
+        features = tuple(sorted(ext_feature_set(found["features"])))
+        block, inode = found["block_size"], found["inode_size"]
+    mount = SourceMount(mountpoint="/", device="disk1p1", fstype=fstype, used_bytes=0, used_inodes=0, uuid="",
+                        label="")
+    fs = FilesystemPlan(mountpoint="/", fstype=fstype, label="root", uuid=uuid, keep_uuid=keep_uuid,
+                        features=features, features_off=(), features_from="as on the source", block_size=block,
+                        inode_size=inode, inodes=None, mkfs=(), sources=(mount,), used_bytes=0, headroom=0,
+                        overhead=0)
+    copy = CopyPlan("/", "disk1p1", "/", method="blocks", why="a block copy of the source's /", resize=resize)
+    return dataclasses.replace(part, filesystem=fs), copy

@@ -140,8 +140,11 @@ def _method_line(row: Mapping[str, Any]) -> str:
     """How one source filesystem was copied, from the sync receipt (what was done, not what was planned)."""
     if row["method"] != "blocks":
         return f"{row['mountpoint']}: copied by files ({row['why']})"
-    resized = "grown to its partition" if row.get("resize") == "grow" else "shrunk to its partition in a scratch copy"
-    earlier = " in an earlier run, brought up to date by rsync in the last" if "earlier run" in row["why"] else ""
+    resized = {"grow": "grown to its partition", "shrink in place": "shrunk to its partition in place",
+               "shrink in a scratch copy": "shrunk to its partition in a scratch copy"}.get(
+                   str(row.get("resize")), f"resized ({row.get('resize')})")
+    earlier = " (in an earlier run into this disk.img, then brought up to date by rsync)" \
+        if "earlier run" in row["why"] else ""
     return (f"{row['mountpoint']}: copied by blocks{earlier}: {row.get('tool')} wrote "
             f"{_mib(int(row.get('bytes_written', 0)))} of used blocks, {resized}; "
             f"{row.get('removed_after', 0)} entries a file copy leaves behind removed (excluded contents, swap files, "

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from bench.trees import block_plan
 from tasks.lib import storage
 from tasks.lib.copy import ALWAYS_EXCLUDED, copy_tree
 from tasks.lib.copy.blocks import BlockJob, BlockOutcome, fill_by_blocks
-from tasks.lib.planning.features import XFS_FLAGS, ext_feature_set, xfs_flags
-from tasks.lib.planning.model import CopyPlan, DiskPlan, FilesystemPlan, PartitionPlan, SourceMount
+from tasks.lib.planning.model import CopyPlan, DiskPlan, PartitionPlan
 from tasks.lib.resources import host_run_dir, loop_device, mounted
 from tasks.lib.runner import run
 from tests.fixtures.build import build_server
@@ -114,27 +114,6 @@ def target_disk(path: Path, sizes: list[int], label: str = "gpt") -> list[Partit
             for n, s, z in parts]
 
 
-def planned(part: PartitionPlan, source: dict[str, Any], uuid: str, *, keep_uuid: bool = False,
-            resize: str = "grow") -> tuple[PartitionPlan, CopyPlan]:
-    """The plan the planner would make for a block copy of the source's /: its features, the given UUID."""
-    found = storage.fs_features(source["fstype"], source["node"])
-    if source["fstype"] == "xfs":
-        flags = xfs_flags(found["features"])
-        features = tuple(f"{k}={flags[k]}" for k in XFS_FLAGS)
-        block, inode = int(found["features"]["data.bsize"]), int(found["features"]["isize"])
-    else:
-        features = tuple(sorted(ext_feature_set(found["features"])))
-        block, inode = found["block_size"], found["inode_size"]
-    mount = SourceMount(mountpoint="/", device="disk1p1", fstype=source["fstype"], used_bytes=0, used_inodes=0,
-                        uuid="", label="")
-    fs = FilesystemPlan(mountpoint="/", fstype=source["fstype"], label="root", uuid=uuid, keep_uuid=keep_uuid,
-                        features=features, features_off=(), features_from="as on the source", block_size=block,
-                        inode_size=inode, inodes=None, mkfs=(), sources=(mount,), used_bytes=0, headroom=0,
-                        overhead=0)
-    copy = CopyPlan("/", "disk1p1", "/", method="blocks", why="test", resize=resize)  # type: ignore[arg-type]
-    return PartitionPlan(**{**part.__dict__, "filesystem": fs}), copy
-
-
 def fill(source: dict[str, Any], image: Path, part: PartitionPlan, copy: CopyPlan, node: str, scratch: Path,
          *, last: bool) -> BlockOutcome:
     return fill_by_blocks(BlockJob(
@@ -192,10 +171,13 @@ def test_ext4_by_blocks_is_verified_like_a_file_copy(case: str, tmp_path: Path) 
         tail = (image.read_bytes()[parts[-1].end:])
         node = loop.partition(parts[index].number)
         planned_uuid = uuid_of(node)
-        part, copy = planned(parts[index], source, planned_uuid, resize="grow" if case == "grow" else "shrink")
+        part, copy = block_plan(parts[index], source["node"], source["fstype"], planned_uuid,
+                                resize="grow" if case == "grow" else "shrink")
         source_tmp_mtime = (source["tree"] / "tmp").stat().st_mtime_ns
         outcome = fill(source, image, part, copy, node, tmp_path, last=case == "shrink-in-place")
-        assert outcome.fallback is None and outcome.tool == "e2image" and outcome.resize == copy.resize
+        assert outcome.fallback is None and outcome.tool == "e2image"
+        assert outcome.resize == {"grow": "grow", "shrink-in-place": "shrink in place",
+                                  "shrink-in-scratch": "shrink in a scratch copy"}[case]
         assert outcome.removed >= 4  # /tmp's file, /run's directory, the swap file, what /boot's mount hid
         assert (uuid_of(node), storage.probe(node)["LABEL"]) == (planned_uuid, "root")
         rest = copy_the_rest(source, node, outcome, tmp_path)
@@ -226,7 +208,7 @@ def test_a_partition_too_small_to_shrink_into_is_left_alone_and_said(tmp_path: P
         node = loop.partition(1)
         run(["mkfs.ext4", "-q", "-F", "-L", "made", node])
         made = uuid_of(node)
-        part, copy = planned(part, source, made, resize="shrink")
+        part, copy = block_plan(part, source["node"], source["fstype"], made, resize="shrink")
         outcome = fill(source, image, part, copy, node, tmp_path, last=True)
         assert outcome.fallback is not None and outcome.fallback.startswith("resize2fs -P says it shrinks to ")
         assert (uuid_of(node), storage.probe(node)["LABEL"]) == (made, "made")  # as the disk stage left it
@@ -240,7 +222,7 @@ def test_xfs_by_blocks_keeps_its_uuid_grows_and_is_verified(tmp_path: Path) -> N
             loop_device(image, read_only=False, partitions=True) as loop:
         node = loop.partition(1)
         uuid = uuid_of(source["node"])
-        part, copy = planned(part, source, uuid, keep_uuid=True)
+        part, copy = block_plan(part, source["node"], source["fstype"], uuid, keep_uuid=True)
         outcome = fill(source, image, part, copy, node, tmp_path, last=True)
         assert outcome.fallback is None and outcome.tool == "xfs_copy"
         assert uuid_of(node) == uuid and storage.probe(node)["LABEL"] == "root"

@@ -37,6 +37,10 @@ def verified_bios() -> Case:
     sync = {"seconds": 42.5, "copy": {
         "files": 12345, "bytes": 3 << 30, "manifest_digest": "sha256:feedfacecafebeef0123456789",
         "journal_replayed": [],
+        "methods": [{"mountpoint": "/", "method": "blocks", "tool": "e2image", "resize": "shrink in place",
+                     "why": "e2image", "seconds": 3.2, "bytes_written": 800 << 20, "removed_after": 20},
+                    {"mountpoint": "/boot", "method": "files", "why": "merged into /"},
+                    {"mountpoint": "/srv", "method": "files", "why": "merged into /"}],
         "inode_flags": {"entries": 5, "kept": {"e": 3, "A": 1}, "pending": [{"path": "/etc/x", "flags": "i"}] * 2,
                         "dropped": [{"path": "/srv/y", "flags": "C", "reason": "Operation not supported"}]},
         "warnings": ["copy: 1 socket skipped\n(it is made at boot)"]}}
@@ -100,7 +104,13 @@ def journal_replayed() -> Case:
             fs["mountpoint"] = None
     replayed = [{"device": "disk1p2", "mountpoint": "/", "fstype": "ext4", "reason": "ext feature needs_recovery"},
                 {"device": "disk2p1", "mountpoint": "/srv", "fstype": "xfs", "reason": "xfs log tail: 2 head: 11"}]
-    sync = {"seconds": 3, "copy": {"files": 10, "bytes": 1 << 30, "journal_replayed": replayed}}
+    sync = {"seconds": 3, "copy": {"files": 10, "bytes": 1 << 30, "journal_replayed": replayed, "methods": [
+        {"mountpoint": "/", "method": "files", "why": "its journal needs recovery: copied from the replayed view"},
+        {"mountpoint": "/boot", "method": "blocks", "tool": "e2image", "resize": "grow",
+         "why": "e2image, then resize2fs grows it to the partition; in an earlier run into this disk.img, brought up "
+                "to date by rsync in this one", "seconds": 1.0, "bytes_written": 50 << 20, "removed_after": 0},
+        {"mountpoint": "/srv", "method": "files", "why": "planned by blocks; resize2fs -P says it shrinks to 900 MiB "
+                                                          "at best, and the partition has 800 MiB"}]}}
     fix = {"kernel": "6.1.0-50-amd64", "kernel_cmdline": ["ro"], "installed_packages": [], "steps": [],
            "inode_flags": {"restored": _restored(1)}}
     return "plain-bookworm", lay, completed_plan("plain-bookworm"), sync, fix, {"skipped": True}

@@ -92,7 +92,7 @@ class BlockOutcome:
 
     mountpoint: str
     tool: str  # "e2image" or "xfs_copy"
-    resize: str  # "grow", "shrink"
+    resize: str  # "grow", "shrink in place" or "shrink in a scratch copy": what was done
     seconds: float
     bytes_written: int  # the blocks the tool wrote: the source filesystem's used blocks
     removed: int = 0  # entries removed afterwards (excluded contents, swap files, hidden under mount points)
@@ -268,8 +268,8 @@ def _ext(job: BlockJob, logged: _Logged, started: float) -> BlockOutcome:
         logged.run(["resize2fs", job.target_node])
         logged.run(["tune2fs", "-U", fs.uuid, "-L", fs.label, job.target_node])
     logged.check_ext(job.target_node, repair=False)
-    return BlockOutcome(job.copy.source_mountpoint, "e2image", job.copy.resize,
-                        round(time.monotonic() - started, 3), used)
+    done = "grow" if job.copy.resize == "grow" else "shrink in place" if job.in_place else "shrink in a scratch copy"
+    return BlockOutcome(job.copy.source_mountpoint, "e2image", done, round(time.monotonic() - started, 3), used)
 
 
 def _shrink_in_place(job: BlockJob, logged: _Logged) -> None:
