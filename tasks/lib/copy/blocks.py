@@ -267,6 +267,7 @@ def _ext(job: BlockJob, logged: _Logged, started: float) -> BlockOutcome:
         logged.check_ext(job.target_node)
         logged.run(["resize2fs", job.target_node])
         logged.run(["tune2fs", "-U", fs.uuid, "-L", fs.label, job.target_node])
+    _journal_left_sparse(job.target_node, fs.block_size, logged)
     logged.check_ext(job.target_node, repair=False)
     done = "grow" if job.copy.resize == "grow" else "shrink in place" if job.in_place else "shrink in a scratch copy"
     return BlockOutcome(job.copy.source_mountpoint, "e2image", done, round(time.monotonic() - started, 3), used)
@@ -321,6 +322,34 @@ def _shrink_in_scratch(job: BlockJob, logged: _Logged) -> None:
         copy.unlink(missing_ok=True)
 
 
+def _journal_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
+    """Discard the copied journal's blocks but its superblock: disk.img holds no copy of old journal traffic.
+
+    The filesystem is clean (e2fsck just checked it), so its journal is empty: the journal
+    superblock says where the log starts and nothing is replayed; the rest of the journal then
+    reads as zeros, as in a journal mke2fs made with lazy_journal_init (what the disk stage does),
+    and is overwritten as the log wraps. Without it, a block copy allocates the whole journal (up
+    to 1 GiB) in disk.img and in the upload.
+    """
+    listing = run(["debugfs", "-R", "blocks <8>", node], check=False)
+    blocks = [int(word) for word in listing.stdout.split() if word.isdigit()]
+    runs: list[tuple[int, int]] = []
+    for block in blocks[1:]:  # blocks[0]: the journal superblock
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    for start, count in runs:
+        discarded = run(["blkdiscard", "-f", "-o", str(start * block_size), "-l", str(count * block_size), node],
+                        check=False)
+        if discarded.returncode != 0:
+            logged.note(f"the journal's blocks stay allocated: blkdiscard failed: {discarded.stderr.strip()}")
+            return
+    if runs:
+        logged.note(f"journal: {sum(count for _, count in runs)} blocks after its superblock discarded (they read "
+                    "as zeros: the filesystem is clean, nothing in the journal is replayed)")
+
+
 def _ext_used_bytes(node: str) -> int:
     fields = storage.tune2fs_fields(node)
     size = int(fields.get("Block size", "0") or 0)
@@ -337,7 +366,15 @@ def _xfs(job: BlockJob, logged: _Logged, started: float) -> BlockOutcome:
     if not fs.keep_uuid:  # the plan never asks for it (tasks/lib/planning/copy_method.py)
         raise BlockCopyFailed(f"{job.copy.source_mountpoint}: xfs by blocks needs its UUID kept",
                               hint="set target.copy: files or target.keep_uuids: true")
-    logged.run(["xfs_copy", "-d", job.source_node, job.target_node])  # -d: the same UUID
+    # -d: the same UUID. -L: xfs_copy's own log (else in /var/tmp), folded into ours and removed.
+    job.scratch.mkdir(parents=True, exist_ok=True)
+    prefix = job.scratch / "xfs_copy.log"
+    try:
+        logged.run(["xfs_copy", "-d", "-L", str(prefix), job.source_node, job.target_node])
+    finally:
+        for own_log in job.scratch.glob("xfs_copy.log*"):
+            logged.note(own_log.read_text(errors="replace").rstrip())
+            own_log.unlink()
     logged.run(["xfs_admin", "-L", fs.label or "--", job.target_node])
     return BlockOutcome(job.copy.source_mountpoint, "xfs_copy", "grow", round(time.monotonic() - started, 3),
                         _xfs_used_bytes(job.source_node))
