@@ -182,6 +182,8 @@ def test_ext4_by_blocks_is_verified_like_a_file_copy(case: str, tmp_path: Path) 
         assert (uuid_of(node), storage.probe(node)["LABEL"]) == (planned_uuid, "root")
         rest = copy_the_rest(source, node, outcome, tmp_path)
     assert rest["result"].verified_by == "manifests", rest["result"]
+    root_pass = rest["result"].passes[0]
+    assert (root_pass.tool, root_pass.swap_files) == ("e2image", (SWAP_FILE,)) and "/tmp" in root_pass.excluded_contents
     assert (rest["tmp"], rest["run"], rest["hidden"], rest["swap"]) == ([], [], False, False)
     assert rest["tmp_mtime"] == source_tmp_mtime  # the emptied directory has its time back
     assert part.size - 4 * MiB <= rest["size"] <= part.size  # grown or shrunk to the partition

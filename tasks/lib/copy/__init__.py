@@ -231,7 +231,9 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
         if holds_data(target):
             _unlock(target, [*(p for p, bits in scan.result().items() if bits & inodeflags.DEFERRED), *unlock],
                     log_)
-        passes = [prefilled[mp] if mp in prefilled else
+        # A prefilled filesystem's contents were cleared of the same exclusions (tasks/lib/copy/blocks.py).
+        passes = [dataclasses.replace(prefilled[mp], excluded_contents=tuple(scope.excluded[mp]),
+                                      swap_files=tuple(scope.omitted[mp])) if mp in prefilled else
                   _copy_filesystem(source, target, mp, method, scope.excluded[mp], scope.omitted[mp], sizes[mp],
                                    log_, watch, scratch) for mp in points]
         source_flags = scan.result()
