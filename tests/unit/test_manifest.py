@@ -7,15 +7,21 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from tasks.lib.manifest import (
     HASH_BLOCK,
+    PROJECT_DIR,
     Difference,
     Entry,
     Manifest,
@@ -382,6 +388,35 @@ def test_a_child_stream_stopped_early_leaves_no_process(tree: Path) -> None:
     assert first.path == "/"
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
     assert children == []
+
+
+def test_a_stream_child_dies_with_its_reader() -> None:
+    """Even while it writes nothing (its first walk), so that a killed stage leaves no reader of its trees."""
+    reader = textwrap.dedent("""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import time; from tasks.lib.manifest import _die_with_reader; "
+                                  "_die_with_reader(); print('armed', flush=True); time.sleep(60)"],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline() == "armed\\n"
+        print(child.pid, flush=True)
+        import time; time.sleep(60)
+    """)
+    with subprocess.Popen([sys.executable, "-c", reader], cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        proc.kill()
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # dead, not yet reaped by its new parent
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the stream's child outlived its reader")
 
 
 def test_a_failing_child_build_is_one_clear_error(tmp_path: Path) -> None:
