@@ -43,10 +43,10 @@ What is recorded, and compared:
   XFS's own copies of the ACLs (XFS_ACL_XATTRS);
 - inode flags (chattr/lsattr) of regular files and directories, as lsattr's
   letters: the ones tasks/lib/inodeflags.py calls RECORDED (not e, I, N: the
-  filesystem's own bookkeeping). A copy compares them through a view of the
-  source (`with_flags`) that says what the target is to hold: copy.py leaves
-  out the flags deferred to the fix stage (i, a) and those the target
-  filesystem does not keep, and lists both in its receipt;
+  filesystem's own bookkeeping). A copy compares them through a view of each
+  source entry (copy/flags.py: _expected_entry) that says what the target is
+  to hold: it leaves out the flags deferred to the fix stage (i, a) and those
+  the target filesystem does not keep, and the receipt lists both;
 - hard links: `link`, the first path (in byte order) of the entry's inode
   group, set on every member when at least two recorded paths share an inode.
   Link counts are not compared: a link outside the recorded area changes them.
@@ -64,8 +64,8 @@ the mounted filesystem's root, so its mode, owner, xattrs and mtime count too.
 
 The digest is the SHA-256 of the canonical JSON of every compared field
 (everything but `sparse`, the one-way property), so two trees that compare
-equal have the same digest; a view made by `with_flags` has the digest of
-what it says, which is what a copy compared.
+equal have the same digest; the view of the source a copy compared with has
+the digest of what it says (Tally adds it up as the entries go past).
 
 Entries are read and hashed in batches by a thread pool: hashlib and read()
 let go of the GIL, so big files use both cores. For many small files the
@@ -239,12 +239,6 @@ class Manifest:
         entries = [Entry.from_json(row) for row in data["entries"]]
         return cls(root=data["root"], entries=_sorted(entries), excludes=tuple(data["excludes"]),
                    omit=tuple(data["omit"]), mounts=tuple(data["mounts"]))
-
-    def with_flags(self, flags: Mapping[str, str]) -> Manifest:
-        """This manifest with the flags of the entries in `flags` (path -> letters) replaced."""
-        entries = {path: replace(entry, flags=flags[path]) if path in flags else entry
-                   for path, entry in self.entries.items()}
-        return replace(self, entries=entries)
 
     def write(self, path: Path) -> None:
         # ensure_ascii keeps surrogate-escaped names intact (as \\udcXX).
