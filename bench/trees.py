@@ -4,6 +4,7 @@
   way its fstab says (tasks.lib.storage + tasks.inspect.mounted_tree).
 - `synthetic_tree(files)`: many small files on an ext4 image in /var/tmp,
   built once and cached, mounted read-only.
+- `tiny_tree(files)`: millions of tiny files (bench/scale.py), likewise.
 - `scratch_target(directory, filesystems)`: fresh filesystems on sparse
   images, loop-attached with direct I/O and mounted parents first.
 
@@ -18,7 +19,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -100,24 +101,25 @@ def _own_link(image: Path, directory: Path) -> Path:
     return link
 
 
-def make_filesystem(image: Path, fstype: str, size: int) -> None:
+def make_filesystem(image: Path, fstype: str, size: int, options: Sequence[str] = ()) -> None:
     image.unlink(missing_ok=True)
     with open(image, "wb") as handle:
         handle.truncate(size)  # sparse
     if fstype == "xfs":
-        run(["mkfs.xfs", "-q", "-f", str(image)])
+        run(["mkfs.xfs", "-q", "-f", *options, str(image)])
     else:
-        run([f"mkfs.{fstype}", "-q", "-F", str(image)])
+        run([f"mkfs.{fstype}", "-q", "-F", *options, str(image)])
 
 
 @contextlib.contextmanager
 def scratch_target(directory: Path, filesystems: Sequence[tuple[str, str, int]], *,
-                   images: Sequence[Path] | None = None, keep: bool = False) -> Iterator[Path]:
+                   images: Sequence[Path] | None = None, keep: bool = False,
+                   mkfs_options: Sequence[str] = ()) -> Iterator[Path]:
     """Filesystems (mountpoint, fstype, size) mounted under `directory`/tree, parents first.
 
     Fresh ones in `directory`, removed afterwards; or, with `images` (one per
     filesystem, in mount order) and `keep`, made only where an image is
-    missing and kept for the next mount.
+    missing and kept for the next mount. `mkfs_options` go to every mkfs.
     """
     directory.mkdir(parents=True, exist_ok=True)
     tree = directory / "tree"
@@ -131,7 +133,7 @@ def scratch_target(directory: Path, filesystems: Sequence[tuple[str, str, int]],
             for image, (mountpoint, fstype, size) in zip(paths, ordered, strict=True):
                 made.append(image)
                 if not (keep and image.exists()):
-                    make_filesystem(image, fstype, size)
+                    make_filesystem(image, fstype, size, mkfs_options)
                 loop = stack.enter_context(loop_device(image, read_only=False, direct_io=True))
                 point = tree / mountpoint.lstrip("/")
                 point.mkdir(exist_ok=True)
@@ -174,22 +176,83 @@ def _fill_synthetic(root: Path, count: int) -> None:
 @contextlib.contextmanager
 def synthetic_tree(files: int = 200_000) -> Iterator[Tree]:
     """`files` small files on a cached ext4 image, mounted read-only."""
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    image = BENCH_DIR / f"synthetic-{files}-v{SYNTHETIC_FORMAT}.img"
     size = max(1 << 30, files * 32 * 1024)  # ~17 KiB a file on average, and room
-    if not image.exists():
-        partial = image.with_suffix(".partial")
-        make_filesystem(partial, "ext4", size)
-        with tempfile.TemporaryDirectory(prefix="p2v-synthetic-", dir=BENCH_DIR) as point, \
-                loop_device(partial, read_only=False, direct_io=True) as loop, \
-                mounted(loop.path, point, fstype="ext4") as root:
-            _fill_synthetic(root, files)
-        partial.rename(image)
-    with tempfile.TemporaryDirectory(prefix="p2v-synthetic-", dir=BENCH_DIR) as point, \
-            loop_device(image, read_only=True) as loop, \
-            mounted(loop.path, point, fstype="ext4", options=read_only_mount_options("ext4")) as root:
+    with _cached_tree(BENCH_DIR / f"synthetic-{files}-v{SYNTHETIC_FORMAT}.img", size,
+                      lambda root: _fill_synthetic(root, files), direct_io=True) as root:
         yield Tree(name=f"synthetic, {files // 1000}k small files", root=root, mountpoints=("/",),
                    filesystems=(("/", "ext4", size),))
+
+
+@contextlib.contextmanager
+def _cached_tree(image: Path, size: int, fill: Callable[[Path], None], *, mkfs_options: Sequence[str] = (),
+                 direct_io: bool = False) -> Iterator[Path]:
+    """An ext4 image in BENCH_DIR, filled by `fill` the first time and kept, mounted read-only."""
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    if not image.exists():
+        partial = image.with_suffix(".partial")
+        make_filesystem(partial, "ext4", size, mkfs_options)
+        with tempfile.TemporaryDirectory(prefix="p2v-tree-", dir=BENCH_DIR) as point, \
+                loop_device(partial, read_only=False, direct_io=direct_io) as loop, \
+                mounted(loop.path, point, fstype="ext4") as root:
+            fill(root)
+        partial.rename(image)
+    with tempfile.TemporaryDirectory(prefix="p2v-tree-", dir=BENCH_DIR) as point, \
+            loop_device(image, read_only=True) as loop, \
+            mounted(loop.path, point, fstype="ext4", options=read_only_mount_options("ext4")) as root:
+        yield root
+
+
+TINY_FORMAT = 1  # bump to rebuild cached tiny trees
+TINY_PER_DIRECTORY = 100
+TINY_LINK_EVERY = 1000  # one file in this many has a second name (a hard link) in its directory
+
+
+def tiny_mkfs_options(files: int) -> list[str]:
+    """ext4 with 1 KiB blocks (a tiny file takes one) and an inode for every entry, and room."""
+    return ["-b", "1024", "-N", str(files + files // 20 + 10_000)]
+
+
+def tiny_size(files: int) -> int:
+    return (256 << 20) + files * 2048  # a 1 KiB block and a 256-byte inode per file, directories, journal
+
+
+def _fill_tiny(root: Path, count: int) -> None:
+    """`count` files of 0 to 1023 bytes, 100 to a directory, 100 directories to a parent; a few hard links."""
+    rng = random.Random(count)
+    block = rng.randbytes(1 << 16)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    directory_fd = -1
+    try:
+        for index in range(count):
+            if index % TINY_PER_DIRECTORY == 0:
+                if directory_fd >= 0:
+                    os.close(directory_fd)
+                directory = root / f"d{index // (TINY_PER_DIRECTORY * 100):04d}" / \
+                    f"d{(index // TINY_PER_DIRECTORY) % 100:02d}"
+                directory.mkdir(parents=True)
+                directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            name = f"f{index:08d}"
+            size = rng.randrange(1024)
+            start = rng.randrange(len(block) - size)
+            fd = os.open(name, flags, 0o644, dir_fd=directory_fd)
+            try:
+                os.write(fd, block[start:start + size])
+            finally:
+                os.close(fd)
+            if index % TINY_LINK_EVERY == TINY_LINK_EVERY - 1:
+                os.link(name, f"h{index:08d}", src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    finally:
+        if directory_fd >= 0:
+            os.close(directory_fd)
+
+
+@contextlib.contextmanager
+def tiny_tree(files: int) -> Iterator[Tree]:
+    """`files` tiny files (0-1023 bytes) on a cached ext4 image, mounted read-only: for bench/scale.py."""
+    size = tiny_size(files)
+    with _cached_tree(BENCH_DIR / f"tiny-{files}-v{TINY_FORMAT}.img", size, lambda root: _fill_tiny(root, files),
+                      mkfs_options=tiny_mkfs_options(files)) as root:
+        yield Tree(name=f"tiny, {files:,} files", root=root, mountpoints=("/",), filesystems=(("/", "ext4", size),))
 
 
 def remove_cached() -> None:

@@ -1,15 +1,23 @@
 """A manifest of a tree: per entry, everything a faithful copy must keep.
 
-    build_manifest(root, excludes, omit=..., mounts=...) -> Manifest
+    iter_entries(root, excludes, omit=..., mounts=...) -> Entry, Entry, ... in path byte order
+    read_entries(..., apart=True): the same from a child interpreter
+    pair_entries(source stream, target stream) -> (Entry | None, Entry | None) per path
+    Tally: counts, bytes and the digest of a stream, added up as it goes
+    build_manifest(root, excludes, omit=..., mounts=...) -> Manifest (the whole tree in memory)
     scan_flags(root, excludes, omit=..., mounts=...) -> {path: flags}
     compare(source, target) -> list[Difference]
     manifest.digest() -> "sha256:<hex>"
 
-Over 600 lines, kept whole on purpose: it is one format (what a tree holds, and how two
-trees differ), read, written and compared by the same `Entry`; the parts would only import
-each other's private helpers. It is also the one module the scale work (streaming
-sorted walks instead of whole trees in memory) will rewrite, which will split it by what
-streams and what does not.
+Over 800 lines, kept whole on purpose: it is one format (what a tree holds, and how two
+trees differ), read, written and compared by the same `Entry`, whether a stream or a whole
+`Manifest` carries it; the parts would only import each other's private helpers.
+
+Streams are what scales: a tree of millions of entries is read in path byte
+order and compared with another as both go past (pair_entries), so nothing
+holds a whole tree (copy/verify.py: a first sync of 3 million files peaked
+at 104 MiB, its tools and readers included; bench/README.md). A `Manifest` holds every entry, for
+small trees and the tests, and gives the same entries and the same digest.
 
 One `Entry` per file, directory, symlink, FIFO, socket or device node under
 `root`, keyed by its path as the server sees it (`/`, `/etc/shadow`). Paths are
@@ -35,10 +43,10 @@ What is recorded, and compared:
   XFS's own copies of the ACLs (XFS_ACL_XATTRS);
 - inode flags (chattr/lsattr) of regular files and directories, as lsattr's
   letters: the ones tasks/lib/inodeflags.py calls RECORDED (not e, I, N: the
-  filesystem's own bookkeeping). A copy compares them through a view of the
-  source (`with_flags`) that says what the target is to hold: copy.py leaves
-  out the flags deferred to the fix stage (i, a) and those the target
-  filesystem does not keep, and lists both in its receipt;
+  filesystem's own bookkeeping). A copy compares them through a view of each
+  source entry (copy/flags.py: _expected_entry) that says what the target is
+  to hold: it leaves out the flags deferred to the fix stage (i, a) and those
+  the target filesystem does not keep, and the receipt lists both;
 - hard links: `link`, the first path (in byte order) of the entry's inode
   group, set on every member when at least two recorded paths share an inode.
   Link counts are not compared: a link outside the recorded area changes them.
@@ -56,37 +64,44 @@ the mounted filesystem's root, so its mode, owner, xattrs and mtime count too.
 
 The digest is the SHA-256 of the canonical JSON of every compared field
 (everything but `sparse`, the one-way property), so two trees that compare
-equal have the same digest; a view made by `with_flags` has the digest of
-what it says, which is what a copy compared.
+equal have the same digest; the view of the source a copy compared with has
+the digest of what it says (Tally adds it up as the entries go past).
 
 Entries are read and hashed in batches by a thread pool: hashlib and read()
 let go of the GIL, so big files use both cores. For many small files the
 Python work per entry holds the GIL as long as the system calls take, so
-`build_manifest_apart` runs a build in a child interpreter (its own GIL):
-copy.py's verification reads the source and the target with one each.
+`read_entries(apart=True)` reads in a child interpreter (its own GIL) that
+sends its entries down a pipe: copy/verify.py reads the source and the
+target with one each and compares what they send.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import pickle
+import signal
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tasks.lib import inodeflags
-from tasks.lib.runner import CommandError, P2VError, run
+from tasks.lib.runner import P2VError
 
 MANIFEST_FORMAT = "p2v-manifest"
 MANIFEST_VERSION = 2  # 2: inode flags
@@ -110,6 +125,10 @@ BATCH_BYTES = 64 << 20
 HASH_BLOCK = 1 << 20
 _ZERO_BLOCK = hashlib.sha256(bytes(HASH_BLOCK)).digest()
 DEFAULT_WORKERS = 4
+IN_FLIGHT_PER_WORKER = 4  # batches read ahead per worker while the consumer catches up
+PIPE_BYTES = 1 << 20  # a child interpreter's pipe (F_SETPIPE_SZ): a few batches of entries
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PR_SET_PDEATHSIG = 1
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 _TYPES = (
@@ -199,7 +218,11 @@ class Manifest:
         return json.dumps(rows, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
+        """The SHA-256 of canonical_json(), computed as Tally computes it for a stream."""
+        tally = Tally()
+        for entry in self.entries.values():
+            tally.add(entry)
+        return tally.digest()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -217,12 +240,6 @@ class Manifest:
         return cls(root=data["root"], entries=_sorted(entries), excludes=tuple(data["excludes"]),
                    omit=tuple(data["omit"]), mounts=tuple(data["mounts"]))
 
-    def with_flags(self, flags: Mapping[str, str]) -> Manifest:
-        """This manifest with the flags of the entries in `flags` (path -> letters) replaced."""
-        entries = {path: replace(entry, flags=flags[path]) if path in flags else entry
-                   for path, entry in self.entries.items()}
-        return replace(self, entries=entries)
-
     def write(self, path: Path) -> None:
         # ensure_ascii keeps surrogate-escaped names intact (as \\udcXX).
         path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=True) + "\n")
@@ -230,6 +247,38 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         return cls.from_json(json.loads(path.read_text()))
+
+
+class Tally:
+    """What a stream of entries in path order adds up to, without holding it: counts, bytes, the digest.
+
+    The digest is Manifest.digest()'s: the SHA-256 of the canonical JSON list
+    of the entries' comparable fields, fed one row at a time (`[`, the rows
+    joined by `,`, `]` is what json.dumps writes for the list).
+    """
+
+    def __init__(self) -> None:
+        self.files = 0  # entries of every type, the root included
+        self.regular_files = 0
+        self.total_bytes = 0  # apparent size of the regular files, each inode counted once
+        self._hash = hashlib.sha256(b"[")
+        self._separator = b""
+
+    def add(self, entry: Entry) -> None:
+        self.files += 1
+        if entry.type == "file":
+            self.regular_files += 1
+            if entry.link in (None, entry.path):
+                self.total_bytes += entry.size
+        self._hash.update(self._separator)
+        self._hash.update(json.dumps(entry.comparable(), sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=True).encode())
+        self._separator = b","
+
+    def digest(self) -> str:
+        done = self._hash.copy()
+        done.update(b"]")
+        return "sha256:" + done.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -440,7 +489,14 @@ def _describe_batch(root: bytes, batch: list[tuple[bytes, os.stat_result]]) -> l
 
 def _walk(root: bytes, excludes: frozenset[bytes], omit: frozenset[bytes],
           mounts: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
-    """(path, lstat) of every entry, staying on the filesystems asked for."""
+    """(path, lstat) of every entry, staying on the filesystems asked for, in path byte order.
+
+    Byte order of whole paths is not a depth-first walk with sorted names
+    (`/a.b` < `/a/x`, yet `a` < `a.b`), so each directory's listing sorts its
+    entries by name and the subtree of a subdirectory by its name plus `/`:
+    every path under `a` starts with `a/`, so the subtree goes exactly there.
+    Only the listings of the directories on the current path are held.
+    """
     try:
         top = os.lstat(root)
     except OSError as exc:
@@ -448,29 +504,42 @@ def _walk(root: bytes, excludes: frozenset[bytes], omit: frozenset[bytes],
     if not stat.S_ISDIR(top.st_mode):
         raise P2VError(f"{os.fsdecode(root)} is not a directory")
     yield b"/", top
-    pending: list[tuple[bytes, int]] = [(b"", top.st_dev)]
-    while pending:
-        directory, device = pending.pop()
+
+    def listing(directory: bytes, device: int) -> Iterator[tuple[bytes, bytes, os.stat_result, bool]]:
+        """(sort key, path, lstat, whether it is a subtree to enter) of a directory's children."""
         if (directory or b"/") in excludes:
-            continue
+            return iter(())
         try:
             scan = os.scandir(root + directory if directory else root)
         except OSError as exc:
             raise P2VError(f"cannot list {shown(os.fsdecode(directory or b'/'))} under {os.fsdecode(root)}: "
                            f"{exc.strerror}") from None
+        items = []
         with scan:
-            children = sorted(scan, key=lambda d: d.name)
-        for child in children:
-            path = directory + b"/" + child.name
-            if path in omit:
-                continue
-            try:
-                info = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield path, info
-            if stat.S_ISDIR(info.st_mode) and path not in excludes and (info.st_dev == device or path in mounts):
-                pending.append((path, info.st_dev))
+            for child in scan:
+                path = directory + b"/" + child.name
+                if path in omit:
+                    continue
+                try:
+                    info = child.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                items.append((child.name, path, info, False))
+                if stat.S_ISDIR(info.st_mode) and path not in excludes and \
+                        (info.st_dev == device or path in mounts):
+                    items.append((child.name + b"/", path, info, True))
+        items.sort(key=lambda item: item[0])
+        return iter(items)
+
+    open_directories = [listing(b"", top.st_dev)]
+    while open_directories:
+        item = next(open_directories[-1], None)
+        if item is None:
+            open_directories.pop()
+        elif item[3]:
+            open_directories.append(listing(item[1], item[2].st_dev))
+        else:
+            yield item[1], item[2]
 
 
 def scan_flags(
@@ -525,7 +594,10 @@ def _batches(items: Iterable[tuple[bytes, os.stat_result]]) -> Iterator[list[tup
 
 
 def _link_groups(items: Iterable[tuple[bytes, os.stat_result]]) -> dict[bytes, bytes]:
-    """path -> first path of its inode, for inodes that two or more recorded paths share."""
+    """path -> first path of its inode, for inodes that two or more recorded paths share.
+
+    Only entries with a link count above one are held while walking.
+    """
     groups: dict[tuple[int, int], list[bytes]] = {}
     for path, info in items:
         if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
@@ -539,6 +611,51 @@ def _link_groups(items: Iterable[tuple[bytes, os.stat_result]]) -> dict[bytes, b
     return first
 
 
+def _describe_in_inode_order(root: bytes, batch: list[tuple[bytes, os.stat_result]],
+                             links: Mapping[bytes, bytes]) -> list[Entry]:
+    """A batch of consecutive entries, read in inode order (a filesystem puts data near its inode, and a
+    tree that tar or rsync filled in directory order has its inodes in no name order), returned in path order."""
+    order = sorted(range(len(batch)), key=lambda n: (batch[n][1].st_dev, batch[n][1].st_ino))
+    described = _describe_batch(root, [batch[n] for n in order])
+    described.sort(key=lambda entry: _sort_key(entry.path))
+    return [replace(e, link=os.fsdecode(links[key])) if (key := os.fsencode(e.path)) in links else e
+            for e in described]
+
+
+def iter_entries(
+    root: str | os.PathLike[str],
+    excludes: Sequence[str] = (),
+    *,
+    omit: Sequence[str] = (),
+    mounts: Sequence[str] = (),
+    workers: int = DEFAULT_WORKERS,
+) -> Generator[Entry, None, None]:
+    """Every entry under `root`, as build_manifest records it, in path byte order, without holding the tree.
+
+    Two walks: the first (stat only) finds the hard-link groups, so that each
+    entry leaves with its `link`; the second reads the entries, a few batches
+    at a time in a thread pool. Held at once: the listings of the directories
+    on the walk's path, the entries whose inode has more than one link, and
+    the batches in flight.
+    """
+    top = os.fsencode(os.path.abspath(root))
+    sets = (frozenset(os.fsencode(normalize(p)) for p in excludes), frozenset(os.fsencode(normalize(p)) for p in omit),
+            frozenset(os.fsencode(normalize(p)) for p in mounts))
+    links = _link_groups(_walk(top, *sets))
+    in_flight: collections.deque[concurrent.futures.Future[list[Entry]]] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="manifest") as pool:
+        try:
+            for batch in _batches(_walk(top, *sets)):
+                in_flight.append(pool.submit(_describe_in_inode_order, top, batch, links))
+                while len(in_flight) > IN_FLIGHT_PER_WORKER * max(1, workers):
+                    yield from in_flight.popleft().result()
+            while in_flight:
+                yield from in_flight.popleft().result()
+        finally:
+            for future in in_flight:  # a consumer that stops early: no more reading
+                future.cancel()
+
+
 def build_manifest(
     root: str | os.PathLike[str],
     excludes: Sequence[str] = (),
@@ -547,28 +664,23 @@ def build_manifest(
     mounts: Sequence[str] = (),
     workers: int = DEFAULT_WORKERS,
 ) -> Manifest:
-    """Read every entry under `root` (see the module doc for what each argument leaves out)."""
+    """Read every entry under `root` into memory (see the module doc for what each argument leaves out).
+
+    For trees of any size, iter_entries (or read_entries) streams the same entries instead.
+    """
+    return _collected(root, excludes, omit, mounts, lambda: contextlib.nullcontext(
+        iter_entries(root, excludes, omit=omit, mounts=mounts, workers=workers)))
+
+
+def _collected(root: str | os.PathLike[str], excludes: Sequence[str], omit: Sequence[str], mounts: Sequence[str],
+               reading: Callable[[], contextlib.AbstractContextManager[Iterator[Entry]]]) -> Manifest:
     started = time.monotonic()
-    top = os.fsencode(os.path.abspath(root))
-    norm_excludes = tuple(normalize(p) for p in excludes)
-    norm_omit = tuple(normalize(p) for p in omit)
-    norm_mounts = tuple(normalize(p) for p in mounts)
-    walked = list(_walk(top, frozenset(map(os.fsencode, norm_excludes)), frozenset(map(os.fsencode, norm_omit)),
-                        frozenset(map(os.fsencode, norm_mounts))))
-    walk_seconds = time.monotonic() - started
-    links = _link_groups(walked)
-    entries: list[Entry] = []
-    # Read in inode order: a filesystem puts data near its inode, and a tree that tar or rsync
-    # filled in directory order has its inodes in no name order at all.
-    in_inode_order = sorted(walked, key=lambda item: (item[1].st_dev, item[1].st_ino))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="manifest") as pool:
-        for described in pool.map(lambda batch: _describe_batch(top, batch), _batches(in_inode_order)):
-            entries.extend(described)
-    entries = [replace(e, link=os.fsdecode(links[key])) if (key := os.fsencode(e.path)) in links else e
-               for e in entries]
+    with reading() as stream:
+        entries = {entry.path: entry for entry in stream}
     return Manifest(
-        root=os.fsdecode(top), entries=_sorted(entries), excludes=norm_excludes, omit=norm_omit, mounts=norm_mounts,
-        stats={"walk_seconds": walk_seconds, "seconds": time.monotonic() - started},
+        root=os.fsdecode(os.fsencode(os.path.abspath(root))), entries=entries,
+        excludes=tuple(normalize(p) for p in excludes), omit=tuple(normalize(p) for p in omit),
+        mounts=tuple(normalize(p) for p in mounts), stats={"seconds": time.monotonic() - started},
     )
 
 
@@ -632,18 +744,54 @@ def compare_entries(source: Entry, target: Entry) -> list[Difference]:
     return found
 
 
+def _in_order(entries: Iterable[Entry], side: str) -> Iterator[tuple[bytes, Entry]]:
+    previous: bytes | None = None
+    for entry in entries:
+        key = _sort_key(entry.path)
+        if previous is not None and key <= previous:
+            raise P2VError(f"the {side} entries are not in path order: {shown(entry.path)} after "
+                           f"{shown(os.fsdecode(previous))}")
+        previous = key
+        yield key, entry
+
+
+def pair_entries(source: Iterable[Entry], target: Iterable[Entry]) -> Iterator[tuple[Entry | None, Entry | None]]:
+    """Two streams in path byte order, merged: (source entry, target entry) per path, None where a side has none.
+
+    An entry out of order (which would pair wrongly) is a P2VError.
+    """
+    ours, theirs = _in_order(source, "source"), _in_order(target, "target")
+    mine, other = next(ours, None), next(theirs, None)
+    while mine is not None or other is not None:
+        if other is None or (mine is not None and mine[0] < other[0]):
+            assert mine is not None
+            yield mine[1], None
+            mine = next(ours, None)
+        elif mine is None or other[0] < mine[0]:
+            yield None, other[1]
+            other = next(theirs, None)
+        else:
+            yield mine[1], other[1]
+            mine, other = next(ours, None), next(theirs, None)
+
+
+def compare_pair(ours: Entry | None, theirs: Entry | None) -> list[Difference]:
+    """What differs at one path of pair_entries."""
+    if theirs is None:
+        assert ours is not None
+        return [Difference(ours.path, "missing")]
+    if ours is None:
+        return [Difference(theirs.path, "extra")]
+    return compare_entries(ours, theirs)
+
+
 def compare(source: Manifest, target: Manifest) -> list[Difference]:
     """What the target lacks or has differently, in path order. Empty when the copy is faithful."""
-    found: list[Difference] = []
-    for path in sorted(set(source.entries) | set(target.entries), key=_sort_key):
-        ours, theirs = source.entries.get(path), target.entries.get(path)
-        if theirs is None:
-            found.append(Difference(path, "missing"))
-        elif ours is None:
-            found.append(Difference(path, "extra"))
-        else:
-            found.extend(compare_entries(ours, theirs))
-    return found
+    def ordered(manifest: Manifest) -> list[Entry]:
+        return sorted(manifest.entries.values(), key=lambda entry: _sort_key(entry.path))
+
+    return [difference for ours, theirs in pair_entries(ordered(source), ordered(target))
+            for difference in compare_pair(ours, theirs)]
 
 
 def render_differences(differences: Sequence[Difference], limit: int = 20) -> str:
@@ -656,6 +804,89 @@ def render_differences(differences: Sequence[Difference], limit: int = 20) -> st
 # ---------------------------------------------------------------- in a child interpreter
 
 
+@contextlib.contextmanager
+def read_entries(
+    root: str | os.PathLike[str],
+    excludes: Sequence[str] = (),
+    *,
+    omit: Sequence[str] = (),
+    mounts: Sequence[str] = (),
+    apart: bool = False,
+) -> Iterator[Iterator[Entry]]:
+    """iter_entries, here or (`apart`) in a child interpreter with its own GIL: two of those use two cores.
+
+    The child sends batches of entries down a pipe as it reads them; a full
+    pipe stops it, so neither side holds more than a few batches.
+    """
+    if not apart:
+        stream = iter_entries(root, excludes, omit=omit, mounts=mounts)
+        try:
+            yield stream
+        finally:
+            stream.close()
+        return
+    with tempfile.TemporaryFile(prefix="p2v-manifest-") as errors, _stream_apart(
+            [os.fspath(root), "--stream", *(f"--exclude={p}" for p in excludes),
+             *(f"--omit={p}" for p in omit), *(f"--mount={p}" for p in mounts)], errors) as pipe:
+        yield _received(pipe, errors)
+
+
+@contextlib.contextmanager
+def _stream_apart(arguments: Sequence[str], errors: IO[bytes]) -> Iterator[IO[bytes]]:
+    # -c, not -m: `tasks` imports this module before -m would run it again.
+    argv = [sys.executable, "-c", "import sys; from tasks.lib.manifest import main; sys.exit(main())", *arguments]
+    child = subprocess.Popen(argv, cwd=PROJECT_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+    assert child.stdout is not None
+    with contextlib.suppress(OSError):  # room for a few batches: the reader and the child go at their own pace
+        fcntl.fcntl(child.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+    try:
+        yield child.stdout
+    finally:
+        child.stdout.close()  # a child still writing gets EPIPE and stops
+        if child.poll() is None:
+            child.terminate()
+        child.wait()
+
+
+def _received(pipe: IO[bytes], errors: IO[bytes]) -> Iterator[Entry]:
+    while True:
+        try:
+            # Written by our own child, from our own code: nothing foreign is unpickled.
+            batch = pickle.load(pipe)  # noqa: S301
+        except EOFError:
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            raise P2VError(lines[-1].removeprefix("manifest: ") if lines else
+                           "the manifest's child interpreter stopped without a word") from None
+        if batch is None:
+            return
+        for row in batch:
+            yield Entry(*row)
+
+
+def _send(entries: Iterable[Entry], pipe: IO[bytes]) -> None:
+    batch: list[tuple[Any, ...]] = []
+    for entry in entries:
+        batch.append(tuple(vars(entry).values()))
+        if len(batch) >= BATCH_ENTRIES:
+            pickle.dump(batch, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            batch = []
+    if batch:
+        pickle.dump(batch, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump(None, pipe)  # the end: anything short of it is a failure
+    pipe.flush()
+
+
+def _die_with_reader() -> None:
+    """Be killed when the reader (the parent) dies, even while walking without writing: a write would
+    fail with EPIPE, but the first walk (hard-link groups) writes nothing for a while."""
+    reader = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != reader:  # it died before prctl
+        os._exit(1)
+
+
 def build_manifest_apart(
     root: str | os.PathLike[str],
     excludes: Sequence[str] = (),
@@ -664,21 +895,8 @@ def build_manifest_apart(
     mounts: Sequence[str] = (),
 ) -> Manifest:
     """build_manifest in a child interpreter: two of these at once use two cores."""
-    with tempfile.TemporaryDirectory(prefix="p2v-manifest-") as scratch:
-        saved = Path(scratch) / "manifest.pickle"
-        # -c, not -m: `tasks` imports this module before -m would run it again.
-        argv = [sys.executable, "-c", "import sys; from tasks.lib.manifest import main; sys.exit(main())",
-                os.fspath(root), f"--pickle={saved}",
-                *(f"--exclude={p}" for p in excludes), *(f"--omit={p}" for p in omit),
-                *(f"--mount={p}" for p in mounts)]
-        try:
-            run(argv, cwd=PROJECT_DIR)
-        except CommandError as error:
-            lines = error.output.strip().splitlines()
-            raise P2VError(lines[-1].removeprefix("manifest: ") if lines else str(error)) from None
-        # Written a moment ago by our own child, from our own code: nothing foreign is unpickled.
-        manifest: Manifest = pickle.loads(saved.read_bytes())  # noqa: S301
-        return manifest
+    return _collected(root, excludes, omit, mounts,
+                      lambda: read_entries(root, excludes, omit=omit, mounts=mounts, apart=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -691,15 +909,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--omit", action="append", default=[], help="leave out this entry")
     parser.add_argument("--mount", action="append", default=[], help="enter the filesystem mounted here")
     parser.add_argument("--json", type=Path, help="save the manifest as JSON")
-    parser.add_argument("--pickle", type=Path, help=argparse.SUPPRESS)  # for build_manifest_apart
+    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)  # for read_entries(apart=True)
     args = parser.parse_args(argv)
     try:
+        if args.stream:
+            _die_with_reader()
+            try:
+                _send(iter_entries(args.root, args.exclude, omit=args.omit, mounts=args.mount), sys.stdout.buffer)
+            except BrokenPipeError:  # the reader stopped early
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         manifest = build_manifest(args.root, args.exclude, omit=args.omit, mounts=args.mount)
     except P2VError as error:
         print(f"manifest: {error}", file=sys.stderr)
         return 1
-    if args.pickle:
-        args.pickle.write_bytes(pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL))
     if args.json:
         manifest.write(args.json)
     print(f"{manifest.digest()} {manifest.files} entries, {manifest.regular_files} files, "

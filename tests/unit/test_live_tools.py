@@ -46,7 +46,7 @@ DYNAMIC: dict[str, Callable[[], set[str]]] = {
     "tasks/lib/bootcheck.py:_spawn": lambda: {"qemu-system-x86_64"},  # which(argv[0]): qemu_argv, kernel_qemu_argv
     "tasks/lib/bootcheck.py:_start": lambda: {"qemu-system-x86_64"},  # the same argv, spawned
     "tasks/lib/overlay.py:_start_daemon": lambda: {"qemu-storage-daemon"},  # fuse_export's argv
-    "tasks/lib/manifest.py:build_manifest_apart": set,  # sys.executable: the venv's python, not a PATH command
+    "tasks/lib/manifest.py:_stream_apart": set,  # sys.executable: the venv's python, not a PATH command
     # _mtools(["mdir" | "mcopy" | ..., ...]): the ESP's tools, read from esp.py's call sites
     "tasks/lib/esp.py:_mtools": lambda: _literal_first_words(TASKS / "lib" / "esp.py", "_mtools"),
     # logged.run([...]): the block copy's tools, each written into the copy log

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from tasks.lib.manifest import (
     HASH_BLOCK,
+    PROJECT_DIR,
     Difference,
     Entry,
     Manifest,
@@ -22,7 +29,10 @@ from tasks.lib.manifest import (
     build_manifest,
     build_manifest_apart,
     compare,
+    iter_entries,
     normalize,
+    pair_entries,
+    read_entries,
     render_differences,
     shown,
 )
@@ -304,6 +314,14 @@ def test_digest_changes_with_any_compared_field(tree: Path) -> None:
     assert build_manifest(tree).digest() != before
 
 
+def test_the_running_digest_is_the_hash_of_the_canonical_json(tree: Path) -> None:
+    """The receipts' and seals' manifest digest kept its value when it began to be computed row by row."""
+    manifest = build_manifest(tree)
+    assert manifest.digest() == "sha256:" + hashlib.sha256(manifest.canonical_json()).hexdigest()
+    empty = Manifest(root="/nowhere", entries={})
+    assert empty.digest() == "sha256:" + hashlib.sha256(b"[]").hexdigest()
+
+
 def test_canonical_json_is_sorted_by_path_bytes(tree: Path) -> None:
     rows = json.loads(build_manifest(tree).canonical_json())
     paths = [os.fsencode(row["path"]) for row in rows]
@@ -337,6 +355,68 @@ def test_a_build_in_a_child_interpreter_is_the_same(tree: Path) -> None:
     apart = build_manifest_apart(tree, ["/proc"], omit=["/swapfile"])
     assert apart.entries == here.entries
     assert apart.digest() == here.digest()
+
+
+def test_the_walk_streams_in_path_byte_order(tmp_path: Path) -> None:
+    """Byte order of whole paths, not a depth-first walk of sorted names: `/a.b` < `/a/x` although `a` < `a.b`."""
+    root = tmp_path / "order"
+    for relative in ("a/x", "a/x.y/z", "a/x-/q", "a.b/c", "a-/d", "a0", "b", "a/\udcff"):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.fsencode(relative))
+    paths = [os.fsencode(entry.path) for entry in iter_entries(root)]
+    assert paths == sorted(paths)
+    assert paths[:6] == [b"/", b"/a", b"/a-", b"/a-/d", b"/a.b", b"/a.b/c"]
+    assert len(paths) == len(set(paths)) == 14
+    assert [e.path for e in iter_entries(root)] == list(build_manifest(root).entries)
+
+
+def test_pairing_refuses_a_stream_out_of_order() -> None:
+    def entry(path: str) -> Entry:
+        return Entry(path=path, type="dir", mode=0o755, uid=0, gid=0, mtime_ns=0)
+
+    with pytest.raises(P2VError, match=r"not in path order: /a after /a\.b"):
+        list(pair_entries([entry("/"), entry("/a.b"), entry("/a")], [entry("/")]))
+    pairs = list(pair_entries([entry("/"), entry("/a"), entry("/c")], [entry("/"), entry("/b"), entry("/c")]))
+    assert [(o and o.path, t and t.path) for o, t in pairs] == [("/", "/"), ("/a", None), (None, "/b"),
+                                                                 ("/c", "/c")]
+
+
+def test_a_child_stream_stopped_early_leaves_no_process(tree: Path) -> None:
+    with read_entries(tree, apart=True) as stream:
+        first = next(stream)
+    assert first.path == "/"
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    assert children == []
+
+
+def test_a_stream_child_dies_with_its_reader() -> None:
+    """Even while it writes nothing (its first walk), so that a killed stage leaves no reader of its trees."""
+    reader = textwrap.dedent("""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import time; from tasks.lib.manifest import _die_with_reader; "
+                                  "_die_with_reader(); print('armed', flush=True); time.sleep(60)"],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline() == "armed\\n"
+        print(child.pid, flush=True)
+        import time; time.sleep(60)
+    """)
+    with subprocess.Popen([sys.executable, "-c", reader], cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        proc.kill()
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # dead, not yet reaped by its new parent
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the stream's child outlived its reader")
 
 
 def test_a_failing_child_build_is_one_clear_error(tmp_path: Path) -> None:

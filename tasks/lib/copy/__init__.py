@@ -21,7 +21,7 @@ tools ran, then reads them back (tasks/lib/inodeflags.py). `defer_flags`
 (the sync stage: i and a) are left off and listed as pending, for the step
 that sets them later; a flag the target filesystem does not keep is listed
 with the kernel's reason as a warning. The verification compares the target
-with that view of the source (manifest.Manifest.with_flags), so every flag is
+with that view of the source (flags._expected_entry), so every flag is
 either proved on the target or named in the receipt. Before copying into a
 target that already holds data, the deferred flags a later step set there
 (`unlock`, and every pending path) are cleared: rsync cannot write into an
@@ -110,7 +110,7 @@ from tasks.lib.copy.commands import (
     tar_filters,
     tool_versions,
 )
-from tasks.lib.copy.flags import _expected_view, _flag_outcome, _restore_flags, _scan_flags, _unlock
+from tasks.lib.copy.flags import _expected_entry, _expected_view, _flag_outcome, _restore_flags, _scan_flags, _unlock
 
 # The package's face: what the sync stage, the tests and bench/ import from tasks.lib.copy.
 from tasks.lib.copy.model import (
@@ -139,8 +139,8 @@ from tasks.lib.copy.seal import (
     list_filesystem,
     target_matches_seal,
 )
-from tasks.lib.copy.verify import _compare_trees, _repair, _verification_failed, verify_copy
-from tasks.lib.manifest import Manifest, normalize
+from tasks.lib.copy.verify import Verified, _compare_trees, _repair, _verification_failed, verify_copy
+from tasks.lib.manifest import Entry, normalize
 from tasks.lib.progress import Progress, human
 from tasks.lib.runner import P2VError
 
@@ -245,29 +245,27 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
     sealed = "no seal asked for"
     flags = _flag_outcome(source_flags, defer, refused)
     if verify:
-        def expected(ours: Manifest) -> Manifest:
-            return _expected_view(ours, defer, refused)
+        def expected(ours: Entry) -> Entry:
+            return _expected_entry(ours, defer, refused)
 
         # Listed before verification reads anything: see SEAL_FORMAT.
         listings = _settled_listings(source, target, scope, scratch) if seal is not None else None
-        raw, source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_, expected)
+        verified, differences = _compare_trees(source, target, points, excluded, swaps, log_, expected)
         if differences and any(p.resumed for p in passes):
             # Not a failed copy yet: rsync's quick check cannot see every change (see _repair).
             repaired = _repair(source, target, scope, differences, log_, scratch)
             # rsync sets no inode flags: those of every entry it made or found different, as the view says.
-            again = {d.path: inodeflags.bits_of(source_manifest.entries[d.path].flags) for d in differences
-                     if d.what != "extra" and d.path in source_manifest.entries}
+            again = {d.path: verified.expected_flags[d.path] for d in differences if d.what != "extra"}
             refused.update(_restore_flags(target, again, defer, log_))
             log.info("verification found %d difference(s) rsync's quick check missed: copied again", repaired)
             log_.write(f"repaired {repaired} entries; verifying again")
             listings = _settled_listings(source, target, scope, scratch) if seal is not None else None
-            raw, source_manifest, differences = _compare_trees(source, target, points, excluded, swaps, log_,
-                                                               expected)
+            verified, differences = _compare_trees(source, target, points, excluded, swaps, log_, expected)
         if differences:
             raise _verification_failed(differences, log_)
-        flags = _flag_outcome({path: inodeflags.bits_of(e.flags) for path, e in raw.entries.items() if e.flags},
-                              defer, refused)
-        passes = _with_tar_figures(passes, source_manifest, points)
+        flags = _flag_outcome(verified.source_flags, defer, refused)
+        passes = _with_tar_figures(passes, verified)
+        source_manifest = verified.source
         if seal is not None and listings is not None:
             sealed = _write_seal(seal, source_manifest, scope, listings, tools, log_, flags)
     elif seal is not None:
@@ -321,19 +319,13 @@ def _copy_filesystem(source_root: Path, target_root: Path, mp: str, method: Meth
                       excluded_contents=tuple(excluded), swap_files=tuple(omitted), sockets=outcome.sockets)
 
 
-def _with_tar_figures(passes: Sequence[PassResult], source: Manifest, points: Sequence[str]) -> list[PassResult]:
-    """A tar pass wrote every regular file of its filesystem: count them from the source manifest."""
-    owner: dict[str, list[int]] = {}
-    for entry in source.entries.values():
-        if entry.type == "file" and entry.link in (None, entry.path):
-            holder = filesystem_of(entry.path, points)
-            if holder is not None:
-                owner.setdefault(holder, []).append(entry.size)
+def _with_tar_figures(passes: Sequence[PassResult], verified: Verified) -> list[PassResult]:
+    """A tar pass wrote every regular file of its filesystem: count them from the source's side of the verification."""
     result = []
     for item in passes:
         if item.tool.startswith("tar"):
-            sizes = owner.get(item.mountpoint, [])
-            item = dataclasses.replace(item, bytes_transferred=sum(sizes), files_transferred=len(sizes))
+            count, size = verified.by_filesystem.get(item.mountpoint, (0, 0))
+            item = dataclasses.replace(item, bytes_transferred=size, files_transferred=count)
         result.append(item)
     return result
 

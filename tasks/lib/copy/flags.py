@@ -6,13 +6,14 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tasks.lib import inodeflags
 from tasks.lib import manifest as manifests
 from tasks.lib.copy.model import FlagOutcome
 from tasks.lib.copy.passes import _Log
-from tasks.lib.manifest import Manifest, shown
+from tasks.lib.manifest import Entry, Manifest, shown
 from tasks.lib.runner import P2VError
 
 log = logging.getLogger("p2v.copy")
@@ -69,16 +70,19 @@ def _restore_flags(target: Path, wanted: Mapping[str, int], defer: int, log_file
     return refused
 
 
+def _expected_entry(entry: Entry, defer: int, refused: Mapping[str, Mapping[int, str]]) -> Entry:
+    """A source entry as the target is to hold it: without the deferred flags and those the target did not keep."""
+    if not entry.flags:
+        return entry
+    bits = inodeflags.bits_of(entry.flags)
+    expected = bits & ~defer & ~sum(refused.get(entry.path, {}))
+    return replace(entry, flags=inodeflags.letters(expected)) if expected != bits else entry
+
+
 def _expected_view(source: Manifest, defer: int, refused: Mapping[str, Mapping[int, str]]) -> Manifest:
-    """The source as the target is to hold it: without the deferred flags and those the target did not keep."""
-    changes = {}
-    for path, entry in source.entries.items():
-        if entry.flags:
-            bits = inodeflags.bits_of(entry.flags)
-            expected = bits & ~defer & ~sum(refused.get(path, {}))
-            if expected != bits:
-                changes[path] = inodeflags.letters(expected)
-    return source.with_flags(changes)
+    """The whole source as the target is to hold it (_expected_entry of every entry)."""
+    return replace(source, entries={path: _expected_entry(entry, defer, refused)
+                                    for path, entry in source.entries.items()})
 
 
 def _flag_outcome(source_flags: Mapping[str, int], defer: int, refused: Mapping[str, Mapping[int, str]]) -> FlagOutcome:

@@ -30,10 +30,12 @@ from tasks.lib.copy.model import (
     PassResult,
 )
 from tasks.lib.copy.passes import _Log
-from tasks.lib.manifest import Manifest, normalize
+from tasks.lib.manifest import Tally, normalize
 from tasks.lib.runner import run
 
 log = logging.getLogger("p2v.copy")
+
+LISTING_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------- the seal (see SEAL_FORMAT)
@@ -106,16 +108,36 @@ def list_filesystem(root: Path, excluded: Sequence[str], omitted: Sequence[str],
     argv += ["-fprintf", str(listing), LISTING_FORMAT]
     started_ns = time.time_ns()
     run(argv, cwd=root)
-    data = listing.read_bytes()
-    listing.unlink()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    try:
+        return _read_listing(listing, started_ns, timestamps)
+    finally:
+        listing.unlink()
+
+
+def _read_listing(listing: Path, started_ns: int, timestamps: bool) -> Listing:
+    """Digest, count and (`timestamps`) newest ctime of a listing, read a chunk at a time (millions of records)."""
+    digest = hashlib.sha256()
+    entries = 0
+    newest = 0
+    whole_seconds = True
+    tail = b""
+    with open(listing, "rb") as handle:
+        while chunk := handle.read(LISTING_CHUNK):
+            digest.update(chunk)
+            entries += chunk.count(b"\0")
+            if not timestamps:
+                continue
+            records = (tail + chunk).split(b"\0")
+            tail = records.pop()  # the start of the next chunk's first record
+            for record in records:
+                ctime = record.split(b" ", 9)[8]
+                newest = max(newest, _ns(ctime))
+                whole_seconds = whole_seconds and ctime.endswith(b".0000000000")
     if not timestamps:
-        return Listing(digest=digest, entries=data.count(b"\0"), started_ns=started_ns, newest_ctime_ns=started_ns,
-                       whole_seconds=True)  # never settled: not for a seal
-    ctimes = [record.split(b" ", 9)[8] for record in data.split(b"\0")[:-1]]
-    return Listing(digest=digest, entries=len(ctimes), started_ns=started_ns,
-                   newest_ctime_ns=max((_ns(c) for c in ctimes), default=0),
-                   whole_seconds=all(c.endswith(b".0000000000") for c in ctimes))
+        return Listing(digest="sha256:" + digest.hexdigest(), entries=entries, started_ns=started_ns,
+                       newest_ctime_ns=started_ns, whole_seconds=True)  # never settled: not for a seal
+    return Listing(digest="sha256:" + digest.hexdigest(), entries=entries, started_ns=started_ns,
+                   newest_ctime_ns=newest, whole_seconds=whole_seconds)
 
 
 Listings = dict[str, dict[str, Listing]]  # "source"/"target" -> mountpoint -> listing
@@ -145,7 +167,7 @@ def _settled_listings(source: Path, target: Path, scope: _Scope, scratch: Path) 
     return listings
 
 
-def _write_seal(path: Path, manifest: Manifest, scope: _Scope, listings: Listings, tools: dict[str, str],
+def _write_seal(path: Path, manifest: Tally, scope: _Scope, listings: Listings, tools: dict[str, str],
                 log_file: _Log, flags: FlagOutcome) -> str:
     unsettled = [f"{side} {mp}" for side, by_point in listings.items() for mp, listing in by_point.items()
                  if not listing.settled]

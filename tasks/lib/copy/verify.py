@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.lib import inodeflags
 from tasks.lib import manifest as manifests
 from tasks.lib.copy.commands import _order, _used, _within, filesystem_of
-from tasks.lib.copy.flags import _expected_view
+from tasks.lib.copy.flags import _expected_entry
 from tasks.lib.copy.model import ALWAYS_EXCLUDED, APART_INODES, RSYNC_OPTIONS
 from tasks.lib.copy.passes import _Log, _run_logged
 from tasks.lib.copy.seal import _Scope
-from tasks.lib.manifest import Manifest, compare, normalize, render_differences
+from tasks.lib.manifest import Entry, normalize, render_differences
 from tasks.lib.runner import CommandError, P2VError
 
 
+@dataclass
+class Verified:
+    """What a verification leaves for copy_tree: figures added up as both trees streamed past, not the trees."""
+
+    source: manifests.Tally  # the view of the source that the target was compared with (its digest: the receipt's)
+    target_entries: int = 0
+    source_flags: dict[str, int] = field(default_factory=dict)  # path -> flags as read, of the entries that have any
+    expected_flags: dict[str, int] = field(default_factory=dict)  # path -> the view's flags, of the entries that differ
+    by_filesystem: dict[str, tuple[int, int]] = field(default_factory=dict)  # mountpoint -> (regular files, bytes)
+    seconds: float = 0.0
+
+
 def verify_copy(source: Path, target: Path, mountpoints: Sequence[str], *, log_file: Path,
-                exclude_contents: Sequence[str] = (), swap_files: Sequence[str] = (), defer_flags: int = 0) -> Manifest:
-    """Check a copy made by copy_tree (same arguments) again; return the source's manifest, as compared.
+                exclude_contents: Sequence[str] = (), swap_files: Sequence[str] = (), defer_flags: int = 0
+                ) -> Verified:
+    """Check a copy made by copy_tree (same arguments) again; return what the source's side added up to.
 
     Every inode flag but `defer_flags` must be on the target: one the target
     filesystem did not keep is a difference here.
@@ -30,11 +45,11 @@ def verify_copy(source: Path, target: Path, mountpoints: Sequence[str], *, log_f
     swaps = sorted({normalize(p) for p in swap_files})
     log_ = _Log(log_file)
     try:
-        _, ours, differences = _compare_trees(source, target, points, excluded, swaps, log_,
-                                              lambda manifest: _expected_view(manifest, defer_flags, {}))
+        verified, differences = _compare_trees(source, target, points, excluded, swaps, log_,
+                                               lambda entry: _expected_entry(entry, defer_flags, {}))
         if differences:
             raise _verification_failed(differences, log_)
-        return ours
+        return verified
     finally:
         log_.close()
 
@@ -48,10 +63,14 @@ def _verification_failed(differences: Sequence[manifests.Difference], log_file: 
 
 
 def _compare_trees(source: Path, target: Path, points: Sequence[str], excluded: Sequence[str],
-                   swaps: Sequence[str], log_file: _Log, expected: Callable[[Manifest], Manifest]
-                   ) -> tuple[Manifest, Manifest, list[manifests.Difference]]:
-    """Both trees' manifests, restricted the same way: the source's as read, the view of it the target
-    is compared with (`expected`: see _expected_view), and what differs."""
+                   swaps: Sequence[str], log_file: _Log, expected: Callable[[Entry], Entry]
+                   ) -> tuple[Verified, list[manifests.Difference]]:
+    """Both trees read the same way and compared path by path as they stream past (see manifest.pair_entries);
+    each source entry is first made what the target is to hold (`expected`: see _expected_entry).
+
+    Held at once: the batches in flight, the entries whose inode has more than
+    one link, the flags of the source entries that have any, and the differences.
+    """
     # mkfs.ext4 makes lost+found; a source filesystem without one (xfs) does not need it copied.
     made_by_mkfs = [f"{mp.rstrip('/')}/lost+found" for mp in points
                     if not os.path.lexists(source / mp.lstrip("/") / "lost+found")]
@@ -59,19 +78,40 @@ def _compare_trees(source: Path, target: Path, points: Sequence[str], excluded: 
     # keep one interpreter's GIL busy, so big trees get a child interpreter each (two cores);
     # below APART_INODES, starting them costs more than it saves.
     inodes = sum(_used(source / mp.lstrip("/"))[1] for mp in points)
-    build = manifests.build_manifest_apart if inodes >= APART_INODES else manifests.build_manifest
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify") as pool:
-        source_job = pool.submit(build, source, excluded, omit=swaps, mounts=points[1:])
-        target_job = pool.submit(build, target, excluded, omit=[*swaps, *made_by_mkfs], mounts=points[1:])
-        ours, theirs = source_job.result(), target_job.result()
-    view = expected(ours)
-    differences = compare(view, theirs)
-    log_file.write(f"verify: source {ours.files} entries ({ours.stats.get('seconds', 0):.1f} s), "
-                   f"target {theirs.files} entries ({theirs.stats.get('seconds', 0):.1f} s), "
-                   f"{len(differences)} difference(s); source digest {view.digest()}")
+    apart = inodes >= APART_INODES
+    started = time.monotonic()
+    verified = Verified(source=manifests.Tally())
+    differences: list[manifests.Difference] = []
+    per_filesystem: dict[str, list[int]] = {mp: [0, 0] for mp in points}
+    with manifests.read_entries(source, excluded, omit=swaps, mounts=points[1:], apart=apart) as ours, \
+            manifests.read_entries(target, excluded, omit=[*swaps, *made_by_mkfs], mounts=points[1:],
+                                   apart=apart) as theirs:
+        for mine, other in manifests.pair_entries(ours, theirs):
+            if mine is not None:
+                if mine.flags:
+                    verified.source_flags[mine.path] = inodeflags.bits_of(mine.flags)
+                mine = expected(mine)
+                verified.source.add(mine)
+                if mine.type == "file" and mine.link in (None, mine.path):
+                    holder = filesystem_of(mine.path, points)
+                    if holder is not None:
+                        per_filesystem[holder][0] += 1
+                        per_filesystem[holder][1] += mine.size
+            if other is not None:
+                verified.target_entries += 1
+            found = manifests.compare_pair(mine, other)
+            if found:
+                differences += found
+                if mine is not None:
+                    verified.expected_flags[mine.path] = inodeflags.bits_of(mine.flags)
+    verified.by_filesystem = {mp: (count, size) for mp, (count, size) in per_filesystem.items()}
+    verified.seconds = time.monotonic() - started
+    log_file.write(f"verify: source {verified.source.files} entries, target {verified.target_entries} entries, "
+                   f"compared in {verified.seconds:.1f} s ({'child interpreters' if apart else 'this process'}), "
+                   f"{len(differences)} difference(s); source digest {verified.source.digest()}")
     for difference in differences:
         log_file.write(f"  {difference}")
-    return ours, view, differences
+    return verified, differences
 
 
 def _repair(source: Path, target: Path, scope: _Scope, differences: Sequence[manifests.Difference],
