@@ -25,7 +25,11 @@ FSTAB = "findmnt --fstab --evaluate --json -o SOURCE,TARGET,FSTYPE"
 MOUNTED = "findmnt --json --list -o SOURCE,TARGET,FSTYPE"
 SWAPS = "for d in $(swapon --show=NAME --noheadings --raw); do readlink -f $d; done"
 CMDLINE = "cat /proc/cmdline"
-ADDRESSES = "ip -br -4 address show"
+# The login prompt can come before the network service has configured the interfaces (seen on
+# dracut-bookworm under load: only lo listed): wait for the boot to finish that, 90 s at most.
+ADDRESSES = ("timeout 90 systemctl start network-online.target >/dev/null 2>&1; "
+             "for i in $(seq 90); do ip -br -4 address show | grep -qv '^lo ' && break; sleep 1; done; "
+             "ip -br -4 address show")
 HOSTNAME = "hostname"
 
 
