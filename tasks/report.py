@@ -144,7 +144,7 @@ def _method_line(row: Mapping[str, Any]) -> str:
                "shrink in a scratch copy": "shrunk to its partition in a scratch copy"}.get(
                    str(row.get("resize")), f"resized ({row.get('resize')})")
     earlier = " (in an earlier run into this disk.img, then brought up to date by rsync)" \
-        if "earlier run" in row["why"] else ""
+        if row.get("earlier") else ""
     return (f"{row['mountpoint']}: copied by blocks{earlier}: {row.get('tool')} wrote "
             f"{_mib(int(row.get('bytes_written', 0)))} of used blocks, {resized}; "
             f"{row.get('removed_after', 0)} entries a file copy leaves behind removed (excluded contents, swap files, "

@@ -128,11 +128,10 @@ def check_work_area(image: Path, plan: DiskPlan) -> None:
     free = usage.f_bavail * usage.f_frsize
     data = sum(fs.used_bytes for fs in plan.filesystems)
     already = image.stat().st_blocks * 512  # what a resumed copy has written so far
-    last = max(p.end for p in plan.partitions)
     # A block copy shrunk in a scratch copy (not the last partition: tasks/lib/copy/blocks.py) holds its
     # source's used blocks a second time, for a while.
     scratch = sum(source.used_bytes for copy in plan.block_copies if copy.resize == "shrink"
-                  and plan.partition_of(copy.target_mountpoint).end < last
+                  and not plan.ends_the_disk(plan.partition_of(copy.target_mountpoint))
                   for source in plan.filesystem(copy.target_mountpoint).sources
                   if source.mountpoint == copy.source_mountpoint)
     needed = max(0, data - already) + scratch
@@ -388,10 +387,9 @@ def copy_methods(plan: DiskPlan, by_blocks: Mapping[str, BlockOutcome]) -> list[
     for copy in plan.copies:
         outcome = by_blocks.get(copy.source_mountpoint)
         if outcome is not None and outcome.fallback is None:
-            why = copy.why + ("; in an earlier run into this disk.img, brought up to date by rsync in this one"
-                              if outcome.earlier else "")
             rows.append({"mountpoint": copy.source_mountpoint, "method": "blocks", "tool": outcome.tool,
-                         "resize": outcome.resize, "why": why, "seconds": outcome.seconds,
+                         "resize": outcome.resize, "why": copy.why, "earlier": outcome.earlier,
+                         "seconds": outcome.seconds,
                          "bytes_written": outcome.bytes_written, "removed_after": outcome.removed})
         else:
             why = f"planned by blocks; {outcome.fallback}" if outcome is not None and outcome.fallback else copy.why

@@ -107,8 +107,8 @@ def journal_replayed() -> Case:
     sync = {"seconds": 3, "copy": {"files": 10, "bytes": 1 << 30, "journal_replayed": replayed, "methods": [
         {"mountpoint": "/", "method": "files", "why": "its journal needs recovery: copied from the replayed view"},
         {"mountpoint": "/boot", "method": "blocks", "tool": "e2image", "resize": "grow",
-         "why": "e2image, then resize2fs grows it to the partition; in an earlier run into this disk.img, brought up "
-                "to date by rsync in this one", "seconds": 1.0, "bytes_written": 50 << 20, "removed_after": 0},
+         "why": "e2image, then resize2fs grows it to the partition", "earlier": True, "seconds": 1.0,
+         "bytes_written": 50 << 20, "removed_after": 0},
         {"mountpoint": "/srv", "method": "files", "why": "planned by blocks; resize2fs -P says it shrinks to 900 MiB "
                                                           "at best, and the partition has 800 MiB"}]}}
     fix = {"kernel": "6.1.0-50-amd64", "kernel_cmdline": ["ro"], "installed_packages": [], "steps": [],

@@ -46,12 +46,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.lib import storage
 from tasks.lib.copy.commands import _within, assign, filesystem_of
 from tasks.lib.copy.model import PassResult
+from tasks.lib.copy.passes import _Log
 from tasks.lib.paths import write_file_atomically
 from tasks.lib.planning.features import made_differences
 from tasks.lib.planning.model import EXT_TYPES, CopyPlan, DiskPlan, PartitionPlan
@@ -118,12 +118,13 @@ def fill_by_blocks(job: BlockJob, log_file: Path,
     """Make the target filesystem of `job` from its source's blocks, checked; or say why it goes by files."""
     started = time.monotonic()
     mountpoint = job.copy.source_mountpoint
-    with _Logged(log_file) as logged, _written(job, progress):
+    used = _used_bytes(job.source_node, job.fstype)  # read once: the progress total and the receipt's figure
+    with _Logged(log_file) as logged, _written(job, used, progress):
         logged.note(f"== {mountpoint}: {job.source_node} -> {job.target_node} by blocks ({job.copy.why})")
         if job.fstype in EXT_TYPES:
-            outcome = _ext(job, logged, started)
+            outcome = _ext(job, logged, started, used)
         else:
-            outcome = _xfs(job, logged, started)
+            outcome = _xfs(job, logged, started, used)
         if outcome.fallback is not None:
             logged.note(f"== {mountpoint}: by files after all: {outcome.fallback}")
             return outcome
@@ -136,7 +137,7 @@ def fill_by_blocks(job: BlockJob, log_file: Path,
 
 
 @contextlib.contextmanager
-def _written(job: BlockJob, callback: Callable[[Progress], None] | None) -> Iterator[None]:
+def _written(job: BlockJob, total: int, callback: Callable[[Progress], None] | None) -> Iterator[None]:
     """Progress while the tools run: what disk.img and the scratch copy gained, every half second, against the
     source filesystem's used bytes (an estimate: a shrink in a scratch copy writes them twice)."""
     if callback is None:
@@ -148,7 +149,6 @@ def _written(job: BlockJob, callback: Callable[[Progress], None] | None) -> Iter
         paths = [job.image, *job.scratch.glob("blocks-*.img")] if job.scratch.is_dir() else [job.image]
         return sum(path.stat().st_blocks * 512 for path in paths if path.exists())
 
-    total = _used_bytes(job.source_node, job.fstype)
     baseline, started = allocated(), time.monotonic()
     done = threading.Event()
 
@@ -209,7 +209,7 @@ def planned_block_copies(plan: DiskPlan, image: Path, partition_node: Callable[[
                        and (rel := _within(other, mountpoint)) is not None)
         job = BlockJob(copy=copy, partition=part, source_node=source_nodes[mountpoint],
                        target_node=partition_node(part.number), scratch=scratch, run_dir=run_dir, image=image,
-                       in_place=part.end >= max(p.end for p in plan.partitions), disk_size=plan.size,
+                       in_place=plan.ends_the_disk(part), disk_size=plan.size,
                        table=plan.label,
                        excluded=tuple(excluded_by_fs.get(mountpoint, ())),
                        omitted=tuple(omitted_by_fs.get(mountpoint, ())), hidden=hidden)
@@ -244,10 +244,9 @@ def _mib(value: int) -> str:
 # ---------------------------------------------------------------- ext2/3/4
 
 
-def _ext(job: BlockJob, logged: _Logged, started: float) -> BlockOutcome:
+def _ext(job: BlockJob, logged: _Logged, started: float, used: int) -> BlockOutcome:
     fs = job.partition.filesystem
     assert fs is not None and fs.uuid and fs.block_size
-    used = _ext_used_bytes(job.source_node)
     if job.copy.resize == "shrink":
         # resize2fs -P reads the source (a read-only device) and writes nothing: whether it can shrink that far,
         # before anything is written.
@@ -359,7 +358,7 @@ def _ext_used_bytes(node: str) -> int:
 # ---------------------------------------------------------------- xfs
 
 
-def _xfs(job: BlockJob, logged: _Logged, started: float) -> BlockOutcome:
+def _xfs(job: BlockJob, logged: _Logged, started: float, used: int) -> BlockOutcome:
     fs = job.partition.filesystem
     assert fs is not None and fs.uuid
     _discard(job.target_node, logged)
@@ -377,7 +376,7 @@ def _xfs(job: BlockJob, logged: _Logged, started: float) -> BlockOutcome:
             own_log.unlink()
     logged.run(["xfs_admin", "-L", fs.label or "--", job.target_node])
     return BlockOutcome(job.copy.source_mountpoint, "xfs_copy", "grow", round(time.monotonic() - started, 3),
-                        _xfs_used_bytes(job.source_node))
+                        used)
 
 
 def _xfs_used_bytes(node: str) -> int:
@@ -467,22 +466,20 @@ def job_path(entry: Path, root: Path) -> str:
 
 
 class _Logged:
-    """The block copy's commands and their output, in the sync stage's copy log."""
+    """The block copy's commands and their output, in the sync stage's copy log (the copy engine's _Log)."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self) -> _Logged:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a")
+        self.log = _Log(self.path)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.file.close()
+        self.log.close()
 
     def note(self, text: str) -> None:
-        self.file.write(f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} {text}\n")
-        self.file.flush()
+        self.log.write(text)
 
     def run(self, argv: Sequence[str], *, check: bool = True) -> _Ran:
         self.note("+ " + " ".join(argv))

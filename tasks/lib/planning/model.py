@@ -207,6 +207,10 @@ class DiskPlan:
     def filesystems(self) -> tuple[FilesystemPlan, ...]:
         return tuple(p.filesystem for p in self.partitions if p.filesystem is not None)
 
+    def ends_the_disk(self, part: PartitionPlan) -> bool:
+        """Nothing but a GPT's backup comes after `part` (a block copy can shrink there in place)."""
+        return part.end >= max(p.end for p in self.partitions)
+
     def copy_of(self, mountpoint: str) -> CopyPlan:
         """The copy of the source filesystem mounted at `mountpoint`."""
         return next(c for c in self.copies if c.source_mountpoint == mountpoint)
