@@ -186,6 +186,23 @@ def serial_tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no serial output)"
 
 
+# What a boot that stopped says about why, wherever it is in the log: systemd's failed and
+# dependency-failed units and timeouts, and the kernel's I/O, ATA and filesystem errors.
+_FAILURE_LINE = re.compile(r"\[FAILED\]|\[DEPEND\]|\[ TIME \]|Dependency failed|Timed out|Failed to (?:mount|start)|"
+                           r"I/O error|exception Emask|failed command|EXT4-fs error|XFS \(.*\): .*(?:error|corrupt)|"
+                           r"Buffer I/O|blk_update_request|can't read superblock|wrong fs type")
+FAILURE_LINES = 12
+
+
+def serial_failures(path: Path, lines: int = FAILURE_LINES) -> list[str]:
+    """The first lines of the serial log that say what failed (empty when none does)."""
+    try:
+        text = clean_serial_text(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in text.splitlines() if _FAILURE_LINE.search(line)][:lines]
+
+
 class _Guest:
     """A running qemu whose serial console we drive."""
 
@@ -216,8 +233,12 @@ class _Guest:
                                  f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
         if index == 2:
             self.expect([pexpect.TIMEOUT, pexpect.EOF], 3, "the rest of the message")
-            raise BootCheckError(f"the guest stopped in a rescue shell instead of booting\n"
-                                 f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
+            failures = serial_failures(self.serial_log)
+            raise BootCheckError(
+                "the guest stopped in a rescue shell instead of booting"
+                + (f": {failures[0]}" if failures else "") + "\n"
+                + ("--- what failed, from the whole serial log ---\n" + "\n".join(failures) + "\n" if failures else "")
+                + f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
 
     def login(self, user: str, password: str, timeout: float) -> None:
         self.wait_booted(re.compile(rb"login: ?$", re.M), "the login: prompt", timeout)

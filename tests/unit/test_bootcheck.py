@@ -14,6 +14,7 @@ from tasks.lib.bootcheck import (
     clean_serial_text,
     kernel_qemu_argv,
     qemu_argv,
+    serial_failures,
 )
 from tasks.lib.runner import P2VError
 
@@ -75,6 +76,24 @@ def test_a_boot_stuck_in_a_rescue_shell_is_recognised() -> None:
     assert _STUCK.search(b"You are in emergency mode. After logging in, type ...")
     assert _STUCK.search(b"dracut:/# ")
     assert not _STUCK.search(b"Debian GNU/Linux 12 plain-bookworm ttyS0\r\n\r\nplain-bookworm login: ")
+
+
+def test_a_rescue_shell_names_what_failed_first_from_anywhere_in_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"[  OK  ] Reached target local-fs-pre.target\r\n"
+                    b"[  41.2] ata2.00: exception Emask 0x0 SAct 0x0 SErr 0x0 action 0x6 frozen\r\n"
+                    b"[\x1b[0;1;31mFAILED\x1b[0m] Failed to mount home.mount - /home.\r\n"
+                    b"[\x1b[0;1;33mDEPEND\x1b[0m] Dependency failed for local-fs.target\r\n"
+                    + b"[  OK  ] Started something.\r\n" * 100
+                    + b"You are in emergency mode.\r\n")
+    assert serial_failures(log) == [
+        "[  41.2] ata2.00: exception Emask 0x0 SAct 0x0 SErr 0x0 action 0x6 frozen",
+        "[FAILED] Failed to mount home.mount - /home.",
+        "[DEPEND] Dependency failed for local-fs.target",
+    ]
+    assert serial_failures(tmp_path / "absent.log") == []
+    log.write_bytes(b"[  OK  ] Started everything.\r\nlogin: ")
+    assert serial_failures(log) == []
 
 
 def test_the_machine_can_be_chosen(disks: tuple[Path, Path]) -> None:

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -382,12 +383,24 @@ def test_pairing_refuses_a_stream_out_of_order() -> None:
                                                                  ("/c", "/c")]
 
 
-def test_a_child_stream_stopped_early_leaves_no_process(tree: Path) -> None:
+def test_a_child_stream_stopped_early_leaves_no_process(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stream's own child, not every child of this process: under xdist a worker also holds
+    # what earlier tests' session fixtures started (servers, services), and those rightly live on.
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
     with read_entries(tree, apart=True) as stream:
         first = next(stream)
     assert first.path == "/"
+    assert len(started) == 1
+    assert started[0].returncode is not None, "the stream's child was not waited for"
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    assert children == []
+    assert str(started[0].pid) not in children
 
 
 def test_a_stream_child_dies_with_its_reader() -> None:
