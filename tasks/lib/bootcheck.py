@@ -52,7 +52,9 @@ _PANIC = re.compile(rb"Kernel panic - not syncing|end Kernel panic")
 # (No end-of-line anchors: busybox follows its prompt with a terminal query, ESC [6n.)
 _STUCK = re.compile(rb"\(initramfs\) |dracut:/# |Give root password for maintenance|"
                     rb"You are in emergency mode|Cannot open access to console, the root account is locked")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+# CSI sequences, charset selections, and the one-character escapes (systemd's status line moves up
+# with ESC M, reverse index).
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[@-Z78=>]|\r")
 TAIL_LINES = 40
 
 

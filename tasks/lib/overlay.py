@@ -74,6 +74,15 @@ def _stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
         daemon.wait()
 
 
+def export_present(export: Path) -> bool:
+    """A FUSE mount at `export` (even a dead one) or the empty file it is mounted on.
+
+    Asked of mountinfo first: once a killed daemon's attributes expire from the
+    kernel's cache (a second), any stat of its export fails with ENOTCONN.
+    """
+    return _is_fuse_mount(export) or os.path.lexists(export)
+
+
 def release_export(export: Path) -> None:
     """The export's mount (a killed daemon leaves it behind) and the empty file it was mounted on."""
     _detach_fuse(export)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib import journal, machine_names, storage
-from tasks.lib.overlay import release_export
+from tasks.lib.overlay import export_present, release_export
 from tasks.lib.resources import detach_loop, mounts_below, unmount
 from tasks.lib.runner import P2VError, group_members, kill_group, output, run
 
@@ -98,7 +98,7 @@ def _undo_md(resource: Mapping[str, Any]) -> bool:
 
 def _undo_export(resource: Mapping[str, Any]) -> bool:
     export = Path(resource["export"])
-    if not export.exists() and not os.path.lexists(export):
+    if not export_present(export):
         return False
     release_export(export)
     return True

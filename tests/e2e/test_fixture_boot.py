@@ -16,6 +16,7 @@ import pytest
 
 from tasks.lib.bootcheck import BootResult, boot_check
 from tests.fixtures.plugin import FIXTURE_NAMES
+from tests.fixtures.system import TCG_PATIENCE_MINUTES
 
 log = logging.getLogger("p2v.tests")
 
@@ -31,6 +32,8 @@ CMDLINE = "cat /proc/cmdline"
 ADDRESSES = ("for i in $(seq 90); do ip -br -4 address show | grep -qv '^lo ' && break; sleep 1; done; "
              "ip -br -4 address show")
 HOSTNAME = "hostname"
+# The fixtures' systemd waits longer than its 90 s default (tests/fixtures/system.py says why).
+PATIENCE = "systemctl show --property=DefaultTimeoutStartUSec"
 
 
 def _resolve(device: str, resolved: dict[str, str]) -> str:
@@ -63,7 +66,8 @@ def boots(request: pytest.FixtureRequest, fixture_server: Any,
         server = servers[name]
         return boot_check(
             server.disks,
-            [VERIFY, FSTAB, MOUNTED, SWAPS, _expected_swaps_command(server.facts), CMDLINE, ADDRESSES, HOSTNAME],
+            [VERIFY, FSTAB, MOUNTED, SWAPS, _expected_swaps_command(server.facts), CMDLINE, ADDRESSES, HOSTNAME,
+             PATIENCE],
             disk_bus=server.disk_bus, nic_model="e1000", mac=server.mac, login=server.login, timeout=900,
             serial_log=scratch / f"{name}.serial.log",
             # UEFI servers boot OVMF with their own NVRAM (the installer's boot entry).
@@ -116,6 +120,7 @@ def test_fixture_boots_with_its_fstab_satisfied(name: str, fixture_server: Any,
     for interface in facts["network"]["interfaces"]:
         assert interface["address"] in outputs[ADDRESSES].output
     assert outputs[HOSTNAME].output.strip() == facts["hostname"]
+    assert outputs[PATIENCE].output.strip() == f"DefaultTimeoutStartUSec={TCG_PATIENCE_MINUTES}min"
     assert result.powered_off
     if server.firmware == "uefi":
         # Booted by the NVRAM entry for EFI/debian (there is no fallback loader on the ESP).

@@ -67,6 +67,7 @@ def test_missing_disk_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_serial_text_loses_escape_codes() -> None:
     assert clean_serial_text(b"\x1b[0;32m  OK  \x1b[0m login:\r\n") == "  OK   login:\n"
+    assert clean_serial_text(b"\x1bM[ TIME ] Timed out\x1b7\x1b8\n") == "[ TIME ] Timed out\n"
 
 
 def test_a_boot_stuck_in_a_rescue_shell_is_recognised() -> None:
