@@ -20,6 +20,10 @@ A point says "now" in one of three ways:
   milliseconds): a stand-in for the tool, first on doit's PATH, that records
   its arguments and waits instead of running when they match a pattern, and
   runs the real tool otherwise. Only the killed run has it on its PATH.
+  A gate with `stop_after_writing` runs the real tool and stops it (SIGSTOP)
+  once it has written that many bytes: inside a step whose length depends on
+  the machine's load (e2image takes 1 s here when idle, 3 s under the suite),
+  where a delay after the step's log line would sometimes come after its end.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tasks.lib.spec import PROJECT_DIR
 class Gate:
     tool: str  # as the runner finds it on PATH: "mkfs.ext4", "mount"
     pattern: str  # a shell `case` pattern on the tool's arguments joined by spaces
+    stop_after_writing: int | None = None  # run the real tool, and stop it there (bytes of its write calls)
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,28 @@ def _gate_dir(directory: Path, gates: tuple[Gate, ...], gate_file: Path) -> Path
         real = shutil.which(gate.tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
         assert real, f"{gate.tool} not found"
         script = directory / gate.tool
+        pattern = gate.pattern.replace(" ", chr(92) + " ")
+        if gate.stop_after_writing is None:
+            hold = f'echo "{gate.tool} $*" > {gate_file}; exec sleep 3600'
+        else:
+            # The tool runs in the background, in the same process group: the SIGKILL of the group ends it, stopped.
+            hold = (f'{real} "$@" & tool=$!\n'
+                    '    while :; do\n'
+                    '      state=$(sed "s/.*) //" /proc/$tool/stat 2>/dev/null | cut -c1)\n'
+                    '      case "$state" in ""|Z|X) break ;; esac\n'
+                    '      written=$(sed -n "s/^wchar: //p" /proc/$tool/io 2>/dev/null)\n'
+                    f'      if [ "${{written:-0}}" -ge {gate.stop_after_writing} ]; then\n'
+                    f'        kill -STOP $tool; echo "{gate.tool} $* (stopped after $written bytes)" > {gate_file}\n'
+                    '        exec sleep 3600\n'
+                    '      fi\n'
+                    '      sleep 0.01\n'
+                    '    done\n'
+                    '    wait $tool; exit $?')
         script.write_text(
             "#!/bin/sh\n"
-            f"# kill matrix gate: wait here (to be SIGKILLed) instead of running {gate.tool} {gate.pattern}\n"
+            f"# kill matrix gate: hold here (to be SIGKILLed) at {gate.tool} {gate.pattern}\n"
             'case "$*" in\n'
-            f"  {gate.pattern.replace(' ', chr(92) + ' ')}) echo \"{gate.tool} $*\" > {gate_file}; exec sleep 3600 ;;\n"
+            f"  {pattern}) {hold} ;;\n"
             "esac\n"
             f'exec {real} "$@"\n')
         script.chmod(0o755)

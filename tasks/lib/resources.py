@@ -72,31 +72,95 @@ def _wait_for(paths: Sequence[str], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _partition_numbers(loop: str) -> list[int]:
-    text = output(["partx", "-g", "-o", "NR", loop], check=False)
-    return [int(n) for n in text.split() if n.isdigit()]
+# msdos extended partitions: the kernel registers only their first sectors, whatever the table says.
+_CONTAINER_TYPES = frozenset({"0x5", "0xf", "0x85"})
 
 
-def _sync_partition_nodes(loop: str) -> None:
-    """This kernel does not scan loop partition tables itself: ask partx.
+@dataclass(frozen=True)
+class _Extent:
+    start: int  # 512-byte sectors, as sysfs and partx count them
+    sectors: int
+    container: bool = False
 
-    partx -a adds nodes; where a node is missing afterwards (no udev in a
-    container), we make it from sysfs so that /dev/loopNpM exists.
-    """
-    numbers = _partition_numbers(loop)
-    if not numbers:
-        return
-    run(["partx", "-a", loop], check=False)  # exits 1 when some already exist
+    def registered_as(self, kernel: _Extent) -> bool:
+        """The kernel's partition is this table entry (a container's registered size is the kernel's choice)."""
+        return kernel.start == self.start and (self.container or kernel.sectors == self.sectors)
+
+
+def _partition_table(loop: str) -> dict[int, _Extent]:
+    """The partitions the table on the device describes."""
+    text = output(["partx", "-g", "-o", "NR,START,SECTORS,TYPE", loop], check=False)
+    table = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and all(f.isdigit() for f in fields[:3]):
+            kind = fields[3].lower() if len(fields) > 3 else ""
+            table[int(fields[0])] = _Extent(int(fields[1]), int(fields[2]), kind in _CONTAINER_TYPES)
+    return table
+
+
+def _kernel_partitions(loop: str) -> dict[int, _Extent]:
+    """The partitions the kernel has registered on the device (sysfs)."""
     name = os.path.basename(loop)
-    for nr in numbers:
-        node = f"{loop}p{nr}"
-        sysdev = Path(f"/sys/class/block/{name}p{nr}/dev")
-        deadline = time.monotonic() + 5
-        while not sysdev.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if sysdev.exists():
-            _make_node(node, sysdev)
-    _wait_for([f"{loop}p{nr}" for nr in numbers])
+    found = {}
+    for entry in Path("/sys/class/block").glob(f"{name}p*"):
+        number = entry.name[len(name) + 1:]
+        if not number.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            found[int(number)] = _Extent(int((entry / "start").read_text()), int((entry / "size").read_text()))
+    return found
+
+
+def _partition_numbers(loop: str) -> list[int]:
+    return sorted(_partition_table(loop))
+
+
+def _foreign_partitions(table: dict[int, _Extent], kernel: dict[int, _Extent]) -> list[int]:
+    """Registered partitions the table does not describe: left by an earlier user of the loop device."""
+    return sorted(nr for nr, extent in kernel.items() if nr not in table or not table[nr].registered_as(extent))
+
+
+def _sync_partition_nodes(loop: str, timeout: float = 10.0) -> None:
+    """This kernel does not scan loop partition tables itself: ask partx, and check what it registered.
+
+    A partition that was open when its loop device was detached stays registered on that device
+    (a loop device without the partscan flag never drops them itself), with its old start and size:
+    the next file attached there would show a partition that is a window onto the wrong bytes, and
+    partx cannot add the true one over it. Such partitions are dropped first, and the kernel's
+    partitions must then be the table's, start and size. Where a node is missing afterwards (no
+    udev in a container), we make it from sysfs so that /dev/loopNpM exists.
+    """
+    table = _partition_table(loop)
+    deadline = time.monotonic() + timeout
+    said = ""
+    while True:
+        foreign = _foreign_partitions(table, _kernel_partitions(loop))
+        if foreign:
+            log.warning("%s: dropping partitions %s an earlier user of the device left registered", loop,
+                        ", ".join(f"{os.path.basename(loop)}p{nr}" for nr in foreign))
+            for nr in foreign:
+                run(["partx", "-d", "--nr", str(nr), loop], check=False)
+        if table:
+            added = run(["partx", "-a", loop], check=False)  # exits 1 when some already exist
+            said = added.stdout + added.stderr
+        kernel = _kernel_partitions(loop)
+        wrong = [nr for nr in table if nr not in kernel or not table[nr].registered_as(kernel[nr])]
+        if not wrong and not _foreign_partitions(table, kernel):
+            break
+        if time.monotonic() > deadline:
+            registered = ", ".join(f"p{nr} at {e.start}+{e.sectors}" for nr, e in sorted(kernel.items())) or "none"
+            raise P2VError(
+                f"the kernel's partitions of {loop} are not its table's after {timeout:.0f} s "
+                f"(registered: {registered}; the table: "
+                f"{', '.join(f'p{nr} at {e.start}+{e.sectors}' for nr, e in sorted(table.items()))}); "
+                f"partx said: {' '.join(said.split()[-20:]) or 'nothing'}",
+                hint=f"a process holds a partition of {loop} open (fuser -v {loop}p*): end it, then rerun")
+        time.sleep(0.2)
+    name = os.path.basename(loop)
+    for nr in table:
+        _make_node(f"{loop}p{nr}", Path(f"/sys/class/block/{name}p{nr}/dev"))
+    _wait_for([f"{loop}p{nr}" for nr in table])
 
 
 def _make_node(node: str, sysdev: Path) -> None:
@@ -120,8 +184,22 @@ def _make_node(node: str, sysdev: Path) -> None:
     os.mknod(node, 0o660 | stat.S_IFBLK, wanted)
 
 
-def _drop_partition_nodes(loop: str) -> None:
-    run(["partx", "-d", loop], check=False)
+def _drop_partition_nodes(loop: str, timeout: float = 10.0) -> None:
+    """Unregister the device's partitions, waiting a while for a holder to let go of one.
+
+    A partition still open (a killed tool's last reads, a probe) cannot be deleted; if it is still
+    registered when the loop device is detached, it outlives the detach (see _sync_partition_nodes).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        run(["partx", "-d", loop], check=False)
+        left = sorted(_kernel_partitions(loop))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if left:
+        log.warning("%s: partitions %s are still open elsewhere; the next user of the device drops them", loop,
+                    ", ".join(f"{os.path.basename(loop)}p{nr}" for nr in left))
     name = os.path.basename(loop)
     for node in Path("/dev").glob(f"{name}p*"):
         # Nodes we made by hand (or that udev left) outlive the loop device.
