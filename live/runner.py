@@ -90,9 +90,11 @@ def mount_work_area(args: LiveArgs, console: Console, tries: int = MOUNT_TRIES, 
     for attempt in range(1, tries + 1):
         # retry=0: one attempt per try (mount.nfs would retry for 2 minutes by itself), and a
         # mount that gets no answer at all is killed after MOUNT_TIMEOUT: both count as a try.
+        # Its own process group: mount(8) forks the mount.nfs helper that does the waiting, and
+        # a helper left behind could still mount the work area under a later try.
         try:
             result = run(["mount", "-t", "nfs4", "-o", "proto=tcp,hard,timeo=600,retry=0", source, str(point)],
-                         check=False, timeout=MOUNT_TIMEOUT)
+                         check=False, timeout=MOUNT_TIMEOUT, own_group=True)
         except CommandError:
             tail = f"no answer within {MOUNT_TIMEOUT:.0f} s"
         else:
