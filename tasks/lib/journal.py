@@ -218,8 +218,9 @@ def journaling(run_dir: Path) -> Iterator[Journal]:
     """Journal every resource made in this block into the host's run dir.
 
     The file appears with the first record; when the block ends with nothing
-    held (every context manager undid what it made) it is removed. One whose
-    undo failed stays, for the next run to finish.
+    held (every context manager undid what it made) it is removed, and the run
+    dir with it if nothing else is there. One whose undo failed stays, for the
+    next run to finish.
     """
     journal = Journal(journal_path(run_dir))
     token = _current.set(journal)
@@ -229,6 +230,10 @@ def journaling(run_dir: Path) -> Iterator[Journal]:
         _current.reset(token)
         if journal.holds_nothing():
             journal.path.unlink(missing_ok=True)
+            # Left empty (every mount point below it removed): /run/p2v does not gather a directory per
+            # host and project ever converted. One that still holds something stays for the next run.
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 @contextlib.contextmanager

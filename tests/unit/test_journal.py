@@ -110,6 +110,19 @@ def test_resources_are_recorded_as_made_and_released_as_undone(tmp_path: Path) -
     assert journal.current() is None
 
 
+def test_a_run_that_holds_nothing_at_its_end_leaves_no_run_dir(tmp_path: Path) -> None:
+    """/run/p2v gains no empty directory per host and project; one that still holds something stays."""
+    empty, busy = tmp_path / "web01-0123abcd", tmp_path / "db01-4567ef01"
+    (busy / "tree-left").mkdir(parents=True)  # a mount point whose rmdir failed
+    empty.mkdir()
+    for run_dir in (empty, busy):
+        with journal.journaling(run_dir):
+            with journal.resource("mount", lambda: None, lambda _: None, MOUNT):
+                pass
+    assert not empty.exists()
+    assert sorted(p.name for p in busy.iterdir()) == ["tree-left"]
+
+
 def test_a_killed_run_leaves_its_resources_held_in_reverse_order(tmp_path: Path) -> None:
     """What a SIGKILL leaves: made records, no releases (the process never reaches its finally blocks)."""
     with journal.journaling(tmp_path) as writer:
