@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -549,25 +550,41 @@ def run_virt_v2v(server: FixtureServer, disks: Sequence[Path], work: Path, name:
 # ---------------------------------------------------------------- convert: does it boot
 
 
+FSTAB_MOUNTED = ("findmnt --fstab -rn -o TARGET,FSTYPE | while read -r target fstype; do "
+                 "[ \"$fstype\" = swap ] || findmnt -rn --mountpoint \"$target\" >/dev/null "
+                 "|| echo \"not mounted: $target\"; done; echo fstab read")
+
+
 def boot_checks(spec: Spec, mountpoints: Sequence[str]) -> list[Check]:
     """The verify stage's own system-state and root-virtio checks (they hold for any converter's
-    output), and: every filesystem the source mounted is mounted."""
+    output), and: every filesystem of the output's own fstab is mounted, and every mount point of
+    the source is a directory with something in it (a flattened output keeps /boot and /srv as
+    directories of /, a kept layout as filesystems of their own)."""
     layout = read_layout(spec.artifact("layout.json"))
     plan = read_disk_plan(spec.artifact("disk-plan.json"))
     checks = [check for check in plan_checks(layout, plan, spec) if check.name in BOOT_CHECKS]
 
-    def judge_mounts(text: str, _code: int) -> str | None:
-        missing = sorted(set(mountpoints) - set(text.split()))
+    def judge_fstab(text: str, _code: int) -> str | None:
+        if "fstab read" not in text:
+            return f"findmnt --fstab did not finish: {text.strip()[-200:]}"
+        missing = [line.removeprefix("not mounted: ") for line in text.splitlines() if line.startswith("not mounted: ")]
         return f"not mounted: {' '.join(missing)}" if missing else None
 
-    return [*checks, Check("mounts", "findmnt -rn -o TARGET", judge_mounts)]
+    def judge_paths(text: str, _code: int) -> str | None:
+        empty = [line.removeprefix("empty: ") for line in text.splitlines() if line.startswith("empty: ")]
+        return f"empty or missing: {' '.join(empty)}" if empty else None
+
+    paths = " ".join(shlex.quote(mp) for mp in mountpoints)
+    source_paths = f'for m in {paths}; do [ -n "$(ls -A "$m" 2>/dev/null)" ] || echo "empty: $m"; done; true'
+    return [*checks, Check("fstab", FSTAB_MOUNTED, judge_fstab), Check("source paths", source_paths, judge_paths)]
 
 
 def check_boot(disks: Sequence[Path], checks: Sequence[Check], server: FixtureServer, serial_log: Path) -> BootVerdict:
     """Boot on virtio disk and NIC with our boot checker; qemu's -snapshot: nothing is written to `disks`.
 
-    It boots when the login prompt comes, / is on a virtio_blk disk and every filesystem of the source
-    is mounted. A system state other than `running` (a failed unit) is said, not counted against it.
+    It boots when the login prompt comes, / is on a virtio_blk disk, every filesystem of its own fstab is
+    mounted and every mount point of the source holds something. A system state other than `running` (a
+    failed unit) is said, not counted against it.
     """
     machine = boot_machine(server.firmware)
     try:

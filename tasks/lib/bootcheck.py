@@ -46,6 +46,10 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # (`==P2V-E''ND`) so that only the shell's output, never the echo, matches.
 _BEGIN = "==P2V-BEGIN=="
 _END = re.compile(rb"==P2V-END (\d+)==")
+# Every line a command prints reaches us with this in front (typed as `P2V''| `, for the same reason):
+# what the guest writes on its console meanwhile (a first-boot service's apt output, a kernel
+# message) comes untagged, in between, and is left out of the command's output.
+_TAG = "P2V| "
 _PROMPT = re.compile(rb"[#$] ?$", re.M)
 _PANIC = re.compile(rb"Kernel panic - not syncing|end Kernel panic")
 # Where a boot that went wrong stops and waits for a human: fail at once, not at the timeout.
@@ -180,6 +184,20 @@ def clean_serial_text(raw: bytes) -> str:
     return _ANSI.sub("", raw.decode("utf-8", errors="replace"))
 
 
+def tagged_output(raw: bytes) -> str:
+    """A tagged command's output from what the console showed between its markers: its own lines,
+    untagged; the console's lines in between are dropped. The last tag is the end marker's own
+    line, with what the command printed without a final newline."""
+    lines = clean_serial_text(raw).split("\n")
+    kept = [line[len(_TAG):] for line in lines if line.startswith(_TAG)]
+    dropped = sum(1 for line in lines if line and not line.startswith(_TAG))
+    if dropped:
+        log.debug("left %d console line(s) out of a command's output", dropped)
+    if kept and not kept[-1]:
+        kept.pop()
+    return "\n".join(kept).strip("\n")
+
+
 def serial_tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
         text = clean_serial_text(path.read_bytes())
@@ -267,20 +285,29 @@ class _Guest:
         setup = "stty -echo cols 1000; dmesg -n 1 2>/dev/null; export TERM=dumb PAGER=cat SYSTEMD_PAGER="
         for attempt in range(5):
             try:
-                self.run(setup, 20 if attempt < 4 else 120)
+                self.run(setup, 20 if attempt < 4 else 120, in_shell=True)
                 return
             except BootCheckError:
                 if attempt == 4:
                     raise
 
-    def run(self, command: str, timeout: float) -> CommandOutput:
+    def run(self, command: str, timeout: float, *, in_shell: bool = False) -> CommandOutput:
+        """Run `command` and return what it printed (stdout and stderr) and its exit code.
+
+        It runs in a group whose output lines are tagged (`_TAG`), so that console messages are
+        left out; `in_shell`: in the login shell itself, untagged, for settings that must last.
+        """
         begin = _BEGIN.replace("BEGIN", "BEG''IN")
-        self.child.sendline(f"echo {begin}; {command}; echo ==P2V-E''ND $?==")
+        if in_shell:
+            self.child.sendline(f"echo {begin}; {command}; echo ==P2V-E''ND $?==")
+        else:
+            body = command.rstrip().rstrip(";")
+            self.child.sendline(f"echo {begin}; {{ {body}; echo ==P2V-E''ND $?==; }} 2>&1 | sed 's/^/P2V''| /'")
         self.expect([re.compile(re.escape(_BEGIN.encode()) + rb"[\r\n]+")], timeout, f"the start of: {command}")
         self.expect([_END], timeout, f"the end of: {command}")
         before = self.child.before if isinstance(self.child.before, bytes) else b""
         exit_code = int(self.child.match.group(1))
-        text = clean_serial_text(before).strip("\n")
+        text = clean_serial_text(before).strip("\n") if in_shell else tagged_output(before)
         return CommandOutput(command=command, output=text, exit_code=exit_code)
 
     def poweroff(self, timeout: float) -> bool:

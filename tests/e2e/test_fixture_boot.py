@@ -34,6 +34,8 @@ ADDRESSES = ("for i in $(seq 90); do ip -br -4 address show | grep -qv '^lo ' &&
 HOSTNAME = "hostname"
 # The fixtures' systemd waits longer than its 90 s default (tests/fixtures/system.py says why).
 PATIENCE = "systemctl show --property=DefaultTimeoutStartUSec"
+# A line on the console while a command runs (a first-boot service's output) is not the command's.
+CONSOLE_NOISE = "echo a console line from elsewhere > /dev/console; echo the answer; false"
 
 
 def _resolve(device: str, resolved: dict[str, str]) -> str:
@@ -67,7 +69,7 @@ def boots(request: pytest.FixtureRequest, fixture_server: Any,
         return boot_check(
             server.disks,
             [VERIFY, FSTAB, MOUNTED, SWAPS, _expected_swaps_command(server.facts), CMDLINE, ADDRESSES, HOSTNAME,
-             PATIENCE],
+             PATIENCE, CONSOLE_NOISE],
             disk_bus=server.disk_bus, nic_model="e1000", mac=server.mac, login=server.login, timeout=900,
             serial_log=scratch / f"{name}.serial.log",
             # UEFI servers boot OVMF with their own NVRAM (the installer's boot entry).
@@ -121,6 +123,8 @@ def test_fixture_boots_with_its_fstab_satisfied(name: str, fixture_server: Any,
         assert interface["address"] in outputs[ADDRESSES].output
     assert outputs[HOSTNAME].output.strip() == facts["hostname"]
     assert outputs[PATIENCE].output.strip() == f"DefaultTimeoutStartUSec={TCG_PATIENCE_MINUTES}min"
+    noisy = outputs[CONSOLE_NOISE]
+    assert (noisy.output, noisy.exit_code) == ("the answer", 1)
     assert result.powered_off
     if server.firmware == "uefi":
         # Booted by the NVRAM entry for EFI/debian (there is no fallback loader on the ESP).

@@ -157,7 +157,7 @@ def _convert_figures() -> list[ToolFigures]:
         ToolRun(120.0, Sizes(GiB, 5 * GiB), (Phase("sync", 20.0),)),
         ToolRun(100.0, Sizes(GiB, 5 * GiB), (Phase("sync", 18.0), Phase("verify", 70.0))),
         ToolRun(110.0, Sizes(GiB, 5 * GiB))),
-        BootVerdict(True, "login after 60 s; system-state, root-virtio, mounts ok", 60.0))
+        BootVerdict(True, "login after 60 s; system-state, root-virtio, fstab, source paths ok", 60.0))
     v2v = ToolFigures("virt-v2v", "virt-v2v -i libvirtxml", (ToolRun(440.0, Sizes(2 * GiB, 4 * GiB)),),
                       BootVerdict(False, "timed out after 900 s waiting for the login: prompt"))
     return [p2v, v2v]

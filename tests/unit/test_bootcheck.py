@@ -15,6 +15,7 @@ from tasks.lib.bootcheck import (
     kernel_qemu_argv,
     qemu_argv,
     serial_failures,
+    tagged_output,
 )
 from tasks.lib.runner import P2VError
 
@@ -124,3 +125,21 @@ def test_a_kernel_boot_starts_qemu_as_a_disk_boot_does(disks: tuple[Path, Path])
     assert kernel_boot[:len(head)] == head
     assert kernel_boot[len(head):len(head) + 6] == ["-kernel", str(disks[0]), "-initrd", str(disks[0]),
                                                    "-append", "quiet"]
+
+
+def test_a_commands_output_leaves_out_what_the_console_printed_in_between() -> None:
+    """virt-v2v's first-boot service writes its apt output on the console while a check runs (seen in
+    bench.peers: the root-virtio check read a firstboot.sh line as its answer)."""
+    raw = (b"P2V| /dev/vda2\r\n"
+           b"[  406.561156] firstboot.sh[421]: Ign:3 http://deb.debian.org/debian bookworm/main\r\n"
+           b"P2V| \r\n"
+           b"P2V| /sys/bus/virtio/drivers/virtio_blk\r\n"
+           b"\x1b[0;32m  OK  \x1b[0m] Finished a unit.\r\n"
+           b"P2V| ")
+    assert tagged_output(raw) == "/dev/vda2\n\n/sys/bus/virtio/drivers/virtio_blk"
+
+
+def test_output_without_a_final_newline_is_kept_from_the_end_markers_line() -> None:
+    assert tagged_output(b"P2V| first\r\nP2V| running") == "first\nrunning"
+    assert tagged_output(b"P2V| ") == ""
+    assert tagged_output(b"") == ""
