@@ -63,15 +63,6 @@ class LoopDevice:
         return f"{self.path}p{number}"
 
 
-def _wait_for(paths: Sequence[str], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(os.path.exists(p) for p in paths):
-        if time.monotonic() > deadline:
-            missing = [p for p in paths if not os.path.exists(p)]
-            raise P2VError(f"device nodes did not appear: {', '.join(missing)}")
-        time.sleep(0.05)
-
-
 # msdos extended partitions: the kernel registers only their first sectors, whatever the table says.
 _CONTAINER_TYPES = frozenset({"0x5", "0xf", "0x85"})
 
@@ -112,16 +103,16 @@ def _kernel_partitions(loop: str) -> dict[int, _Extent]:
     return found
 
 
-def _partition_numbers(loop: str) -> list[int]:
-    return sorted(_partition_table(loop))
-
-
 def _foreign_partitions(table: dict[int, _Extent], kernel: dict[int, _Extent]) -> list[int]:
     """Registered partitions the table does not describe: left by an earlier user of the loop device."""
     return sorted(nr for nr, extent in kernel.items() if nr not in table or not table[nr].registered_as(extent))
 
 
-def _sync_partition_nodes(loop: str, timeout: float = 10.0) -> None:
+def _described(extents: dict[int, _Extent]) -> str:
+    return ", ".join(f"p{nr} at {e.start}+{e.sectors}" for nr, e in sorted(extents.items())) or "none"
+
+
+def _sync_partition_nodes(loop: str, timeout: float = 10.0) -> list[int]:
     """This kernel does not scan loop partition tables itself: ask partx, and check what it registered.
 
     A partition that was open when its loop device was detached stays registered on that device
@@ -129,7 +120,8 @@ def _sync_partition_nodes(loop: str, timeout: float = 10.0) -> None:
     the next file attached there would show a partition that is a window onto the wrong bytes, and
     partx cannot add the true one over it. Such partitions are dropped first, and the kernel's
     partitions must then be the table's, start and size. Where a node is missing afterwards (no
-    udev in a container), we make it from sysfs so that /dev/loopNpM exists.
+    udev in a container), we make it from sysfs so that /dev/loopNpM exists. Returns the
+    partition numbers.
     """
     table = _partition_table(loop)
     deadline = time.monotonic() + timeout
@@ -149,18 +141,16 @@ def _sync_partition_nodes(loop: str, timeout: float = 10.0) -> None:
         if not wrong and not _foreign_partitions(table, kernel):
             break
         if time.monotonic() > deadline:
-            registered = ", ".join(f"p{nr} at {e.start}+{e.sectors}" for nr, e in sorted(kernel.items())) or "none"
             raise P2VError(
                 f"the kernel's partitions of {loop} are not its table's after {timeout:.0f} s "
-                f"(registered: {registered}; the table: "
-                f"{', '.join(f'p{nr} at {e.start}+{e.sectors}' for nr, e in sorted(table.items()))}); "
+                f"(registered: {_described(kernel)}; the table: {_described(table)}); "
                 f"partx said: {' '.join(said.split()[-20:]) or 'nothing'}",
                 hint=f"a process holds a partition of {loop} open (fuser -v {loop}p*): end it, then rerun")
         time.sleep(0.2)
     name = os.path.basename(loop)
     for nr in table:
         _make_node(f"{loop}p{nr}", Path(f"/sys/class/block/{name}p{nr}/dev"))
-    _wait_for([f"{loop}p{nr}" for nr in table])
+    return sorted(table)
 
 
 def _make_node(node: str, sysdev: Path) -> None:
@@ -273,9 +263,9 @@ def loop_device(
         # `blockdev --setro` on it would outlive the detach and turn the next
         # user of /dev/loopN read-only. Its partitions are set read-only below.
         if partitions:
-            _sync_partition_nodes(path)
+            numbers = _sync_partition_nodes(path)
             if read_only:
-                for nr in _partition_numbers(path):
+                for nr in numbers:
                     run(["blockdev", "--setro", dev.partition(nr)])
         yield dev
 
