@@ -58,7 +58,7 @@ _STUCK = re.compile(rb"\(initramfs\) |dracut:/# |Give root password for maintena
                     rb"You are in emergency mode|Cannot open access to console, the root account is locked")
 # CSI sequences, charset selections, and the one-character escapes (systemd's status line moves up
 # with ESC M, reverse index).
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[@-Z78=>]|\r")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[@-Z78=>]")
 TAIL_LINES = 40
 
 
@@ -181,7 +181,26 @@ def qemu_argv(config: BootConfig) -> list[str]:
 
 
 def clean_serial_text(raw: bytes) -> str:
-    return _ANSI.sub("", raw.decode("utf-8", errors="replace"))
+    """The console's text as a screen shows it: escape sequences left out, and a carriage return
+    starting the line over."""
+    text = _ANSI.sub("", raw.decode("utf-8", errors="replace"))
+    if "\r" not in text:
+        return text
+    return "\n".join(_line_as_shown(line) for line in text.split("\n"))
+
+
+def _line_as_shown(line: str) -> str:
+    """A line with carriage returns, as a screen shows it: each part overwrites the line from its
+    first column. systemd erases its status line with a return, blanks and a return; the blanks
+    that nothing overwrote are left out, so that a line written after such an erase starts
+    where it shows (a command's tagged output line did not, in CI's run of 9e4a9f5)."""
+    shown = ""
+    for part in line.split("\r"):
+        if not part:
+            continue
+        rest = shown[len(part):]
+        shown = part + (rest if rest.strip() else "")
+    return shown
 
 
 def tagged_output(raw: bytes) -> str:
