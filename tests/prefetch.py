@@ -1,4 +1,4 @@
-"""Build what the suite needs, three at a time, before pytest starts: `python -m tests.prefetch`.
+"""Build what the suite needs, two at a time, before pytest starts: `python -m tests.prefetch`.
 
 On a fresh machine the suite first builds a dozen cached things (debootstrap trees, fixture
 servers, package directories, the Keystone/Glance venv, the live system). Each is built on first
@@ -74,9 +74,11 @@ def _timed(function: Callable[..., str], args: tuple[Any, ...]) -> tuple[float, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.prefetch", description=__doc__.splitlines()[0])
-    # Three, on two cores: with two, the cores were 16 % idle (the builds wait on the mirror
-    # and on single-threaded steps), half idle once only two long builds were left.
-    parser.add_argument("-j", "--jobs", type=int, default=3, help="builds at a time (default: %(default)s)")
+    # Two, on two cores. Three were tried from an empty cache (0d912ad): 967 s, against 743 s
+    # with two the run before (whose cores were 16 % idle). With three no core was idle, each
+    # build took about twice as long, and the bookworm debootstraps, which wait on the mirror,
+    # started later, into a tail with little else to run.
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="builds at a time (default: %(default)s)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     failed = 0

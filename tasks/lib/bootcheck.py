@@ -50,7 +50,15 @@ _END = re.compile(rb"==P2V-END (\d+)==")
 # what the guest writes on its console meanwhile (a first-boot service's apt output, a kernel
 # message) comes untagged, in between, and is left out of the command's output.
 _TAG = "P2V| "
-_PROMPT = re.compile(rb"[#$] ?$", re.M)
+# A prompt is the last thing its program wrote, but the console may already show more after it:
+# a kernel message ("[   69.07] kvm: ...") or a systemd status line, read in the same chunk (a
+# verify boot of plain-bullseye waited out its timeout at a login prompt followed by kvm's
+# messages). So a prompt ends the text, or is followed by such a message's "[" or ESC, or by a
+# carriage return that is no line end (systemd erasing its status line). A line that merely ends
+# in "#" (a banner of the motd) is no prompt: the console ends lines with CR CR LF.
+_AFTER_PROMPT = rb"(?:$|(?=[\[\x1b]|\r(?!\r?\n)))"
+_PROMPT = re.compile(rb"[#$] ?" + _AFTER_PROMPT, re.M)
+_LOGIN_PROMPT = re.compile(rb"login: ?" + _AFTER_PROMPT, re.M)
 _PANIC = re.compile(rb"Kernel panic - not syncing|end Kernel panic")
 # Where a boot that went wrong stops and waits for a human: fail at once, not at the timeout.
 # (No end-of-line anchors: busybox follows its prompt with a terminal query, ESC [6n.)
@@ -280,7 +288,7 @@ class _Guest:
                 + f"--- serial log tail ({self.serial_log}) ---\n{serial_tail(self.serial_log)}")
 
     def login(self, user: str, password: str, timeout: float) -> None:
-        self.wait_booted(re.compile(rb"login: ?$", re.M), "the login: prompt", timeout)
+        self.wait_booted(_LOGIN_PROMPT, "the login: prompt", timeout)
         self.child.sendline(user)
         index = self.expect([re.compile(rb"[Pp]assword: ?"), _PROMPT], 60, "the password prompt")
         if index == 0:

@@ -152,3 +152,18 @@ def test_a_line_written_after_systemds_status_erase_is_read_as_shown() -> None:
     assert tagged_output(raw) == "dracut-bookworm\n==P2V-END 0=="
     assert clean_serial_text(b"progress 10%\rprogress 100%\r\n") == "progress 100%\n"
     assert clean_serial_text(b"a long status line\rshort\n") == "shortg status line\n"
+
+
+def test_a_prompt_is_found_with_the_consoles_messages_after_it() -> None:
+    """A verify boot of plain-bullseye (run of 0d912ad) waited out its timeout at this login prompt:
+    kvm's messages came in the same read, so the prompt was not the end of the text."""
+    from tasks.lib.bootcheck import _LOGIN_PROMPT, _PROMPT
+    seen = b"Debian GNU/Linux 11 plain-bullseye ttyS0\r\r\n\r\r\nplain-bullseye login: [   69.072585] kvm: Nested"
+    assert _LOGIN_PROMPT.search(seen)
+    assert _LOGIN_PROMPT.search(b"plain-bullseye login: ")
+    assert _LOGIN_PROMPT.search(b"host login: \x1b[0;32m  OK  \x1b[0m] Started")
+    assert _LOGIN_PROMPT.search(b"host login: \r" + b" " * 40 + b"\r")
+    assert not _LOGIN_PROMPT.search(b"host login: root (automatic login)\r\r\n")
+    assert _PROMPT.search(b"root@plain-bullseye:~# [   70.1] audit: type=1400")
+    assert _PROMPT.search(b"root@plain-bullseye:~# ")
+    assert not _PROMPT.search(b"##########\r\r\nWelcome to a hardened server\r\r\n")
