@@ -201,7 +201,7 @@ def _line_as_shown(line: str) -> str:
     """A line with carriage returns, as a screen shows it: each part overwrites the line from its
     first column. systemd erases its status line with a return, blanks and a return; the blanks
     that nothing overwrote are left out, so that a line written after such an erase starts
-    where it shows (a command's tagged output line did not, in CI's run of 9e4a9f5)."""
+    where it shows (a command's tagged output line did not, in the empty-cache run of 9e4a9f5)."""
     shown = ""
     for part in line.split("\r"):
         if not part:
