@@ -146,7 +146,7 @@ def test_output_without_a_final_newline_is_kept_from_the_end_markers_line() -> N
 
 
 def test_a_line_written_after_systemds_status_erase_is_read_as_shown() -> None:
-    """The hostname check of dracut-bookworm read '' in CI's run of 9e4a9f5: systemd had erased its
+    """The hostname check of dracut-bookworm read '' in the empty-cache run of 9e4a9f5: systemd had erased its
     status line (return, blanks, return) just before the command's tagged line."""
     raw = b"\r" + b" " * 60 + b"\rP2V| dracut-bookworm\r\r\nP2V| ==P2V-END 0==\r\r\n"
     assert tagged_output(raw) == "dracut-bookworm\n==P2V-END 0=="
