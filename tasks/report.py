@@ -148,7 +148,17 @@ def _method_line(row: Mapping[str, Any]) -> str:
     return (f"{row['mountpoint']}: copied by blocks{earlier}: {row.get('tool')} wrote "
             f"{_mib(int(row.get('bytes_written', 0)))} of used blocks, {resized}; "
             f"{row.get('removed_after', 0)} entries a file copy leaves behind removed (excluded contents, swap files, "
-            "what lay under other filesystems' mount points)")
+            f"what lay under other filesystems' mount points){_released(row)}")
+
+
+def _released(row: Mapping[str, Any]) -> str:
+    """What discarding the block copy's free blocks gave back (receipts before it have neither field)."""
+    if row.get("trim_failed"):
+        return (f"; its free blocks stay allocated in disk.img: fstrim failed ({row['trim_failed']}), "
+                "the work area may not punch holes")
+    if "released" in row:
+        return f"; free blocks discarded (fstrim): disk.img gave back {_mib(int(row['released']))}"
+    return ""
 
 
 def _verify_section(verify: Mapping[str, Any]) -> VerifySection:

@@ -71,7 +71,7 @@ from tasks.lib.copy import ALWAYS_EXCLUDED, SETTLE_COARSE, SETTLE_FINE, copy_tre
 from tasks.lib.copy.blocks import BlockOutcome, planned_block_copies
 from tasks.lib.fixes.steps.record import CONVERSION_RECORD
 from tasks.lib.outputs import CopyReceipt, SyncStamp, write_sync_stamp
-from tasks.lib.paths import read_text_in_root, resolve_in_root
+from tasks.lib.paths import read_text_in_root, resolve_in_root, write_file_atomically
 from tasks.lib.pipeline import Stage, StageRun
 from tasks.lib.planning.model import DiskPlan
 from tasks.lib.progress import console_reporter
@@ -264,11 +264,7 @@ def write_stage_seal(spec: Spec, inputs: str, fingerprints: Mapping[str, str], i
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "inputs": inputs, "sources": dict(fingerprints), "image": image_state(image), "receipt": dict(receipt),
     }
-    path = stage_seal_path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(seal, indent=1, sort_keys=True) + "\n")
-    partial.replace(path)
+    write_file_atomically(stage_seal_path(spec), json.dumps(seal, indent=1, sort_keys=True) + "\n")
 
 
 def stage_seal_holds(spec: Spec, layout: Mapping[str, Any], image: Path, inputs: str) -> dict[str, Any] | None:
@@ -390,7 +386,9 @@ def copy_methods(plan: DiskPlan, by_blocks: Mapping[str, BlockOutcome]) -> list[
             rows.append({"mountpoint": copy.source_mountpoint, "method": "blocks", "tool": outcome.tool,
                          "resize": outcome.resize, "why": copy.why, "earlier": outcome.earlier,
                          "seconds": outcome.seconds,
-                         "bytes_written": outcome.bytes_written, "removed_after": outcome.removed})
+                         "bytes_written": outcome.bytes_written, "removed_after": outcome.removed,
+                         "released": outcome.released,
+                         **({"trim_failed": outcome.trim_failed} if outcome.trim_failed else {})})
         else:
             why = f"planned by blocks; {outcome.fallback}" if outcome is not None and outcome.fallback else copy.why
             rows.append({"mountpoint": copy.source_mountpoint, "method": "files", "why": why})

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tasks.lib.paths import write_file_atomically
 from tasks.lib.runner import CommandError, run
 
 PROBE_TIMEOUT = 20.0
@@ -85,8 +86,5 @@ def choose_accel(kernel: Path | None = None, cache: Path | None = CACHE) -> Acce
         return Accel("tcg", "no kernel in /boot to probe KVM with")
     chosen = probe_kvm(kernel)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(cache.name + ".partial")
-        partial.write_text(json.dumps(asdict(chosen)) + "\n")
-        os.replace(partial, cache)
+        write_file_atomically(cache, json.dumps(asdict(chosen)) + "\n")
     return chosen

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.lib.paths import write_file_atomically
 from tasks.lib.runner import P2VError, run
 
 log = logging.getLogger("p2v.image")
@@ -115,8 +116,6 @@ def digest_of(path: Path, algorithm: str, cache: Path | None = None,
     if path.stat().st_mtime_ns != info.st_mtime_ns:
         raise P2VError(f"{path} changed while its checksum was computed", hint="is another run using it?")
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(cache.name + ".partial")
-        partial.write_text(json.dumps({"key": key, **known, algorithm: value}, indent=2, sort_keys=True) + "\n")
-        os.replace(partial, cache)
+        write_file_atomically(cache, json.dumps({"key": key, **known, algorithm: value}, indent=2, sort_keys=True)
+                              + "\n")
     return value

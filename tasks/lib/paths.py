@@ -134,13 +134,17 @@ def remove_in_root(root: Path, path: str) -> bool:
     return True
 
 
-def write_file_atomically(path: Path, text: str) -> None:
+def write_file_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     """Write `<path>.partial`, fsync, rename, fsync the directory: readers see the old file or the
-    new one, and after a power cut the new name stays (a stamp or doit's state says a stage is done)."""
+    new one, and after a power cut the new name stays (a stamp or doit's state says a stage is done).
+
+    The file is created with `mode` (less the umask): a secret written 0600 is never readable by
+    others, not even as the partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)  # one left by a kill would keep its own mode
     try:
-        with open(partial, "w") as handle:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -11,7 +11,6 @@ path").
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import jinja2
 
 from live.cmdline import INITRD_NAME, KERNEL_NAME, SQUASHFS_NAME, live_cmdline
 from tasks.lib import templating
+from tasks.lib.paths import write_file_atomically
 from tasks.lib.runner import P2VError
 from tasks.lib.site import Site
 from tasks.lib.spec import PROJECT_DIR, Spec
@@ -116,10 +116,5 @@ def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
     if path.is_file() and path.read_text() == text:
         path.chmod(mode)
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as handle:
-        handle.write(text)
-    os.replace(partial, path)
+    write_file_atomically(path, text, mode)
     return True

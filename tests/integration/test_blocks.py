@@ -35,6 +35,7 @@ MiB = 1 << 20
 ROOT_SIZE = 256 * MiB
 SWAP_FILE = "/swapfile"
 IMMUTABLE = "/etc/locked.conf"
+SWAP_BYTES = os.urandom(8 * MiB)
 
 
 def mkfs(path: Path, size: int, *argv: str) -> None:
@@ -68,8 +69,7 @@ def fill_root(root: Path) -> None:
     (root / "run/also-left").mkdir()
     (root / "boot").mkdir()
     (root / "boot/hidden-under-the-mount").write_text("/boot's own filesystem hides this\n")
-    with open(root / SWAP_FILE.lstrip("/"), "wb") as handle:
-        handle.truncate(8 * MiB)
+    (root / SWAP_FILE.lstrip("/")).write_bytes(SWAP_BYTES)  # allocated, as swapon wants a swap file
     run(["chattr", "+i", str(root / IMMUTABLE.lstrip("/"))])
 
 
@@ -179,6 +179,7 @@ def test_ext4_by_blocks_is_verified_like_a_file_copy(case: str, tmp_path: Path) 
         assert outcome.resize == {"grow": "grow", "shrink-in-place": "shrink in place",
                                   "shrink-in-scratch": "shrink in a scratch copy"}[case]
         assert outcome.removed >= 4  # /tmp's file, /run's directory, the swap file, what /boot's mount hid
+        assert_released(outcome, image)
         assert (uuid_of(node), storage.probe(node)["LABEL"]) == (planned_uuid, "root")
         rest = copy_the_rest(source, node, outcome, tmp_path)
     assert rest["result"].verified_by == "manifests", rest["result"]
@@ -194,6 +195,14 @@ def test_ext4_by_blocks_is_verified_like_a_file_copy(case: str, tmp_path: Path) 
         assert sha256_of_range(image, parts[1]) == neighbour
     log = (tmp_path / "sync-copy.log").read_text()
     assert "+ e2image -ra -p" in log and "removed /tmp/left-behind (a file copy leaves it behind)" in log
+
+
+def assert_released(outcome: BlockOutcome, image: Path) -> None:
+    """The removed swap file's blocks were discarded: disk.img gave them back and holds none of its bytes."""
+    assert outcome.trim_failed is None and outcome.released >= len(SWAP_BYTES), outcome
+    with image.open("rb") as handle:
+        while chunk := handle.read(64 * MiB):
+            assert SWAP_BYTES[:4096] not in chunk, "the removed swap file's bytes are still in disk.img"
 
 
 def sha256_of_range(image: Path, part: PartitionPlan) -> str:
@@ -230,6 +239,7 @@ def test_xfs_by_blocks_keeps_its_uuid_grows_and_is_verified(tmp_path: Path) -> N
         assert uuid_of(node) == uuid and storage.probe(node)["LABEL"] == "root"
         meta = run(["xfs_db", "-r", "-c", "version", node]).stdout
         assert "META_UUID" not in meta  # no feature the plan did not carry
+        assert_released(outcome, image)
         rest = copy_the_rest(source, node, outcome, tmp_path)
     assert rest["result"].verified_by == "manifests"
     assert (rest["tmp"], rest["hidden"], rest["swap"]) == ([], False, False)
@@ -237,10 +247,10 @@ def test_xfs_by_blocks_keeps_its_uuid_grows_and_is_verified(tmp_path: Path) -> N
 
 
 def test_the_receipt_of_a_block_copy_round_trips() -> None:
-    outcome = BlockOutcome("/", "e2image", "grow", 1.5, 123, removed=2)
+    outcome = BlockOutcome("/", "e2image", "grow", 1.5, 123, removed=2, released=4096)
     assert json.loads(json.dumps(outcome.receipt())) == {
         "mountpoint": "/", "tool": "e2image", "resize": "grow", "seconds": 1.5, "bytes_written": 123, "removed": 2,
-        "fallback": None}
+        "released": 4096, "trim_failed": None, "fallback": None}
 
 
 KILLED_HOST = "blocks-killed"

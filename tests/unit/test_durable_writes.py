@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lib import outputs, state
+from tasks.lib.paths import write_file_atomically
 
 
 def _recording_fsync(monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, str]]) -> None:
@@ -61,3 +62,23 @@ def test_the_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: 
     assert target.exists()
     renamed = events.index(("rename", str(target)))
     assert ("fsync", str(tmp_path)) in events[renamed + 1:]
+
+
+def test_a_file_written_0600_is_never_readable_by_others(tmp_path: Path) -> None:
+    """Not as the partial file either, even where a killed run left one readable by all."""
+    target = tmp_path / "credentials.yaml"
+    stale = target.with_name(target.name + ".partial")
+    stale.write_text("from a killed run\n")
+    stale.chmod(0o644)
+    seen: list[int] = []
+    real_replace = os.replace
+
+    def replace(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
+        seen.append(os.stat(source).st_mode & 0o777)
+        real_replace(source, destination)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        write_file_atomically(target, "password: x\n", 0o600)
+    assert seen == [0o600] and target.stat().st_mode & 0o777 == 0o600 and not stale.exists()
+    assert target.read_text() == "password: x\n"

@@ -38,7 +38,8 @@ def verified_bios() -> Case:
         "files": 12345, "bytes": 3 << 30, "manifest_digest": "sha256:feedfacecafebeef0123456789",
         "journal_replayed": [],
         "methods": [{"mountpoint": "/", "method": "blocks", "tool": "e2image", "resize": "shrink in place",
-                     "why": "e2image", "seconds": 3.2, "bytes_written": 800 << 20, "removed_after": 20},
+                     "why": "e2image", "seconds": 3.2, "bytes_written": 800 << 20, "removed_after": 20,
+                     "released": 36 << 20},
                     {"mountpoint": "/boot", "method": "files", "why": "merged into /"},
                     {"mountpoint": "/srv", "method": "files", "why": "merged into /"}],
         "inode_flags": {"entries": 5, "kept": {"e": 3, "A": 1}, "pending": [{"path": "/etc/x", "flags": "i"}] * 2,
@@ -108,7 +109,8 @@ def journal_replayed() -> Case:
         {"mountpoint": "/", "method": "files", "why": "its journal needs recovery: copied from the replayed view"},
         {"mountpoint": "/boot", "method": "blocks", "tool": "e2image", "resize": "grow",
          "why": "e2image, then resize2fs grows it to the partition", "earlier": True, "seconds": 1.0,
-         "bytes_written": 50 << 20, "removed_after": 0},
+         "bytes_written": 50 << 20, "removed_after": 0, "released": 0,
+         "trim_failed": "fstrim: /x: the discard operation is not supported"},
         {"mountpoint": "/srv", "method": "files", "why": "planned by blocks; resize2fs -P says it shrinks to 900 MiB "
                                                           "at best, and the partition has 800 MiB"}]}}
     fix = {"kernel": "6.1.0-50-amd64", "kernel_cmdline": ["ro"], "installed_packages": [], "steps": [],

@@ -27,7 +27,10 @@ features, block and inode size: tasks/lib/planning/features.py made_differences)
 filesystem is mounted on its own to remove what a file copy would not have brought: the
 contents of the excluded directories (/tmp, /run, pseudo and network mount points), swap files,
 and whatever lies hidden under the mount points of the source's other filesystems. Each
-directory they were removed from gets its times back, as the source has them.
+directory they were removed from gets its times back, as the source has them. Then its free blocks
+are discarded (fstrim): disk.img gives back what those removed files and a shrink's moves still
+held, which would otherwise be uploaded as data. A work area that cannot punch holes keeps them
+allocated, and the receipt says so.
 
 The copy engine (tasks/lib/copy/) then skips that filesystem's own pass, copies the filesystems
 merged into it by files, and verifies the whole tree by the same manifest as any copy: a block
@@ -96,6 +99,8 @@ class BlockOutcome:
     seconds: float
     bytes_written: int  # the blocks the tool wrote: the source filesystem's used blocks
     removed: int = 0  # entries removed afterwards (excluded contents, swap files, hidden under mount points)
+    released: int = 0  # bytes disk.img gave back when the new filesystem's free blocks were discarded (fstrim)
+    trim_failed: str | None = None  # set: fstrim could not discard them, and they stay allocated (its output)
     fallback: str | None = None  # set: the partition was left untouched and the filesystem goes by files
     earlier: bool = False  # done by an earlier run into this disk.img: this run's copy brings it up to date by files
 
@@ -129,10 +134,13 @@ def fill_by_blocks(job: BlockJob, log_file: Path,
             logged.note(f"== {mountpoint}: by files after all: {outcome.fallback}")
             return outcome
         _check_as_planned(job)
-        removed = _clear_what_files_would_not_bring(job, logged)
-        outcome = dataclasses.replace(outcome, removed=removed, seconds=round(time.monotonic() - started, 3))
+        removed, released, trim_failed = _clear_what_files_would_not_bring(job, logged)
+        outcome = dataclasses.replace(outcome, removed=removed, released=released, trim_failed=trim_failed,
+                                      seconds=round(time.monotonic() - started, 3))
         logged.note(f"== {mountpoint}: done by {outcome.tool} ({outcome.resize}) in {outcome.seconds:.1f} s; "
-                    f"{removed} entries removed that a file copy leaves behind")
+                    f"{removed} entries removed that a file copy leaves behind; "
+                    + (f"free blocks not discarded (fstrim failed: {trim_failed})" if trim_failed else
+                       f"{_mib(released)} of free blocks given back to {job.image.name}"))
         return outcome
 
 
@@ -145,16 +153,16 @@ def _written(job: BlockJob, total: int, callback: Callable[[Progress], None] | N
         return
     report = callback
 
-    def allocated() -> int:
+    def written() -> int:
         paths = [job.image, *job.scratch.glob("blocks-*.img")] if job.scratch.is_dir() else [job.image]
-        return sum(path.stat().st_blocks * 512 for path in paths if path.exists())
+        return sum(allocated(path) for path in paths if path.exists())
 
-    baseline, started = allocated(), time.monotonic()
+    baseline, started = written(), time.monotonic()
     done = threading.Event()
 
     def sample(final: bool = False) -> None:
         with contextlib.suppress(OSError):
-            gained = min(max(0, allocated() - baseline), total)
+            gained = min(max(0, written() - baseline), total)
             report(Progress(step="copy", bytes_done=total if final else gained, bytes_total=total,
                             elapsed=time.monotonic() - started, estimated=True,
                             where=f"{job.copy.source_mountpoint} by blocks", final=final))
@@ -407,8 +415,14 @@ def _check_as_planned(job: BlockJob) -> None:
             hint="set target.copy: files in the spec to copy it by files, and report this")
 
 
-def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> int:
-    """Mount the new filesystem alone; remove what a file copy leaves behind; grow xfs. Returns entries removed."""
+def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> tuple[int, int, str | None]:
+    """Mount the new filesystem alone; remove what a file copy leaves behind; grow xfs; discard the free blocks.
+
+    Returns the entries removed, the bytes disk.img gave back, and why the discard failed (None: it did not).
+    The discard (fstrim) matters: what was removed here (a swap file, /tmp's contents) and what a shrink
+    moved away from still hold the source's bytes in disk.img until they are discarded, and would be
+    uploaded with it.
+    """
     fs = job.partition.filesystem
     assert fs is not None
     removed = 0
@@ -429,7 +443,18 @@ def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> int:
                     removed += _remove(entry, root, logged)
         if fs.fstype == "xfs":
             logged.run(["xfs_growfs", point])
-    return removed
+        # ext4 frees a removed file's blocks when its journal commits: sync first, or fstrim skips them.
+        logged.run(["sync", "--file-system", point])
+        before = allocated(job.image)
+        trimmed = logged.run(["fstrim", "--verbose", point], check=False)
+        if trimmed.returncode != 0:
+            return removed, 0, " ".join(trimmed.text.split()) or f"exit {trimmed.returncode}"
+        return removed, max(0, before - allocated(job.image)), None
+
+
+def allocated(path: Path) -> int:
+    """The bytes a file's blocks take on its filesystem (a sparse file's holes take none)."""
+    return path.stat().st_blocks * 512
 
 
 @contextlib.contextmanager

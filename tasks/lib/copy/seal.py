@@ -31,6 +31,7 @@ from tasks.lib.copy.model import (
 )
 from tasks.lib.copy.passes import _Log
 from tasks.lib.manifest import Tally, normalize
+from tasks.lib.paths import write_file_atomically
 from tasks.lib.runner import run
 
 log = logging.getLogger("p2v.copy")
@@ -185,10 +186,7 @@ def _write_seal(path: Path, manifest: Tally, scope: _Scope, listings: Listings, 
         "listings": {side: {mp: {"digest": listing.digest, "entries": listing.entries}
                             for mp, listing in by_point.items()} for side, by_point in listings.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(seal, indent=1, sort_keys=True) + "\n")
-    partial.replace(path)
+    write_file_atomically(path, json.dumps(seal, indent=1, sort_keys=True) + "\n")
     log_file.write(f"seal written to {path}: manifest {seal['manifest_digest']}")
     return "written"
 
