@@ -22,7 +22,7 @@ import pytest
 from bench.trees import block_plan
 from tasks.lib import storage, unwind
 from tasks.lib.copy import ALWAYS_EXCLUDED, copy_tree
-from tasks.lib.copy.blocks import BlockJob, BlockOutcome, fill_by_blocks
+from tasks.lib.copy.blocks import BlockJob, BlockOutcome, fill_by_blocks, unused_inode_table_runs
 from tasks.lib.planning.model import CopyPlan, DiskPlan, PartitionPlan
 from tasks.lib.resources import host_run_dir, loop_device, mounted
 from tasks.lib.runner import run
@@ -180,6 +180,7 @@ def test_ext4_by_blocks_is_verified_like_a_file_copy(case: str, tmp_path: Path) 
                                   "shrink-in-scratch": "shrink in a scratch copy"}[case]
         assert outcome.removed >= 4  # /tmp's file, /run's directory, the swap file, what /boot's mount hid
         assert_released(outcome, image)
+        assert_unused_inode_tables_are_holes(node, image, part)
         assert (uuid_of(node), storage.probe(node)["LABEL"]) == (planned_uuid, "root")
         rest = copy_the_rest(source, node, outcome, tmp_path)
     assert rest["result"].verified_by == "manifests", rest["result"]
@@ -203,6 +204,31 @@ def assert_released(outcome: BlockOutcome, image: Path) -> None:
     with image.open("rb") as handle:
         while chunk := handle.read(64 * MiB):
             assert SWAP_BYTES[:4096] not in chunk, "the removed swap file's bytes are still in disk.img"
+
+
+def assert_unused_inode_tables_are_holes(node: str, image: Path, part: PartitionPlan) -> None:
+    """The inode table blocks that hold no inode yet (itable_unused) take no room in disk.img."""
+    runs = unused_inode_table_runs(run(["dumpe2fs", node]).stdout)
+    block_size = int(storage.tune2fs_fields(node)["Block size"])
+    assert runs, "the test's filesystem has groups with unused inodes"
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        for start, count in runs:
+            offset, end = part.start + start * block_size, part.start + (start + count) * block_size
+            allocated, at = 0, offset
+            while at < end:
+                try:
+                    data = os.lseek(fd, at, os.SEEK_DATA)
+                except OSError:  # ENXIO: nothing but holes from there on
+                    break
+                if data >= end:
+                    break
+                at = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                allocated += at - data
+            # disk.img's own filesystem frees whole 4 KiB blocks: a run of 1 KiB blocks keeps its unaligned ends.
+            assert allocated <= 2 * (4096 - block_size), f"inode table blocks {start}+{count}: {allocated} B allocated"
+    finally:
+        os.close(fd)
 
 
 def sha256_of_range(image: Path, part: PartitionPlan) -> str:

@@ -9,8 +9,11 @@ mounted:
 - ext2/3/4: `e2image -ra -p` writes the source's used blocks (metadata and file data) into the
   partition, `e2fsck -f` checks the copy (resize2fs and tune2fs want a freshly checked
   filesystem), `resize2fs` grows it to the partition and `tune2fs -U -L` gives it the planned
-  UUID and label. A source filesystem larger than the partition must shrink, and e2image writes
-  each block at its own offset, so it cannot go straight into the smaller partition. In the last
+  UUID and label. The journal's blocks after its superblock and the inode table blocks that hold
+  no inode yet are then discarded, so that disk.img holds no copy of them (each function says why
+  nothing reads them), and `e2fsck -fn` checks the result. A source filesystem larger than the
+  partition must shrink, and e2image writes each block at its own offset, so it cannot go
+  straight into the smaller partition. In the last
   partition of the disk (the usual place of /), it is written at the partition's start and
   past its end (disk.img grows for the while), shrunk there by resize2fs, and disk.img is cut
   back to its size with its last bytes (a GPT's backup) restored. Elsewhere it is copied into a
@@ -41,10 +44,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -275,7 +280,8 @@ def _ext(job: BlockJob, logged: _Logged, started: float, used: int) -> BlockOutc
         logged.run(["resize2fs", job.target_node])
         logged.run(["tune2fs", "-U", fs.uuid, "-L", fs.label, job.target_node])
     _journal_left_sparse(job.target_node, fs.block_size, logged)
-    logged.check_ext(job.target_node, repair=False)
+    _unused_inode_tables_left_sparse(job.target_node, fs.block_size, logged)
+    logged.check_ext(job.target_node, repair=False)  # checks both
     done = "grow" if job.copy.resize == "grow" else "shrink in place" if job.in_place else "shrink in a scratch copy"
     return BlockOutcome(job.copy.source_mountpoint, "e2image", done, round(time.monotonic() - started, 3), used)
 
@@ -355,6 +361,72 @@ def _journal_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
     if runs:
         logged.note(f"journal: {sum(count for _, count in runs)} blocks after its superblock discarded (they read "
                     "as zeros: the filesystem is clean, nothing in the journal is replayed)")
+
+
+def _unused_inode_tables_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
+    """Discard the blocks of each group's inode table that hold no inode yet: disk.img holds no copy of them.
+
+    e2image copies a group's whole inode table, but a filesystem with group descriptor checksums
+    (uninit_bg, metadata_csum) records per group how many inodes at the table's end were never
+    used (itable_unused), and neither the kernel nor e2fsck reads them: a new inode there is
+    written whole when it is allocated. A file copy into the disk stage's filesystem (mke2fs's
+    lazy_itable_init) leaves them unwritten the same way. On a large filesystem, mostly empty
+    tables are hundreds of MiB that would be uploaded as data. The e2fsck -n that follows reads
+    every inode it must.
+    """
+    listing = run(["dumpe2fs", node], check=False)
+    runs = unused_inode_table_runs(listing.stdout)
+    if listing.returncode != 0 or not runs:
+        return
+    try:
+        discard_runs(node, [(start * block_size, count * block_size) for start, count in runs])
+    except OSError as error:
+        logged.note(f"the unused parts of the inode tables stay allocated: discard failed: {error}")
+        return
+    logged.note(f"inode tables: {sum(count for _, count in runs)} blocks that hold no inode yet discarded "
+                f"(in {len(runs)} groups; never read: the groups' itable_unused)")
+
+
+def unused_inode_table_runs(dumpe2fs_text: str) -> list[tuple[int, int]]:
+    """(first block, blocks) per group: the whole blocks at the end of its inode table that hold no inode yet.
+
+    Read from `dumpe2fs` (not -h): "Inode size", "Block size", and per group "Inode table at A-B" and
+    "..., N unused inodes". A filesystem without group descriptor checksums prints no unused count: nothing.
+    """
+    inode_size = block_size = 0
+    table: tuple[int, int] | None = None
+    runs = []
+    for line in dumpe2fs_text.splitlines():
+        text = line.strip()
+        if text.startswith("Inode size:"):
+            inode_size = int(text.split(":")[1])
+        elif text.startswith("Block size:"):
+            block_size = int(text.split(":")[1])
+        elif text.startswith("Group "):
+            table = None
+        elif text.startswith("Inode table at "):
+            first, _, last = text.removeprefix("Inode table at ").split()[0].partition("-")
+            table = (int(first), int(last or first))
+        elif text.endswith(" unused inodes") and table is not None and inode_size and block_size:
+            unused = int(text.rsplit(",", 1)[-1].split()[0])
+            blocks = unused * inode_size // block_size
+            if blocks:
+                runs.append((table[1] + 1 - blocks, blocks))
+            table = None
+    return runs
+
+
+def discard_runs(node: str, runs: Sequence[tuple[int, int]]) -> None:
+    """BLKDISCARD each (offset, length) in bytes on `node` (a partition of disk.img: it then reads as zeros)."""
+    fd = os.open(node, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for offset, length in runs:
+            fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, length))
+    finally:
+        os.close(fd)
+
+
+BLKDISCARD = 0x1277  # linux/fs.h: _IO(0x12, 119)
 
 
 def _ext_used_bytes(node: str) -> int:
