@@ -339,3 +339,36 @@ def test_unknown_method_and_missing_mount_point(tmp_path: Path) -> None:
         copy_tree(tmp_path, tmp_path, ["/"], log_file=tmp_path / "log", method="cpio")  # type: ignore[arg-type]
     with pytest.raises(P2VError, match="is not a directory"):
         copy_tree(tmp_path, tmp_path, ["/", "/nope"], log_file=tmp_path / "log")
+
+
+def test_a_filesystem_merged_under_a_setgid_mount_point_keeps_its_modes_and_acls(tmp_path: Path) -> None:
+    """Debian's /var/mail is 2775 (root:mail): a filesystem mounted there has lost+found 0700 under a setgid root.
+
+    tar -x lets a directory keep the setgid bit it inherited from the directory it was made in, and the
+    target's mount point already has the source mount point's mode when the merged filesystem is
+    extracted into it. Seen on the bench's mail server (bench/trees.py mail_server). The mount point's
+    default ACL must not reach the filesystem's entries either (tar sets ACLs as archived)."""
+    layout = (("/", "ext4", 64 << 20), ("/var/mail", "ext4", 32 << 20))
+    images = [tmp_path / "root.img", tmp_path / "mail.img"]
+    with scratch_target(tmp_path / "source-root", layout[:1], images=images[:1], keep=True) as root:
+        (root / "var/mail").mkdir(parents=True)
+        os.chmod(root / "var/mail", 0o2775)  # the mount point, hidden once the filesystem is mounted
+        run(["setfacl", "-d", "-m", "u:1234:rwx", str(root / "var/mail")])
+    with scratch_target(tmp_path / "source", layout, images=images, keep=True) as source, \
+            scratch_target(tmp_path / "target", layout[:1]) as target:
+        spool = source / "var/mail"
+        os.chmod(spool, 0o2775)
+        (spool / "private").mkdir(mode=0o750)
+        (spool / "private/deeper").mkdir(mode=0o700)
+        (spool / "alice").write_text("mail\n")
+        os.chmod(spool / "private/deeper", 0o700)  # made 2700 in its setgid parent; this one is not
+        result = copy_tree(source, target, ["/", "/var/mail"], log_file=tmp_path / "copy.log")
+        assert result.verified_by == "manifests"
+        names = (".", "lost+found", "private", "private/deeper")
+        modes = {name: ((spool / name).stat().st_mode & 0o7777, (target / "var/mail" / name).stat().st_mode & 0o7777)
+                 for name in names}
+        acls = {name: run(["getfacl", "--omit-header", "--default", str(target / "var/mail" / name)]).stdout.strip()
+                for name in names}
+    assert modes == {".": (0o2775, 0o2775), "lost+found": (0o700, 0o700), "private": (0o2750, 0o2750),
+                     "private/deeper": (0o700, 0o700)}
+    assert acls == {name: "" for name in names}  # the hidden mount point's default ACL is nowhere

@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -240,9 +241,26 @@ def _find_sockets(source: Path, excluded: Sequence[str], scratch: Path) -> Path 
     return listing if listing.stat().st_size else None
 
 
+def _nothing_to_inherit(target: Path) -> None:
+    """Clear the setgid bit of the directory tar extracts into, until tar sets the directory's own mode.
+
+    A directory made in a setgid directory is setgid (and so are those made in it), and GNU tar -x
+    leaves that inherited bit on, whatever mode the archive gives (1.34, measured; its ACLs it does
+    set as archived). The directory a filesystem is extracted into is its mount point on the target,
+    which already has the mode of the source's mount point directory (hidden under the mount on the
+    server): Debian's /var/mail is 2775, and a filesystem mounted there has lost+found 0700. The
+    archive's "." member gives the directory its own mode once its contents are extracted.
+    Verification would catch the difference; this is so that there is none.
+    """
+    mode = target.stat().st_mode
+    if mode & stat.S_ISGID:
+        os.chmod(target, stat.S_IMODE(mode) & ~stat.S_ISGID)
+
+
 def _copy_tar(source: Path, target: Path, excluded: Sequence[str], omitted: Sequence[str], log_file: _Log,
               sample: Callable[[], None], scratch: Path) -> _Outcome:
     """One (empty) filesystem by tar, then its sockets by rsync; raises _PassFailed."""
+    _nothing_to_inherit(target)
     create, extract = tar_argvs(source, target, excluded, omitted)
     start = log_file.offset()
     codes = _run_logged([create, extract], log_file, sample)
