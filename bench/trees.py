@@ -173,14 +173,59 @@ def _fill_synthetic(root: Path, count: int) -> None:
         (directory / f"f{index:07d}").write_bytes(block[start:start + size])
 
 
+def _synthetic_size(files: int) -> int:
+    return max(1 << 30, files * 32 * 1024)  # ~17 KiB a file on average, and room
+
+
+def _synthetic_image(files: int) -> Path:
+    return BENCH_DIR / f"synthetic-{files}-v{SYNTHETIC_FORMAT}.img"
+
+
 @contextlib.contextmanager
 def synthetic_tree(files: int = 200_000) -> Iterator[Tree]:
     """`files` small files on a cached ext4 image, mounted read-only."""
-    size = max(1 << 30, files * 32 * 1024)  # ~17 KiB a file on average, and room
-    with _cached_tree(BENCH_DIR / f"synthetic-{files}-v{SYNTHETIC_FORMAT}.img", size,
-                      lambda root: _fill_synthetic(root, files), direct_io=True) as root:
+    size = _synthetic_size(files)
+    with _cached_tree(_synthetic_image(files), size, lambda root: _fill_synthetic(root, files),
+                      direct_io=True) as root:
         yield Tree(name=f"synthetic, {files // 1000}k small files", root=root, mountpoints=("/",),
                    filesystems=(("/", "ext4", size),))
+
+
+MAIL_SERVER_FORMAT = 1  # bump to rebuild cached mail servers
+MAIL_SPOOL = "/var/mail"
+
+
+def mail_server(files: int = 200_000, fixture: str = "plain-bookworm") -> tuple[Path, ...]:
+    """A server with many small files, for the sync stage itself: `fixture` with the synthetic tree as /var/mail.
+
+    Its disks: a copy of the fixture's first disk, whose fstab mounts the synthetic
+    filesystem (a whole-disk ext4, the cached synthetic image itself) on /var/mail;
+    the fixture's other disks as they are cached. Built once in BENCH_DIR; the
+    cached images are only read (a spec lists them, p2v attaches them read-only).
+    """
+    server = build_server(fixture)
+    with _cached_tree(_synthetic_image(files), _synthetic_size(files), lambda root: _fill_synthetic(root, files),
+                      direct_io=True):
+        pass  # built, if it was not
+    spool = _synthetic_image(files)
+    directory = BENCH_DIR / f"mail-server-{files}-{server.directory.name}-v{MAIL_SERVER_FORMAT}"
+    first = directory / server.disks[0].name
+    if not first.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = first.with_name(first.name + ".partial")
+        run(["cp", "--sparse=always", str(server.disks[0]), str(partial)])
+        (root,) = [fs["device"] for fs in server.facts["filesystems"] if fs.get("mountpoint") == "/"]
+        if root.get("disk") != 1 or "partition" not in root:
+            raise P2VError(f"{fixture}: its / is not a partition of its first disk; mail_server edits that one")
+        uuid = storage.probe(str(spool))["UUID"]
+        with tempfile.TemporaryDirectory(prefix="p2v-mail-", dir=BENCH_DIR) as point, \
+                loop_device(partial, read_only=False, partitions=True) as loop, \
+                mounted(loop.partition(root["partition"]), point, fstype="ext4"):
+            (Path(point) / MAIL_SPOOL.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            with open(Path(point) / "etc/fstab", "a") as fstab:
+                fstab.write(f"UUID={uuid} {MAIL_SPOOL} ext4 defaults 0 2\n")
+        partial.rename(first)
+    return (first, *server.disks[1:], spool)
 
 
 @contextlib.contextmanager
