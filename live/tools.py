@@ -11,9 +11,9 @@ from __future__ import annotations
 
 STAGE_TOOLS: tuple[str, ...] = (
     "blkdiscard", "blkid", "blockdev", "chattr", "chroot", "dd", "debugfs", "dmesg", "dmsetup", "dpkg-deb", "du",
-    "e2fsck", "e2image", "find", "findmnt", "fstrim", "losetup", "lsblk", "lvs", "mattrib", "mcopy", "mdadm", "mdel",
-    "mdeltree", "mdir", "minfo", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "mkfs.fat", "mkfs.xfs", "mkswap", "mmd",
-    "modprobe", "mount", "openssl", "partx", "pkill", "pvs", "qemu-img", "qemu-storage-daemon",
+    "dumpe2fs", "e2fsck", "e2image", "find", "findmnt", "fstrim", "losetup", "lsblk", "lvs", "mattrib", "mcopy",
+    "mdadm", "mdel", "mdeltree", "mdir", "minfo", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "mkfs.fat", "mkfs.xfs",
+    "mkswap", "mmd", "modprobe", "mount", "openssl", "partx", "pkill", "pvs", "qemu-img", "qemu-storage-daemon",
     "qemu-system-x86_64", "resize2fs", "rsync", "sfdisk", "sync", "tar", "tune2fs", "umount", "vgchange", "vgs",
     "xfs_admin", "xfs_copy", "xfs_db", "xfs_growfs", "xfs_logprint",
 )
