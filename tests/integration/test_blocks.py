@@ -71,6 +71,8 @@ def fill_root(root: Path) -> None:
     (root / "boot/hidden-under-the-mount").write_text("/boot's own filesystem hides this\n")
     (root / SWAP_FILE.lstrip("/")).write_bytes(SWAP_BYTES)  # allocated, as swapon wants a swap file
     run(["chattr", "+i", str(root / IMMUTABLE.lstrip("/"))])
+    # Kept from writes while nothing is mounted there: hidden under /boot's filesystem, unseen by a file copy.
+    run(["chattr", "+i", str(root / "boot")])
 
 
 @contextlib.contextmanager
@@ -196,6 +198,7 @@ def test_ext4_by_blocks_is_verified_like_a_file_copy(case: str, tmp_path: Path) 
         assert sha256_of_range(image, parts[1]) == neighbour
     log = (tmp_path / "sync-copy.log").read_text()
     assert "+ e2image -ra -p" in log and "removed /tmp/left-behind (a file copy leaves it behind)" in log
+    assert "cleared inode flags i on /boot (its contents go" in log  # then /boot by files, verified above
 
 
 def assert_released(outcome: BlockOutcome, image: Path) -> None:

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from tasks.lib import storage
+from tasks.lib import inodeflags, storage
 from tasks.lib.copy.commands import _within, assign, filesystem_of
 from tasks.lib.copy.model import PassResult
 from tasks.lib.copy.passes import _Log
@@ -505,6 +505,7 @@ def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> tuple[i
         for relative in job.excluded + job.hidden:
             directory = root / relative.lstrip("/")
             if directory.is_dir() and not directory.is_symlink():
+                _flags_cleared(directory, root, logged)
                 with _times_kept(directory):
                     for child in list(directory.iterdir()):
                         removed += _remove(child, root, logged)
@@ -527,6 +528,24 @@ def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> tuple[i
 def allocated(path: Path) -> int:
     """The bytes a file's blocks take on its filesystem (a sparse file's holes take none)."""
     return path.stat().st_blocks * 512
+
+
+def _flags_cleared(directory: Path, root: Path, logged: _Logged) -> None:
+    """Clear the inode flags of a directory whose contents go (an excluded one, another filesystem's mount point).
+
+    An immutable directory lets nothing in it be removed, or be made by the pass that copies the
+    filesystem mounted there: `chattr +i` on an empty mount point is how some keep writes off it
+    while nothing is mounted. A block copy brings that hidden directory's flags along; a file copy
+    never sees them (it reads the mounted filesystem's root). The copy engine then sets on each
+    entry the flags the source tree shows (tasks/lib/copy/flags.py), so these end as a file copy's.
+    """
+    with inodeflags.opened(directory) as fd:
+        before = inodeflags.read_flags(fd) if fd is not None else 0
+        if fd is None or not before:
+            return
+        inodeflags.apply_flags(fd, 0)
+    logged.note(f"cleared inode flags {inodeflags.letters(before)} on {job_path(directory, root)} (its contents "
+                "go; the copy sets the flags the source shows)")
 
 
 @contextlib.contextmanager
