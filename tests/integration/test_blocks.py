@@ -21,8 +21,8 @@ import pytest
 
 from bench.trees import block_plan
 from tasks.lib import storage, unwind
-from tasks.lib.copy import ALWAYS_EXCLUDED, copy_tree
-from tasks.lib.copy.blocks import BlockJob, BlockOutcome, fill_by_blocks, unused_inode_table_runs
+from tasks.lib.copy import ALWAYS_EXCLUDED, blocks, copy_tree
+from tasks.lib.copy.blocks import BlockCopyFailed, BlockJob, BlockOutcome, fill_by_blocks, unused_inode_table_runs
 from tasks.lib.planning.model import CopyPlan, DiskPlan, PartitionPlan
 from tasks.lib.resources import host_run_dir, loop_device, mounted
 from tasks.lib.runner import run
@@ -325,3 +325,19 @@ def test_a_sync_killed_inside_the_block_copy_is_finished_by_its_rerun(tmp_path: 
     run(["sfdisk", "--verify", str(workdir / "disk.img")])
     assert host_leftovers(spec_dir) == []
     assert before == {image: sha256(image) for image in images}
+
+
+def test_an_entry_that_cannot_be_removed_stops_the_copy_with_one_line(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "fs"
+    (root / "tmp").mkdir(parents=True)
+    (root / "tmp/left").write_text("x\n")
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with blocks._Logged(tmp_path / "copy.log") as logged, pytest.raises(BlockCopyFailed) as raised:
+        blocks._remove(root / "tmp/left", root, logged)
+    assert str(raised.value).startswith("the block copy cannot remove /tmp/left, which a file copy leaves behind")
+    assert "target.copy: files" in (raised.value.hint or "")

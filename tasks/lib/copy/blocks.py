@@ -568,9 +568,13 @@ def _remove(entry: Path, root: Path, logged: _Logged) -> int:
             else:
                 entry.unlink()
             break
-        except PermissionError:
+        except PermissionError as error:
             if attempt == 2:
-                raise
+                raise BlockCopyFailed(
+                    f"the block copy cannot remove {job_path(entry, root)}, which a file copy leaves behind, even "
+                    f"with its immutable and append-only flags cleared: {error.strerror}: {error.filename}",
+                    hint="set target.copy: files in the spec to copy this filesystem by files, and report this"
+                ) from None
             logged.run(["chattr", "-R", "-i", "-a", str(entry)], check=False)
     logged.note(f"removed {job_path(entry, root)} (a file copy leaves it behind)")
     return count
