@@ -225,10 +225,14 @@ def _full_copy(source: Path, target: Path, scope: _Scope, method: Method, exclud
                f"{tools['rsync']}; {tools['tar']}")
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flags") as pool:
-        # The source's flags are read beside the tools (the source is read-only), unless the
-        # target holds data: then an earlier fix may have locked entries the copy must write.
+        # The source's flags are read beside the tools (the source is read-only), unless a pass
+        # resumes into data: then an earlier fix may have locked entries that pass must write. A
+        # filesystem this run made by blocks is not written by any pass (the mount points in it
+        # that passes write into were cleared of their flags: blocks.py), and its flags are set
+        # as the source's once the passes are done, like every other's.
         scan = pool.submit(_scan_flags, source, excluded, swaps, points, log_)
-        if holds_data(target):
+        if any(mp not in prefilled and (into := target / mp.lstrip("/")).is_dir() and holds_data(into)
+               for mp in points):
             _unlock(target, [*(p for p, bits in scan.result().items() if bits & inodeflags.DEFERRED), *unlock],
                     log_)
         # A prefilled filesystem's contents were cleared of the same exclusions (tasks/lib/copy/blocks.py).
