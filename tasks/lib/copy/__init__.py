@@ -22,10 +22,11 @@ tools ran, then reads them back (tasks/lib/inodeflags.py). `defer_flags`
 that sets them later; a flag the target filesystem does not keep is listed
 with the kernel's reason as a warning. The verification compares the target
 with that view of the source (flags._expected_entry), so every flag is
-either proved on the target or named in the receipt. Before copying into a
-target that already holds data, the deferred flags a later step set there
-(`unlock`, and every pending path) are cleared: rsync cannot write into an
-immutable file.
+either proved on the target or named in the receipt. Before a pass resumes
+into a filesystem that already holds data, the deferred flags a later step
+set there (`unlock`, and every pending path) are cleared: rsync cannot write
+into an immutable file. (A filesystem `prefilled` by blocks in this run is
+written by no pass: its flags are set like every other's, afterwards.)
 
 Two methods, the same guarantees (both verified by the manifest afterwards):
 
