@@ -65,7 +65,7 @@ from tasks import inspect
 from tasks import sync as sync_stage
 from tasks.lib import copy, storage
 from tasks.lib.copy import copy_tree, human
-from tasks.lib.copy.blocks import BlockJob, fill_by_blocks
+from tasks.lib.copy.blocks import BlockJob, allocated, fill_by_blocks
 from tasks.lib.copy.model import PassResult
 from tasks.lib.fstab import mount_order
 from tasks.lib.pipeline import StageRun
@@ -129,10 +129,6 @@ def copy_devices(extents: Sequence[tuple[str, int]], scratch: Path) -> None:
                  "conv=notrunc,fsync"])
     finally:
         scratch.unlink(missing_ok=True)
-
-
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
 
 
 # ---------------------------------------------------------------- figures

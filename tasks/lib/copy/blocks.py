@@ -352,12 +352,11 @@ def _journal_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((block, 1))
-    for start, count in runs:
-        discarded = run(["blkdiscard", "-f", "-o", str(start * block_size), "-l", str(count * block_size), node],
-                        check=False)
-        if discarded.returncode != 0:
-            logged.note(f"the journal's blocks stay allocated: blkdiscard failed: {discarded.stderr.strip()}")
-            return
+    try:
+        discard_runs(node, [(start * block_size, count * block_size) for start, count in runs])
+    except OSError as error:
+        logged.note(f"the journal's blocks stay allocated: discard failed: {error}")
+        return
     if runs:
         logged.note(f"journal: {sum(count for _, count in runs)} blocks after its superblock discarded (they read "
                     "as zeros: the filesystem is clean, nothing in the journal is replayed)")
