@@ -41,7 +41,6 @@ from tasks.lib.spec import LIVE_DISKS_ENV, load_specs  # noqa: E402
 from tasks.lib.system import guess_boot_sector  # noqa: E402
 
 ACTIVE_CONSOLES = Path("/sys/class/tty/console/active")
-MOUNT_TRIES = 6
 MOUNT_DELAY = 10.0
 MOUNT_TIMEOUT = 60.0
 STATUS_FILE = "live-status.json"
@@ -82,7 +81,8 @@ def protect_local_disks(console: Console) -> list[str]:
     return protected
 
 
-def mount_work_area(args: LiveArgs, console: Console, tries: int = MOUNT_TRIES, delay: float = MOUNT_DELAY) -> Path:
+def mount_work_area(args: LiveArgs, console: Console, delay: float = MOUNT_DELAY) -> Path:
+    tries = args.work_tries
     point = Path(args.work_path)
     point.mkdir(parents=True, exist_ok=True)
     source = f"{args.work_server}:{args.work_path}"

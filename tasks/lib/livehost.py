@@ -25,6 +25,11 @@ from tasks.lib.runner import P2VError
 NOT_LOCAL = ("loop", "ram", "zram", "sr", "nbd", "fd", "dm-", "md")
 
 
+# The runner's mounts of the work area before it refuses (site.yaml `work_area_tries`): 10 s apart and
+# each given up to 60 s, about 4 minutes for an NFS server that is restarting.
+WORK_AREA_TRIES = 6
+
+
 @dataclass(frozen=True)
 class LiveArgs:
     """The p2v.* arguments `doit pxe` puts on the live system's kernel command line."""
@@ -33,6 +38,7 @@ class LiveArgs:
     work_server: str
     work_path: str
     debug: bool = False
+    work_tries: int = WORK_AREA_TRIES  # mounts of the work area before the runner refuses
 
 
 def parse_cmdline(text: str) -> LiveArgs:
@@ -49,7 +55,12 @@ def parse_cmdline(text: str) -> LiveArgs:
     if not sep or not path.startswith("/"):
         raise P2VError(f"p2v.work={values['work']} is not <server>:<absolute path>",
                        hint="render the boot files again with `doit pxe`")
-    return LiveArgs(host=values["host"], work_server=server, work_path=path, debug=values.get("debug") == "1")
+    tries = values.get("work_tries", str(WORK_AREA_TRIES))
+    if not tries.isdigit() or int(tries) < 1:
+        raise P2VError(f"p2v.work_tries={tries} is not a whole number of tries (1 or more)",
+                       hint="set work_area_tries in the site file, then render the boot files again with `doit pxe`")
+    return LiveArgs(host=values["host"], work_server=server, work_path=path, debug=values.get("debug") == "1",
+                    work_tries=int(tries))
 
 
 def console_devices(active: str) -> list[str]:

@@ -56,6 +56,7 @@ def kernel_cmdline(site: Site, spec: Spec) -> str:
         f"BOOTIF=01-{spec.live.mac.replace(':', '-')}",
         f"p2v.host={spec.host}",
         f"p2v.work={site.server}:{site.host_work_dir(spec.host)}",
+        f"p2v.work_tries={site.work_area_tries}",
     ]
     if spec.live.debug:
         extra += DEBUG_ARGS

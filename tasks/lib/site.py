@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.lib.livehost import WORK_AREA_TRIES
 from tasks.lib.spec import PROJECT_DIR, Spec, SpecError, read_yaml, shown_path, validate
 
 SITE_SCHEMA = PROJECT_DIR / "tasks" / "schemas" / "site.schema.json"
@@ -30,6 +31,7 @@ class Site:
     router: ipaddress.IPv4Address | None = None
     interface: str | None = None
     lease_time: str = "12h"
+    work_area_tries: int = WORK_AREA_TRIES
 
     @property
     def http_base(self) -> str:
@@ -67,7 +69,8 @@ def load_site(path: Path | None = None, base: Path = PROJECT_DIR) -> Site:
     deploy = Path(data.get("deploy_dir", "work/pxe"))
     return Site(file=shown, server=server, network=network, work_area=Path(data["work_area"]),
                 deploy_dir=deploy if deploy.is_absolute() else base / deploy, http_port=data.get("http_port", 8080),
-                router=addresses["router"], interface=data.get("interface"), lease_time=data.get("lease_time", "12h"))
+                router=addresses["router"], interface=data.get("interface"), lease_time=data.get("lease_time", "12h"),
+                work_area_tries=data.get("work_area_tries", WORK_AREA_TRIES))
 
 
 def pxe_specs(site: Site, specs: list[Spec]) -> list[Spec]:

@@ -413,9 +413,12 @@ def test_verify_and_report_ran_on_the_infra_side(pxe_run: dict[str, Any]) -> Non
 REFUSALS = {
     # The spec is gone from the work area after `doit pxe` rendered the boot files.
     "no-spec": f"p2v: FAILED: no spec for host {HOST} in the work area",
-    # The NFS server is down: the runner retries (MOUNT_TRIES), then gives up.
+    # The NFS server is down: the runner tries the site's work_area_tries times, then gives up.
     "no-work-area": "p2v: FAILED: cannot mount the work area ",
 }
+# Two tries, not the default six: the four more would only wait (about 200 s under TCG here)
+# for a server that stays down, and the unit and integration tests cover the count.
+REFUSAL_WORK_AREA_TRIES = 2
 REFUSAL_TIMEOUT = 900
 
 
@@ -426,6 +429,9 @@ def refusal(request: pytest.FixtureRequest, live_image: LiveImage,
     source = pxe_source(SOURCES[0])
     root = tmp_path_factory.mktemp(f"pxe-{case}")
     project = make_project(root, source)
+    if case == "no-work-area":
+        project.site_file.write_text(project.site_file.read_text()
+                                     + f"work_area_tries: {REFUSAL_WORK_AREA_TRIES}\n")
     rendered = doit(project, live_image, "pxe")
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
     if case == "no-spec":
@@ -459,3 +465,7 @@ def test_the_live_system_refuses_cleanly(refusal: dict[str, Any]) -> None:
     assert "p2v: this server stays up; reboot it by PXE once the cause is fixed" in console
     assert refusal["written"] == {name: 0 for name in refusal["written"]}
     assert not (refusal["project"].workdir / "live-status.json").exists() or refusal["case"] == "no-spec"
+    if refusal["case"] == "no-work-area":  # the site's count, rendered by `doit pxe`, is the runner's
+        tries = REFUSAL_WORK_AREA_TRIES
+        assert f" after {tries} tries: " in failures[0], failures
+        assert f"not reachable (try {tries}/{tries})" in console, console[-2000:]

@@ -41,10 +41,10 @@ def test_a_mount_with_no_answer_ends_with_its_helper_and_one_line(tmp_path: Path
     (stand_ins / "mount").chmod(0o755)
     monkeypatch.setenv("PATH", f"{stand_ins}:{os.environ['PATH']}")
     monkeypatch.setattr(runner, "MOUNT_TIMEOUT", 1.0)
-    args = LiveArgs(host="web01", work_server="192.0.2.1", work_path=str(tmp_path / "work"))
+    args = LiveArgs(host="web01", work_server="192.0.2.1", work_path=str(tmp_path / "work"), work_tries=2)
     console = runner.Console(consoles=[])
     with pytest.raises(P2VError) as raised:
-        runner.mount_work_area(args, console, tries=2, delay=0)
+        runner.mount_work_area(args, console, delay=0)
     assert str(raised.value).startswith(
         f"cannot mount the work area 192.0.2.1:{tmp_path / 'work'} after 2 tries: no answer within 1 s")
     assert console.lines[-1].endswith("(try 2/2): no answer within 1 s")

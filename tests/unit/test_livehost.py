@@ -11,7 +11,7 @@ from tasks.lib.livehost import LiveArgs, console_devices, local_disks, parse_cmd
 from tasks.lib.pxe import kernel_cmdline
 from tasks.lib.runner import P2VError
 from tasks.lib.site import load_site
-from tasks.lib.spec import load_specs
+from tasks.lib.spec import SpecError, load_specs
 from tests.unit.test_pxe import SPECS, project
 
 LSBLK: dict[str, list[dict[str, Any]]] = {"blockdevices": [
@@ -38,9 +38,25 @@ def test_the_rendered_command_line_is_what_the_runner_reads(tmp_path: Path, monk
     assert SPECS  # the same specs as the golden files
 
 
+def test_the_site_says_how_often_the_runner_tries_the_work_area(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_dir, site_file = project(tmp_path)
+    monkeypatch.setenv("P2V_SITE", str(site_file))
+    specs = {s.host: s for s in load_specs(spec_dir)}
+    assert "p2v.work_tries=6" in kernel_cmdline(load_site(site_file, base=tmp_path), specs["web1"])
+    site_file.write_text(site_file.read_text() + "work_area_tries: 2\n")
+    cmdline = kernel_cmdline(load_site(site_file, base=tmp_path), specs["web1"])
+    assert parse_cmdline(cmdline).work_tries == 2
+    site_file.write_text(site_file.read_text().replace("work_area_tries: 2", "work_area_tries: 0"))
+    with pytest.raises(SpecError, match="work_area_tries"):
+        load_site(site_file, base=tmp_path)
+
+
 @pytest.mark.parametrize(("cmdline", "message"), [
     ("root=live:http://x/s.img quiet", "the kernel command line lacks p2v.host, p2v.work"),
     ("p2v.host=web1 p2v.work=192.0.2.1", "p2v.work=192.0.2.1 is not <server>:<absolute path>"),
+    ("p2v.host=web1 p2v.work=192.0.2.1:/w p2v.work_tries=0", r"p2v.work_tries=0 is not a whole number of tries"),
+    ("p2v.host=web1 p2v.work=192.0.2.1:/w p2v.work_tries=x", r"p2v.work_tries=x is not a whole number of tries"),
 ])
 def test_a_command_line_without_p2v_arguments_is_one_line(cmdline: str, message: str) -> None:
     with pytest.raises(P2VError, match=message):
