@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def pytest_configure(config: pytest.Config) -> None:
     # A CI timeout or `kill` sends SIGTERM: end the session as ^C does, so that every
     # fixture's teardown runs (services, namespaces, mounts, qemu) instead of none.
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+# P2V_TEST_TIMELINE=<file>: one line per test phase as the controller hears of it (wall time,
+# worker, phase, its duration, test id), to see which file ran where and when: the end of a run
+# where one worker idles comes from the order files were handed out in (LONGEST_FIRST below).
+TIMELINE = os.environ.get("P2V_TEST_TIMELINE")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not TIMELINE or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the controller writes it (or a run in one process)
+    node = getattr(report, "node", None)
+    worker = getattr(getattr(node, "gateway", None), "id", "main")
+    with open(TIMELINE, "a") as handle:
+        handle.write(f"{time.time():.1f} {worker} {report.when} {report.duration:.1f} {report.nodeid}\n")
 
 
 def _free_gib(path: Path) -> float:
