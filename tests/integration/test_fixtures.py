@@ -22,10 +22,11 @@ import pytest
 
 from tasks.lib.resources import LoopDevice, loop_device, mounted, mounts_below, read_only_mount_options, remove_tree
 from tasks.lib.runner import P2VError, output
-from tests.fixtures import assemble, build, efi, lvm, oddities, system
+from tests.fixtures import assemble, build, efi, lvm, oddities, rootfs, system
 from tests.fixtures.assemble import loops_backed_by
 from tests.fixtures.build import FixtureServer
 from tests.fixtures.cache import cache_root
+from tests.fixtures.description import BASE_PACKAGES
 from tests.fixtures.facts import blkid
 from tests.fixtures.plugin import FIXTURE_NAMES
 
@@ -253,6 +254,32 @@ def test_failure_mid_build_leaks_nothing(private_cache, monkeypatch, caplog, nam
     assert "injected into" in (fixtures / f"{name}.failed.log").read_text()
     # The ExitStack released everything itself: the leftover sweep had nothing to do.
     assert "left behind" not in caplog.text and "left attached" not in caplog.text
+
+
+def test_a_dracut_tree_whose_apt_fails_leaves_no_tree_mount_or_tarball(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dracut tree is the plain tree plus apt (tests/fixtures/rootfs.py): apt failing inside the
+    chroot, its binds up, leaves nothing mounted and nothing cached, and the plain tree is untouched."""
+    plain_packages = (*BASE_PACKAGES, "initramfs-tools")
+    plain = rootfs.ensure_rootfs("bookworm", plain_packages)  # the shared cache's, built if needed
+    cache = tmp_path / "cache"
+    (cache / "rootfs").mkdir(parents=True)
+    (cache / "rootfs" / plain.name).symlink_to(plain)
+    monkeypatch.setenv("P2V_CACHE", str(cache))
+    before = plain.stat().st_mtime_ns
+
+    def failing_chroot_run(root: Path, argv: list[str], **kwargs: Any) -> None:
+        assert mounts_below(root), "the chroot's binds should be up when apt runs"
+        raise InjectedFailure(f"injected into {' '.join(argv)}")
+
+    monkeypatch.setattr(rootfs, "chroot_run", failing_chroot_run)
+    dracut = (*BASE_PACKAGES, "dracut")
+    with pytest.raises(InjectedFailure, match="apt-get install"):
+        rootfs.ensure_rootfs("bookworm", dracut)
+    key = rootfs.rootfs_key("bookworm", dracut)
+    assert_nothing_attached(cache)
+    assert sorted(p.name for p in (cache / "rootfs").iterdir()) == sorted([plain.name, f"{key}.lock"])
+    assert plain.stat().st_mtime_ns == before
 
 
 def test_leftovers_of_a_killed_build_are_released(tmp_path: Path) -> None:
