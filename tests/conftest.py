@@ -61,9 +61,9 @@ def _free_gib(path: Path) -> float:
 # --no-loadscope-reorder): the longest first, so that no long file starts last while the other
 # worker idles. Roughly measured minutes with a warm cache; an order, not a promise.
 LONGEST_FIRST = (
-    "e2e/test_convert.py",  # the batch: every fixture converted, two uploaded and booted (~25)
-    "e2e/test_pxe_convert.py",  # two PXE boots that refuse (~9)
-    "e2e/test_md_lvm_paths.py",  # one live-guest job (~5)
+    "e2e/test_convert.py",  # the batch: every fixture converted, two uploaded and booted (~24)
+    "e2e/test_pxe_convert.py",  # two PXE boots that refuse (~11)
+    "e2e/test_md_lvm_paths.py",  # one live-guest job (~6; 10.5 before its disks went from 1 GiB to 256 MiB)
     "e2e/test_convert_swap_file.py",
     # The fixtures' own boots keep their own systemd timeouts (90 s for a mount), which twice ran
     # out beside the batch's conversions: after them, when the batch is past its copies.
