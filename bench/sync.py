@@ -177,12 +177,14 @@ class StageBench:
     plan: DiskPlan
 
     @classmethod
-    def prepare(cls, host: str, disks: Sequence[Path], method: str) -> StageBench:
-        project = BENCH_DIR / f"project-{host}-{method}"
+    def prepare(cls, host: str, disks: Sequence[Path], method: str, layout: str = "flatten") -> StageBench:
+        project = BENCH_DIR / f"project-{host}-{method}" if layout == "flatten" else \
+            BENCH_DIR / f"project-{host}-{layout}-{method}"
         specs = project / "specs"
         specs.mkdir(parents=True, exist_ok=True)
         images = "".join(f"    - {disk}\n" for disk in disks)
-        (specs / f"{host}.yaml").write_text(f"source:\n  images:\n{images}target:\n  copy: {method}\n")
+        (specs / f"{host}.yaml").write_text(f"source:\n  images:\n{images}target:\n  layout: {layout}\n"
+                                            f"  copy: {method}\n")
         (spec,) = load_specs(specs)
         image, pristine = spec.artifact("disk.img"), spec.artifact("disk.pristine.img")
         if not pristine.exists():
@@ -240,9 +242,11 @@ def copy_part(receipt: dict[str, Any]) -> float:
     return float(blocks + receipt["copy_seconds"])
 
 
-def bench_stage(name: str, disks: Sequence[Path], repeat: int, method: str, kind: str) -> Figures:
-    stage = StageBench.prepare(name, disks, method)
-    figures = Figures(tree=f"{name} by {method}", target=stage.describe(), kind=kind)
+def bench_stage(name: str, disks: Sequence[Path], repeat: int, method: str, kind: str,
+                layout: str = "flatten") -> Figures:
+    stage = StageBench.prepare(name, disks, method, layout)
+    shown = name if layout == "flatten" else f"{name} {layout}"
+    figures = Figures(tree=f"{shown} by {method}", target=stage.describe(), kind=kind)
     try:
         for _ in range(repeat):
             stage.fresh()
@@ -413,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fixture", default="plain-bookworm", help="fixture server to copy (partitions only)")
     parser.add_argument("--files", type=int, default=200_000, help="files in the synthetic tree")
     parser.add_argument("--copy", default="blocks,files", help="comma-separated target.copy methods to time")
+    parser.add_argument("--layout", default="flatten", choices=("flatten", "keep"),
+                        help="target.layout of the fixture and mail server (keep: each filesystem its own, so the "
+                             "mail server's /var/mail goes by blocks too)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (the median is shown)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -426,10 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for method in args.copy.split(","):
                 if name == "fixture":
                     disks = build_server(args.fixture).disks
-                    results.append(bench_stage(args.fixture, disks, args.repeat, method, "fixture"))
+                    results.append(bench_stage(args.fixture, disks, args.repeat, method, "fixture", args.layout))
                 elif name == "mail":
                     results.append(bench_stage(f"mail-{args.files // 1000}k", mail_server(args.files, args.fixture),
-                                               args.repeat, method, "mail server"))
+                                               args.repeat, method, "mail server", args.layout))
                 elif name == "synthetic":
                     results.append(bench_synthetic(args.files, args.repeat, method))
                 else:
