@@ -324,7 +324,7 @@ def sync_host(run_: StageRun) -> None:
     with source_tree(spec, layout, esp_views=False, devices_out=nodes) as source:
         replayed = journal_replayed(layout, source.replayed)
         omitted = left_out(layout, plan, source.root)
-        by_blocks = fill_planned_blocks(spec, plan, layout, image, nodes, omitted, inputs, direct_io)
+        by_blocks = fill_planned_blocks(spec, plan, layout, image, nodes, omitted, inputs, direct_io, source.root)
         with mounted_target(image, plan, run_dir=spec.run_dir, direct_io=direct_io) as target:
             result = copy_tree(
                 source.root, target.root, mountpoints,
@@ -362,7 +362,8 @@ def blocks_record_path(spec: Spec) -> Path:
 
 
 def fill_planned_blocks(spec: Spec, plan: DiskPlan, layout: Mapping[str, Any], image: Path, nodes: Mapping[str, str],
-                        omitted: Sequence[str], inputs: str, direct_io: bool) -> dict[str, BlockOutcome]:
+                        omitted: Sequence[str], inputs: str, direct_io: bool,
+                        source_root: Path | None = None) -> dict[str, BlockOutcome]:
     """The plan's block copies (tasks/lib/copy/blocks.py), into disk.img attached but not mounted."""
     if not plan.block_copies:
         blocks_record_path(spec).unlink(missing_ok=True)
@@ -374,7 +375,7 @@ def fill_planned_blocks(spec: Spec, plan: DiskPlan, layout: Mapping[str, Any], i
             omitted=omitted, record=blocks_record_path(spec),
             identity={"inputs": inputs, "image": [info.st_dev, info.st_ino]},
             scratch=spec.scratch_dir, run_dir=spec.run_dir, log_file=spec.log_dir / "sync-copy.log",
-            progress=console_reporter())
+            progress=console_reporter(), source_root=source_root)
 
 
 def copy_methods(plan: DiskPlan, by_blocks: Mapping[str, BlockOutcome]) -> list[dict[str, Any]]:

@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -87,6 +88,9 @@ class BlockJob:
     excluded: tuple[str, ...]  # relative to this filesystem: directories whose contents stay behind
     omitted: tuple[str, ...]  # relative to this filesystem: files left out (swap files)
     hidden: tuple[str, ...]  # relative to this filesystem: the mount points of the source's other filesystems
+    # The source filesystem as mounted read-only for the copy: after a shrink, the directory times that
+    # resize2fs changed are set back from it (_directory_times_restored).
+    source_view: Path | None = None
 
     @property
     def fstype(self) -> str:
@@ -194,7 +198,8 @@ def planned_block_copies(plan: DiskPlan, image: Path, partition_node: Callable[[
                          source_nodes: Mapping[str, str], *,
                          excluded: Sequence[str], omitted: Sequence[str], record: Path, identity: Mapping[str, object],
                          scratch: Path, run_dir: Path, log_file: Path,
-                         progress: Callable[[Progress], None] | None = None) -> dict[str, BlockOutcome]:
+                         progress: Callable[[Progress], None] | None = None,
+                         source_root: Path | None = None) -> dict[str, BlockOutcome]:
     """Every block copy the plan asks for, each done once per disk.img: source mountpoint -> outcome.
 
     `excluded` and `omitted` are paths as the server sees them (the copy engine's); `record` keeps
@@ -225,7 +230,8 @@ def planned_block_copies(plan: DiskPlan, image: Path, partition_node: Callable[[
                        in_place=plan.ends_the_disk(part), disk_size=plan.size,
                        table=plan.label,
                        excluded=tuple(excluded_by_fs.get(mountpoint, ())),
-                       omitted=tuple(omitted_by_fs.get(mountpoint, ())), hidden=hidden)
+                       omitted=tuple(omitted_by_fs.get(mountpoint, ())), hidden=hidden,
+                       source_view=None if source_root is None else source_root / mountpoint.lstrip("/"))
         log.info("copying %s by blocks: %s", mountpoint, copy.why)
         outcome = fill_by_blocks(job, log_file, progress)
         if outcome.fallback:
@@ -344,14 +350,8 @@ def _journal_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
     and is overwritten as the log wraps. Without it, a block copy allocates the whole journal (up
     to 1 GiB) in disk.img and in the upload.
     """
-    listing = run(["debugfs", "-R", "blocks <8>", node], check=False)
-    blocks = [int(word) for word in listing.stdout.split() if word.isdigit()]
-    runs: list[tuple[int, int]] = []
-    for block in blocks[1:]:  # blocks[0]: the journal superblock
-        if runs and runs[-1][0] + runs[-1][1] == block:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((block, 1))
+    listing = run(["debugfs", "-R", "stat <8>", node], check=False)
+    runs = journal_data_runs(listing.stdout)
     try:
         discard_runs(node, [(start * block_size, count * block_size) for start, count in runs])
     except OSError as error:
@@ -360,6 +360,31 @@ def _journal_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
     if runs:
         logged.note(f"journal: {sum(count for _, count in runs)} blocks after its superblock discarded (they read "
                     "as zeros: the filesystem is clean, nothing in the journal is replayed)")
+
+
+def journal_data_runs(debugfs_stat: str) -> list[tuple[int, int]]:
+    """(first block, count) of the journal's data blocks but its superblock (logical block 0), from
+    `debugfs -R "stat <8>"`'s EXTENTS (or BLOCKS) list: "(0-179):8013-8192, (180):8964" for data,
+    "(ETB0):58766" or "(IND):1234" for the mapping's own blocks, which stay. A shrink that moves the
+    journal gives it an extent tree block, and `debugfs blocks` lists that block first: taking the
+    first listed block for the superblock discarded the real one (found 2026-12-03)."""
+    _, _, listing = debugfs_stat.partition("EXTENTS:\n")
+    if not listing:
+        _, _, listing = debugfs_stat.partition("BLOCKS:\n")
+    runs: list[tuple[int, int]] = []
+    for entry in listing.replace("\n", " ").split(","):
+        logical, _, physical = entry.strip().partition("):")
+        logical = logical.removeprefix("(")
+        if not physical or not logical[:1].isdigit():
+            continue  # a mapping block (ETB, IND, DIND, TIND), or the TOTAL line
+        first_logical = int(logical.split("-")[0])
+        start, _, end = physical.split()[0].partition("-")
+        first, last = int(start), int(end or start)
+        if first_logical == 0:  # the journal superblock stays
+            first += 1
+        if first <= last:
+            runs.append((first, last - first + 1))
+    return runs
 
 
 def _unused_inode_tables_left_sparse(node: str, block_size: int, logged: _Logged) -> None:
@@ -513,6 +538,12 @@ def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> tuple[i
             if os.path.lexists(entry):
                 with _times_kept(entry.parent):
                     removed += _remove(entry, root, logged)
+        if job.copy.resize == "shrink" and fs.fstype in EXT_TYPES and job.source_view is not None:
+            restored, failed = _directory_times_restored(root, job.source_view, job.hidden)
+            if restored or failed:
+                logged.note(f"directory times: {restored} directories set back to the source's mtime (resize2fs's "
+                            "shrink sets the mtime of each directory holding an inode it moves)"
+                            + (f"; not set: {'; '.join(failed[:5])}" if failed else ""))
         if fs.fstype == "xfs":
             logged.run(["xfs_growfs", point])
         # ext4 frees a removed file's blocks when its journal commits: sync first, or fstrim skips them.
@@ -522,6 +553,35 @@ def _clear_what_files_would_not_bring(job: BlockJob, logged: _Logged) -> tuple[i
         if trimmed.returncode != 0:
             return removed, 0, " ".join(trimmed.text.split()) or f"exit {trimmed.returncode}"
         return removed, max(0, before - allocated(job.image)), None
+
+
+def _directory_times_restored(root: Path, source: Path, hidden: Sequence[str]) -> tuple[int, list[str]]:
+    """Every directory of the new filesystem whose mtime is not its source directory's gets the source's
+    atime and mtime. A shrink that moves inodes out of the block groups it drops writes the time of the
+    shrink into the mtime of each directory holding one (e2fsprogs does it for dump's incremental
+    backups); the copy's verification would find them changed. The mount points of the source's other
+    filesystems are skipped: in the source view they are those filesystems' roots."""
+    skipped = {relative.strip("/") for relative in hidden}
+    source_device = source.lstat().st_dev
+    restored, failed = 0, []
+    for directory, subdirectories, _ in os.walk(root):
+        relative = os.path.relpath(directory, root)
+        relative = "" if relative == "." else relative
+        subdirectories[:] = [name for name in subdirectories if os.path.join(relative, name) not in skipped]
+        try:
+            wanted = (source / relative).lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(wanted.st_mode) or wanted.st_dev != source_device:
+            continue
+        if os.lstat(directory).st_mtime_ns != wanted.st_mtime_ns:
+            try:
+                os.utime(directory, ns=(wanted.st_atime_ns, wanted.st_mtime_ns), follow_symlinks=False)
+            except OSError as error:  # an immutable directory: the verification names it
+                failed.append(f"/{relative}: {error.strerror}")
+            else:
+                restored += 1
+    return restored, failed
 
 
 def allocated(path: Path) -> int:
