@@ -88,12 +88,13 @@ def jobs() -> list[Job]:
         trees.setdefault(job.name, job)
         return trees[job.name]
 
-    fixtures: list[Job] = []
+    dracut_first: list[tuple[bool, Job]] = []
     for name in all_names():
         desc = load_description(name)
         tree = add_tree(desc.suite, desc.install_packages)
-        fixtures.append(Job(f"fixture {name}", _fixture, (name,), frozenset({tree.name})))
-    fixtures.sort(key=lambda job: load_description(job.args[0]).initramfs != "dracut")  # stable
+        dracut_first.append((desc.initramfs != "dracut", Job(f"fixture {name}", _fixture, (name,),
+                                                             frozenset({tree.name}))))
+    fixtures = [job for _, job in sorted(dracut_first, key=lambda pair: pair[0])]  # stable
     packages = [Job(f"packages {suite}", _packages, (suite,),
                     frozenset({add_tree(suite, [*BASE_PACKAGES, "initramfs-tools"]).name})) for suite in SUITES]
     ordered_trees = sorted(trees.values(), key=lambda job: bool(job.needs))  # stable: plain ones first
